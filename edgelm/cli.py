@@ -1,0 +1,175 @@
+"""The `edgelm` command: a thin click layer that parses, calls the API and renders."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from pathlib import Path
+
+import click
+
+from edgelm._version import __version__
+from edgelm.errors import EdgelmError
+
+
+class EdgelmGroup(click.Group):
+    """Turns every error a user can cause into one line and an exit code; --debug shows more."""
+
+    def invoke(self, ctx: click.Context):
+        debug = "--debug" in sys.argv[1:] or ctx.params.get("debug", False)
+        try:
+            return super().invoke(ctx)
+        except EdgelmError as err:
+            if debug:
+                raise
+            click.echo(f"error: {err}", err=True)
+            ctx.exit(err.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            ctx.exit(130)
+        except ImportError as err:
+            if debug:
+                raise
+            click.echo(f"error: {err.name or err} is not installed; exporting needs `pip install edgelm[export]`", err=True)
+            ctx.exit(1)
+
+
+def _terminate(signum, frame):  # SIGTERM unwinds like Ctrl-C, so partial exports get cleaned up
+    raise KeyboardInterrupt
+
+
+@click.group(cls=EdgelmGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="edgelm")
+@click.option("--debug", is_flag=True, help="Show full tracebacks for errors.")
+def main(debug: bool) -> None:
+    """Export language models to ONNX/GGUF and run them offline."""
+    signal.signal(signal.SIGTERM, _terminate)
+
+
+def progress_printer(label_width: int = 10):
+    """A progress(label, done, total) callback drawing one click bar per label."""
+    bars: dict[str, object] = {}
+
+    def progress(label: str, done: int, total: int) -> None:
+        bar = bars.get(label)
+        if bar is None:
+            bar = click.progressbar(length=total, label=label.ljust(label_width), file=sys.stderr)
+            bar.__enter__()
+            bars[label] = bar
+        bar.update(done - bar.pos)
+        if done >= total:
+            bar.__exit__(None, None, None)
+
+    return progress
+
+
+@main.command()
+@click.argument("model", type=click.Choice(["rnn", "lstm"]))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for the trained model.")
+@click.option("--text", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Training text (UTF-8); default: the built-in corpus (Python's documentation).")
+@click.option("--tokenizer", type=click.Choice(["char", "bpe"]), default="char", show_default=True)
+@click.option("--vocab-size", type=int, default=2000, show_default=True, help="BPE vocabulary size.")
+@click.option("--hidden", type=int, default=256, show_default=True)
+@click.option("--layers", type=int, default=2, show_default=True)
+@click.option("--steps", type=int, default=None, help="Training steps [default: 500].")
+@click.option("--seq-len", type=int, default=96, show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--lr", type=float, default=3e-3, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def train(model, out, text, tokenizer, vocab_size, hidden, layers, steps, seq_len, batch_size, lr, seed):
+    """Train an RNN or LSTM language model."""
+    from edgelm.commands.train import run_train
+
+    run_train(model, out, text, tokenizer=tokenizer, vocab_size=vocab_size, hidden=hidden, layers=layers,
+              steps=steps, seq_len=seq_len, batch_size=batch_size, lr=lr, seed=seed)
+
+
+@main.command()
+@click.argument("source")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Artifact folder to write.")
+@click.option("--format", "fmt", type=click.Choice(["onnx", "gguf"]), default=None,
+              help="Output format [default: the family's own].")
+@click.option("--quant", default=None, help="none|int8 (ONNX); f32|f16|bf16|q8_0|q6_k|q5_k_m|q4_k_m|q4_0 (GGUF).")
+@click.option("--task", default="auto", show_default=True, help="auto|embed|fill-mask|classify (BERT).")
+@click.option("--no-validate", is_flag=True, help="Skip validation (the manifest says so).")
+def export(source, out, fmt, quant, task, no_validate):
+    """Export a model folder (or hub id) to a validated artifact."""
+    from edgelm.export import export as run_export
+    from edgelm.export.options import ExportOptions
+
+    options = ExportOptions(format=fmt, quant=quant, task=task, validate=not no_validate,
+                            progress=progress_printer())
+    manifest = run_export(source, out, options)
+    click.echo(f"wrote {out} ({manifest.family}, {manifest.format}, {manifest.quant})")
+    for check in manifest.validation:
+        mark = "ok  " if check.passed else "FAIL"
+        bound = f" (threshold {check.threshold:g})" if check.threshold is not None else ""
+        click.echo(f"  {mark} {check.name} = {check.value:.6g}{bound}")
+    if manifest.validation_skipped:
+        click.echo("  validation skipped (--no-validate)")
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the whole manifest as JSON.")
+@click.option("--verify", is_flag=True, help="Also check every file's sha256.")
+def info(artifact, as_json, verify):
+    """Show what an artifact is and how it validated."""
+    from edgelm.commands.info import describe
+
+    describe(artifact, as_json, verify)
+
+
+def sampling_options(fn):
+    """The generation flags shared by `run` and `chat`."""
+    options = [
+        click.option("--max-tokens", type=int, default=None, help="Tokens to generate [default: 128]."),
+        click.option("--temperature", type=float, default=None, help="0 is greedy [default: 0.8]."),
+        click.option("--top-k", type=int, default=None),
+        click.option("--top-p", type=float, default=None),
+        click.option("--min-p", type=float, default=None),
+        click.option("--repetition-penalty", type=float, default=None),
+        click.option("--seed", type=int, default=None),
+        click.option("--stop", multiple=True, help="Stop string (repeatable); never printed."),
+        click.option("--truncate", is_flag=True, default=None,
+                     help="Drop the start of a prompt that does not fit the context (and say so)."),
+        click.option("--threads", type=int, default=None, help="CPU threads [default: physical cores]."),
+        click.option("--provider", default="cpu", show_default=True, help="cpu|cuda|dml|coreml (ONNX)."),
+        click.option("--n-gpu-layers", type=int, default=0, show_default=True, help="GGUF layers on the GPU."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.argument("prompt")
+@sampling_options
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming.")
+def run(artifact, prompt, as_json, threads, provider, n_gpu_layers, **sampling):
+    """Generate a continuation of PROMPT, streamed to the terminal."""
+    from edgelm.commands.run import run_prompt
+
+    run_prompt(artifact, prompt, as_json, threads, provider, n_gpu_layers, sampling)
+
+
+@main.command()
+@click.option("--family", type=click.Choice(["lstm", "rnn"]), default="lstm", show_default=True)
+@click.option("--workdir", type=click.Path(path_type=Path), default=Path(".edgelm-demo"), show_default=True)
+@click.option("--steps", type=int, default=None, help="Training steps [default: 500].")
+def demo(family, workdir, steps):
+    """Train, export to int8 ONNX, validate and generate, on built-in defaults."""
+    from edgelm.commands.demo import run_demo
+
+    run_demo(family, workdir, steps)
+
+
+def emit_json(data) -> None:
+    click.echo(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+if __name__ == "__main__":
+    main()

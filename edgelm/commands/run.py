@@ -1,0 +1,31 @@
+"""`edgelm run`: stream a continuation of a prompt to the terminal."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+
+def run_prompt(artifact: Path, prompt: str, as_json: bool, threads, provider, n_gpu_layers, sampling: dict) -> None:
+    import dataclasses
+
+    from edgelm.runtime import load
+
+    sampling = {k: v for k, v in sampling.items() if v is not None and v != ()}
+    with load(artifact, threads=threads, provider=provider, n_gpu_layers=n_gpu_layers) as model:
+        if not hasattr(model, "stream"):
+            raise click.UsageError(f"{artifact} is a {model.task} model; `run` needs text generation")
+        stream = model.stream(prompt, **sampling)
+        for piece in stream:
+            if not as_json:
+                click.echo(piece, nl=False)
+        completion = stream.completion
+    if as_json:
+        click.echo(json.dumps(dataclasses.asdict(completion), indent=2, ensure_ascii=False))
+        return
+    click.echo()
+    if completion.truncated_prompt_tokens:
+        click.echo(f"note: dropped the first {completion.truncated_prompt_tokens} prompt tokens to fit the context",
+                   err=True)

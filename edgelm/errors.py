@@ -1,0 +1,47 @@
+"""One exception tree. The CLI turns any EdgelmError into one line and its exit code."""
+
+from __future__ import annotations
+
+
+class EdgelmError(Exception):
+    """Base of every error a user can cause; the message is one line, meant for them."""
+
+    exit_code = 1
+
+
+class UsageError(EdgelmError):
+    """A bad flag or parameter value."""
+
+    exit_code = 2
+
+
+class ArtifactError(EdgelmError):
+    """An artifact folder or model file that is missing, corrupt or of an unknown schema."""
+
+
+class UnsupportedModelError(EdgelmError):
+    """A source folder edgelm cannot recognise or cannot export in the requested way."""
+
+
+class ExportError(EdgelmError):
+    """An export that could not be completed."""
+
+
+class ValidationError(ExportError):
+    """An export whose numbers missed their thresholds; carries the failed checks."""
+
+    def __init__(self, message: str, checks: list | None = None):
+        super().__init__(message)
+        self.checks = checks or []
+
+
+class ContextOverflowError(EdgelmError):
+    """Prompt plus requested tokens do not fit the model's context."""
+
+
+class ProviderError(EdgelmError):
+    """An execution provider or device that is not available here."""
+
+
+class InputError(EdgelmError):
+    """Input text the task cannot work with (no mask token, empty list, ...)."""

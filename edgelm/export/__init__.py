@@ -1,0 +1,63 @@
+"""The export side: source checkpoint -> validated artifact. Needs `edgelm[export]` (torch)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from edgelm.artifact import Manifest
+from edgelm.errors import UnsupportedModelError, UsageError
+from edgelm.export.options import GGUF_QUANTS, ONNX_QUANTS, ExportOptions
+from edgelm.families import family_for_config
+
+
+def read_source_config(source: Path) -> dict:
+    path = source / "config.json"
+    if not path.is_file():
+        raise UnsupportedModelError(f"{source}: no config.json, so the model family cannot be told")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UnsupportedModelError(f"{path}: not valid JSON ({err.msg})") from None
+
+
+def resolve_source(source: str | Path) -> Path:
+    """A local folder as is; otherwise a hub id through the Hugging Face cache (offline-aware)."""
+    path = Path(source)
+    if path.exists():
+        if not path.is_dir():
+            raise UsageError(f"{path}: expected a model folder, got a file")
+        return path
+    text = str(source)
+    if text.count("/") != 1 or text.startswith((".", "/")):
+        raise UsageError(f"{source}: no such folder")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(text))
+    except ImportError:
+        raise UsageError(f"{source}: no such folder (hub ids need huggingface_hub)") from None
+    except Exception as err:  # offline, unknown repo, no cache: all one line for the user
+        raise UsageError(f"{source}: no such folder, and the hub could not provide it ({type(err).__name__})") from None
+
+
+def _check_quant(fmt: str, quant: str) -> None:
+    allowed = ONNX_QUANTS if fmt == "onnx" else GGUF_QUANTS
+    if quant not in allowed:
+        raise UsageError(f"quant {quant!r} is not available for {fmt}; choose one of: {', '.join(allowed)}")
+
+
+def export(source: str | Path, out: str | Path, options: ExportOptions | None = None) -> Manifest:
+    """Export a source model folder to an artifact folder at `out`; returns its manifest."""
+    options = options or ExportOptions()
+    folder = resolve_source(source)
+    config = read_source_config(folder)
+    family = family_for_config(config, str(folder))
+    options.format = options.format or family.formats[0]
+    if options.format not in family.formats:
+        raise UsageError(
+            f"family {family.name} exports to {', '.join(family.formats)}, not {options.format}"
+        )
+    options.quant = options.quant or ("none" if options.format == "onnx" else "f16")
+    _check_quant(options.format, options.quant)
+    return family.export_fn()(folder, config, Path(out), options)

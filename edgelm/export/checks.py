@@ -1,0 +1,24 @@
+"""Shared helpers for export validation: comparing arrays and failing loudly."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from edgelm.artifact import Check
+from edgelm.errors import ValidationError
+
+
+def max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+
+
+def top1_agreement(a: np.ndarray, b: np.ndarray) -> float:
+    """Share of positions where both sides pick the same most likely token."""
+    return float(np.mean(np.argmax(a, axis=-1) == np.argmax(b, axis=-1)))
+
+
+def raise_if_failed(checks: list[Check]) -> None:
+    failed = [c for c in checks if not c.passed]
+    if failed:
+        detail = "; ".join(f"{c.name} = {c.value:.4g} (threshold {c.threshold:g})" for c in failed)
+        raise ValidationError(f"validation failed: {detail}", checks)

@@ -1,0 +1,131 @@
+"""Training the recurrent language models on a text file or the built-in corpus."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgelm.errors import UsageError
+from edgelm.models.corpus import builtin_text, split_held_out
+from edgelm.models.recurrent import RecurrentConfig, RecurrentLM, save_model
+from edgelm.models.tokenizer import train_bpe_tokenizer, train_char_tokenizer
+
+
+@dataclass
+class TrainOptions:
+    cell: str = "lstm"
+    tokenizer: str = "char"  # "char" or "bpe"
+    vocab_size: int = 2000  # bpe only
+    hidden: int = 256
+    layers: int = 2
+    steps: int = 500
+    seq_len: int = 96
+    batch_size: int = 32
+    lr: float = 3e-3
+    dropout: float = 0.1
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.cell not in ("rnn", "lstm"):
+            raise UsageError(f"model must be rnn or lstm, got {self.cell!r}")
+        if self.tokenizer not in ("char", "bpe"):
+            raise UsageError(f"tokenizer must be char or bpe, got {self.tokenizer!r}")
+        for name in ("hidden", "layers", "steps", "seq_len", "batch_size"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"{name.replace('_', '-')} must be at least 1")
+        if self.tokenizer == "bpe" and self.vocab_size < 300:
+            raise UsageError("vocab-size must be at least 300 for a byte-level BPE (256 bytes + merges)")
+        if not 0 < self.lr < 1:
+            raise UsageError(f"lr must be in (0, 1), got {self.lr}")
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    steps: int
+    final_loss: float
+    held_out_perplexity: float
+    params: int
+    seconds: float
+
+
+def _token_ids(tokenizer, text: str) -> np.ndarray:
+    # encode in line batches: one huge string is slow for byte-level pre-tokenising
+    lines = text.splitlines(keepends=True)
+    encoded = tokenizer.encode_batch(lines, add_special_tokens=False)
+    return np.fromiter((i for e in encoded for i in e.ids), dtype=np.int64)
+
+
+def train(out: Path, opts: TrainOptions, text: str | None = None,
+          on_step: Callable[[int, float], None] | None = None) -> TrainResult:
+    opts.check()
+    started = time.perf_counter()
+    torch.manual_seed(opts.seed)
+    text = builtin_text() if text is None else text
+    train_text, held_out = split_held_out(text)
+    if len(train_text) < opts.seq_len * 4 or len(held_out) < 2:
+        raise UsageError(f"training text is too short ({len(text)} characters) for seq-len {opts.seq_len}")
+    tokenizer = (train_char_tokenizer(train_text) if opts.tokenizer == "char"
+                 else train_bpe_tokenizer(train_text, opts.vocab_size))
+    data = torch.from_numpy(_token_ids(tokenizer, train_text))
+    config = RecurrentConfig(cell=opts.cell, vocab_size=tokenizer.get_vocab_size(),
+                             embed_size=opts.hidden, hidden_size=opts.hidden,
+                             num_layers=opts.layers, dropout=opts.dropout)
+    model = RecurrentLM(config)
+    loss = _fit(model, data, opts, on_step)
+    model.eval()
+    ppl = perplexity(model, torch.from_numpy(_token_ids(tokenizer, held_out)), opts.seq_len)
+    training = {"steps": opts.steps, "seq_len": opts.seq_len, "batch_size": opts.batch_size,
+                "lr": opts.lr, "seed": opts.seed, "held_out_perplexity": ppl}
+    save_model(model, tokenizer, Path(out), {"tokenizer_kind": opts.tokenizer, "training": training})
+    # the held-out slice travels with the model so that export can score perplexity on it
+    (Path(out) / "held_out.txt").write_text(held_out)
+    n_params = sum(p.numel() for p in model.parameters())
+    return TrainResult(Path(out), opts.steps, loss, ppl, n_params, time.perf_counter() - started)
+
+
+def _fit(model: RecurrentLM, data: torch.Tensor, opts: TrainOptions,
+         on_step: Callable[[int, float], None] | None) -> float:
+    generator = torch.Generator().manual_seed(opts.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=opts.lr, total_steps=opts.steps,
+                                                   pct_start=0.05)
+    loss_fn = nn.CrossEntropyLoss()
+    model.train()
+    smooth = float("nan")
+    for step in range(opts.steps):
+        starts = torch.randint(0, len(data) - opts.seq_len - 1, (opts.batch_size,), generator=generator)
+        window = torch.stack([data[s : s + opts.seq_len + 1] for s in starts.tolist()])  # (B, T+1)
+        logits = model(window[:, :-1], *model.initial_state(opts.batch_size))[0]  # (B, T, V)
+        loss = loss_fn(logits.reshape(-1, logits.shape[-1]), window[:, 1:].reshape(-1))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        smooth = loss.item() if math.isnan(smooth) else 0.95 * smooth + 0.05 * loss.item()
+        if on_step:
+            on_step(step + 1, smooth)
+    return smooth
+
+
+@torch.no_grad()
+def perplexity(model: RecurrentLM, ids: torch.Tensor, chunk: int = 256) -> float:
+    """Per-token perplexity over a whole sequence, carrying the state across chunks."""
+    state = model.initial_state(1)
+    total, count = 0.0, 0
+    for start in range(0, len(ids) - 1, chunk):
+        x = ids[start : start + chunk].unsqueeze(0)  # (1, T)
+        y = ids[start + 1 : start + chunk + 1]
+        x = x[:, : len(y)]
+        logits, *state = model(x, *state)
+        total += nn.functional.cross_entropy(logits[0], y, reduction="sum").item()
+        count += len(y)
+    return math.exp(total / max(count, 1))

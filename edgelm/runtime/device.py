@@ -1,0 +1,78 @@
+"""Threads and execution providers: chosen explicitly, never silently swapped."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgelm.errors import ArtifactError, ProviderError
+
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "dml": "DmlExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+}
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """How to run an artifact on this machine."""
+
+    threads: int | None = None  # None: the number of physical cores
+    provider: str = "cpu"  # cpu | cuda | dml | coreml (ONNX artifacts)
+    n_gpu_layers: int = 0  # GGUF artifacts: layers offloaded to a GPU
+    verify: bool = False  # check sha256 of every file before loading
+
+
+def physical_cores() -> int:
+    """Physical cores (hyper-threads share execution units, so they rarely speed up inference)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return max(1, (os.cpu_count() or 2) // 2)
+    cores = set()
+    physical = core = None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "physical id":
+            physical = value.strip()
+        elif key == "core id":
+            core = value.strip()
+            cores.add((physical, core))
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(len(cores) or usable, usable))
+
+
+def onnx_session(path: Path, options: RuntimeOptions):
+    """An onnxruntime InferenceSession on the requested provider, or a ProviderError."""
+    import onnxruntime as ort
+
+    name = PROVIDERS.get(options.provider)
+    if name is None:
+        raise ProviderError(f"unknown provider {options.provider!r}; choose one of: {', '.join(PROVIDERS)}")
+    available = ort.get_available_providers()
+    if name not in available:
+        offered = sorted(k for k, v in PROVIDERS.items() if v in available)
+        raise ProviderError(
+            f"provider {options.provider!r} is not available in this onnxruntime build "
+            f"(available: {', '.join(offered)})"
+        )
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = options.threads or physical_cores()
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    providers = [name] if name == "CPUExecutionProvider" else [name, "CPUExecutionProvider"]
+    try:
+        session = ort.InferenceSession(str(path), sess_options=so, providers=providers)
+    except Exception as err:  # onnxruntime raises its own untyped errors for bad files
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ArtifactError(f"{path}: onnxruntime could not load the model ({first})") from None
+    if session.get_providers()[0] != name:
+        raise ProviderError(
+            f"onnxruntime could not start {options.provider!r} (got {session.get_providers()[0]}); "
+            "check the GPU driver and libraries"
+        )
+    return session

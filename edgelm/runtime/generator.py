@@ -1,0 +1,168 @@
+"""The text-generation task: one loop (sample, detokenise, stop) over any decoder backend."""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from edgelm.errors import ContextOverflowError, InputError
+from edgelm.runtime.params import GenerationParams
+from edgelm.runtime.sampler import Sampler
+from edgelm.runtime.text import IncrementalDetokenizer, StopMatcher
+
+
+@dataclass
+class Completion:
+    """The text of one generation and what happened on the way."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (stop string), "eos", or "length"
+    truncated_prompt_tokens: int = 0  # >0 when truncate=True dropped the start of the prompt
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class TextStream:
+    """Iterates over text pieces; `completion` is filled in once the iteration has finished."""
+
+    def __init__(self, pieces: Iterator[str], holder: dict[str, Completion]):
+        self._pieces = pieces
+        self._holder = holder
+
+    def __iter__(self) -> Iterator[str]:
+        return self._pieces
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    @property
+    def completion(self) -> Completion | None:
+        return self._holder.get("completion")
+
+
+class Decoder(ABC):
+    """What a backend supplies: logits for a prompt, then for one more token at a time."""
+
+    context_length: int | None = None  # None: no limit (recurrent models)
+
+    @abstractmethod
+    def prefill(self, ids: Sequence[int]) -> np.ndarray:
+        """Reset the state, run the whole prompt, return the logits (vocab,) of its last position."""
+
+    @abstractmethod
+    def step(self, token_id: int) -> np.ndarray:
+        """Feed one token carrying the state forward; return the next logits (vocab,)."""
+
+    def close(self) -> None:
+        """Free the backend's session; the object is unusable afterwards."""
+
+
+class TextGenerator:
+    """`generate` and `stream` over a decoder and a `tokenizers.Tokenizer`."""
+
+    task = "text-generation"
+
+    def __init__(self, decoder: Decoder, tokenizer, manifest: Any = None, defaults: GenerationParams | None = None):
+        self.decoder = decoder
+        self.tokenizer = tokenizer
+        self.manifest = manifest
+        generation = getattr(manifest, "generation", {}) or {}
+        self.eos_id: int | None = generation.get("eos_id")
+        self.bos_id: int | None = generation.get("bos_id")
+        self.add_bos: bool = bool(generation.get("add_bos", False))
+        stops = tuple(generation.get("stop", ()))
+        self.defaults = defaults or GenerationParams(stop=stops)
+
+    # -- public API -------------------------------------------------------------------------
+    def generate(self, prompt: str, **params: Any) -> str:
+        return self.complete(prompt, **params).text
+
+    def complete(self, prompt: str, **params: Any) -> Completion:
+        stream = self.stream(prompt, **params)
+        for _ in stream:
+            pass
+        assert stream.completion is not None
+        return stream.completion
+
+    def stream(self, prompt: str, **params: Any) -> TextStream:
+        resolved = GenerationParams.from_kwargs(self.defaults, **params)
+        ids, dropped = self._prompt_ids(prompt, resolved)
+        holder: dict[str, Completion] = {}
+        return TextStream(self._run(ids, dropped, resolved, holder), holder)
+
+    def encode(self, text: str) -> list[int]:
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        if self.add_bos and self.bos_id is not None:
+            ids = [self.bos_id, *ids]
+        return ids
+
+    def close(self) -> None:
+        self.decoder.close()
+
+    def __enter__(self) -> TextGenerator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the loop ---------------------------------------------------------------------------
+    def _prompt_ids(self, prompt: str, params: GenerationParams) -> tuple[list[int], int]:
+        if not isinstance(prompt, str):
+            raise InputError(f"prompt must be a string, got {type(prompt).__name__}")
+        ids = self.encode(prompt)
+        if not ids:
+            raise InputError("the prompt is empty after tokenising; give at least one character")
+        limit = self.decoder.context_length
+        if limit is None or len(ids) + params.max_tokens <= limit:
+            return ids, 0
+        room = limit - params.max_tokens
+        if not params.truncate or room < 1:
+            raise ContextOverflowError(
+                f"prompt of {len(ids)} tokens plus max_tokens {params.max_tokens} exceeds the "
+                f"context length {limit}; shorten the prompt, lower max_tokens, or pass truncate"
+            )
+        return ids[-room:], len(ids) - room
+
+    def _run(self, ids: list[int], dropped: int, params: GenerationParams, holder: dict) -> Iterator[str]:
+        sampler = Sampler(params)
+        detok = IncrementalDetokenizer(self.tokenizer, ids)
+        stops = StopMatcher(params.stop)
+        started = time.perf_counter()
+        logits = self.decoder.prefill(ids)
+        first_token_at = time.perf_counter()
+        seen, generated, reason, emitted = list(ids), 0, "length", []
+        while generated < params.max_tokens:
+            token = sampler(logits, seen)
+            generated += 1
+            if token == self.eos_id:
+                reason = "eos"
+                break
+            seen.append(token)
+            piece = stops.feed(detok.push(token))
+            if piece:
+                emitted.append(piece)
+                yield piece
+            if stops.stopped:
+                reason = "stop"
+                break
+            if generated < params.max_tokens:
+                logits = self.decoder.step(token)
+        tail = stops.feed(detok.flush()) + stops.flush() if not stops.stopped else ""
+        if tail:
+            emitted.append(tail)
+            yield tail
+        ended = time.perf_counter()
+        holder["completion"] = Completion(
+            text="".join(emitted),
+            prompt_tokens=len(ids),
+            completion_tokens=generated,
+            finish_reason=reason,
+            truncated_prompt_tokens=dropped,
+            timings={"prefill_s": first_token_at - started, "total_s": ended - started},
+        )
