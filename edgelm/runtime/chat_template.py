@@ -1,0 +1,116 @@
+"""Rendering a model's chat template into a prompt, in a sandbox.
+
+Chat templates are Jinja2 source that arrives inside model files from anywhere, so they are
+rendered in jinja2's ImmutableSandboxedEnvironment: no attribute access to Python internals,
+no mutation of the values passed in. The environment is set up the way Hugging Face renders
+templates (trim_blocks, lstrip_blocks, loop controls, a `tojson` that keeps non-ASCII text,
+`raise_exception`, `strftime_now`) so that the same template gives the same prompt here as in
+transformers' `apply_chat_template`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from functools import lru_cache
+from typing import Any
+
+from edgelm.errors import ArtifactError, InputError
+
+
+class TemplateRaised(Exception):
+    """What `raise_exception(...)` inside a template throws; turned into an InputError."""
+
+
+def _raise_exception(message: str) -> None:
+    raise TemplateRaised(str(message))
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
+            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+    # jinja2's own tojson escapes HTML characters and non-ASCII text; templates expect plain JSON
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                      sort_keys=sort_keys)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+def _environment():
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class ChatTemplateEnvironment(ImmutableSandboxedEnvironment):
+        # `**` on big integers can stall the process for minutes (10**10**10); cap the exponent
+        intercepted_binops = frozenset({"**"})
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "**" and isinstance(right, int) and abs(right) > 64:
+                raise OverflowError(f"exponent {right} is too large for a chat template")
+            return super().call_binop(context, operator, left, right)
+
+    return ChatTemplateEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                   extensions=["jinja2.ext.loopcontrols"])
+
+
+@lru_cache(maxsize=16)
+def _compiled(template: str):
+    """Compile once per template text; a syntax error becomes a one-line ArtifactError."""
+    from jinja2 import TemplateSyntaxError
+
+    env = _environment()
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    try:
+        return env.from_string(template)
+    except TemplateSyntaxError as err:
+        raise ArtifactError(f"the chat template is not valid Jinja2 (line {err.lineno}: {err.message})") from None
+
+
+def check_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Messages as plain dicts, each with a string role and content; an InputError otherwise."""
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+        raise InputError("messages must be a list of {'role': ..., 'content': ...} dicts")
+    if not messages:
+        raise InputError("messages is empty; give at least one message")
+    checked = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            raise InputError(f"message {i} is a {type(message).__name__}, not a dict with role and content")
+        role, content = message.get("role"), message.get("content")
+        if not isinstance(role, str) or not role:
+            raise InputError(f"message {i} has no 'role' string")
+        if not isinstance(content, str):
+            raise InputError(f"message {i} ({role}) has no 'content' string")
+        checked.append(dict(message))
+    return checked
+
+
+def render_chat(template: str, messages: list[dict], *, bos_token: str = "", eos_token: str = "",
+                add_generation_prompt: bool = True, **variables: Any) -> str:
+    """The prompt text a chat template makes of a conversation.
+
+    `variables` are passed to the template as well (e.g. `unk_token`, `tools`). A template that
+    calls `raise_exception` (roles out of order, say) gives an InputError; one that reaches for
+    Python internals gives an ArtifactError; neither runs any code outside the sandbox.
+    """
+    from jinja2 import TemplateError
+    from jinja2.exceptions import SecurityError
+
+    if not isinstance(template, str) or not template.strip():
+        raise ArtifactError("this model has no chat template; use generate() with a plain prompt")
+    compiled = _compiled(template)
+    context = {**variables, "messages": check_messages(messages), "bos_token": bos_token,
+               "eos_token": eos_token, "add_generation_prompt": add_generation_prompt}
+    try:
+        return compiled.render(**context)
+    except TemplateRaised as err:
+        raise InputError(f"the chat template refused the conversation: {err}") from None
+    except SecurityError as err:
+        raise ArtifactError(f"the chat template tried an unsafe operation and was stopped ({err})") from None
+    except (TemplateError, ArithmeticError, LookupError, TypeError, ValueError, AttributeError,
+            RecursionError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ArtifactError(f"the chat template failed to render ({first})") from None
