@@ -95,8 +95,7 @@ def _fit(model: RecurrentLM, data: torch.Tensor, opts: TrainOptions,
          on_step: Callable[[int, float], None] | None) -> float:
     generator = torch.Generator().manual_seed(opts.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=opts.lr, total_steps=opts.steps,
-                                                   pct_start=0.05)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(opts.steps))
     loss_fn = nn.CrossEntropyLoss()
     model.train()
     smooth = float("nan")
@@ -114,6 +113,19 @@ def _fit(model: RecurrentLM, data: torch.Tensor, opts: TrainOptions,
         if on_step:
             on_step(step + 1, smooth)
     return smooth
+
+
+def _warmup_cosine(steps: int) -> Callable[[int], float]:
+    """Learning-rate factor: a short linear warm-up, then a cosine decay to 10%."""
+    warmup = max(1, steps // 20)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, steps - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
 
 
 @torch.no_grad()

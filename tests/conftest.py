@@ -1,0 +1,66 @@
+"""Shared fixtures: tiny seeded recurrent models, trained for seconds, and their artifacts."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+TINY = dict(hidden=32, layers=2, steps=40, seq_len=32, batch_size=8, lr=1e-2, seed=0)
+
+
+def corpus_slice(chars: int = 40_000) -> str:
+    from edgelm.models.corpus import builtin_text
+
+    return builtin_text()[:chars]
+
+
+def train_tiny(out: Path, cell: str, **overrides) -> Path:
+    from edgelm.models.train import TrainOptions, train
+
+    train(out, TrainOptions(cell=cell, **{**TINY, **overrides}), corpus_slice())
+    return out
+
+
+@pytest.fixture(scope="session", params=["rnn", "lstm"])
+def recurrent_model(request, tmp_path_factory) -> Path:
+    """A tiny trained model folder of each recurrent family (char tokenizer)."""
+    return train_tiny(tmp_path_factory.mktemp(request.param) / "model", request.param)
+
+
+@pytest.fixture(scope="session")
+def lstm_model(tmp_path_factory) -> Path:
+    return train_tiny(tmp_path_factory.mktemp("lstm") / "model", "lstm")
+
+
+@pytest.fixture(scope="session")
+def lstm_bpe_model(tmp_path_factory) -> Path:
+    """Byte-level BPE: its tokens can split a multi-byte character."""
+    return train_tiny(tmp_path_factory.mktemp("lstm-bpe") / "model", "lstm", tokenizer="bpe", vocab_size=400)
+
+
+def export_to(source: Path, out: Path, **options) -> Path:
+    from edgelm.export import export
+    from edgelm.export.options import ExportOptions
+
+    export(source, out, ExportOptions(**options))
+    return out
+
+
+@pytest.fixture(scope="session")
+def lstm_artifact(lstm_model, tmp_path_factory) -> Path:
+    return export_to(lstm_model, tmp_path_factory.mktemp("art") / "lstm-fp32")
+
+
+@pytest.fixture(scope="session")
+def lstm_int8_artifact(lstm_model, tmp_path_factory) -> Path:
+    return export_to(lstm_model, tmp_path_factory.mktemp("art") / "lstm-int8", quant="int8")
+
+
+@pytest.fixture(scope="session")
+def lstm_bpe_artifact(lstm_bpe_model, tmp_path_factory) -> Path:
+    return export_to(lstm_bpe_model, tmp_path_factory.mktemp("art") / "lstm-bpe")

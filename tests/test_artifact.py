@@ -1,0 +1,122 @@
+"""The artifact contract: atomic writes, and loads that refuse anything that does not match."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from edgelm.artifact import MANIFEST_NAME, Manifest, read_manifest, write_artifact
+from edgelm.errors import ArtifactError, ExportError
+
+
+def _manifest() -> Manifest:
+    return Manifest(family="lstm", task="text-generation", format="onnx", quant="none")
+
+
+def _write(out, payload=b"weights"):
+    with write_artifact(out, _manifest()) as tmp:
+        (tmp / "model.onnx").write_bytes(payload)
+    return out
+
+
+def test_written_artifact_lists_files_with_size_and_sha(tmp_path):
+    out = _write(tmp_path / "a")
+    manifest = read_manifest(out, verify=True)
+    assert manifest.files["model.onnx"]["size"] == 7
+    assert len(manifest.files["model.onnx"]["sha256"]) == 64
+    assert manifest.versions["edgelm"] and manifest.created
+
+
+@pytest.mark.parametrize("failure", [RuntimeError("boom"), KeyboardInterrupt(), OSError(28, "No space left")])
+def test_failure_mid_write_leaves_nothing_and_rerun_succeeds(tmp_path, failure):
+    out = tmp_path / "a"
+    with pytest.raises(type(failure)):
+        with write_artifact(out, _manifest()) as tmp:
+            (tmp / "model.onnx").write_bytes(b"half")
+            raise failure
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []  # no hidden partial folder either
+    _write(out)
+    assert read_manifest(out).files
+
+
+def test_failure_while_replacing_keeps_the_previous_artifact(tmp_path):
+    out = _write(tmp_path / "a", b"old")
+    with pytest.raises(RuntimeError):
+        with write_artifact(out, _manifest()) as tmp:
+            (tmp / "model.onnx").write_bytes(b"new!")
+            raise RuntimeError("interrupted")
+    assert (out / "model.onnx").read_bytes() == b"old"
+    assert read_manifest(out, verify=True)
+
+
+def test_stale_partial_folder_from_a_killed_run_is_cleared(tmp_path):
+    stale = tmp_path / ".a.partial-deadbeef"
+    stale.mkdir()
+    (stale / MANIFEST_NAME).write_text("{}")
+    _write(tmp_path / "a")
+    assert not stale.exists()
+
+
+def test_refuses_to_replace_a_folder_that_is_not_an_artifact(tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("precious")
+    with pytest.raises(ExportError, match="not an edgelm artifact"):
+        _write(out)
+    assert (out / "notes.txt").read_text() == "precious"
+
+
+def _edit_manifest(out, **changes):
+    data = json.loads((out / MANIFEST_NAME).read_text())
+    data.update(changes)
+    (out / MANIFEST_NAME).write_text(json.dumps(data))
+
+
+def test_unknown_schema_version_is_refused(tmp_path):
+    out = _write(tmp_path / "a")
+    _edit_manifest(out, schema_version=99)
+    with pytest.raises(ArtifactError, match="unknown schema_version 99"):
+        read_manifest(out)
+
+
+def test_missing_file_is_named(tmp_path):
+    out = _write(tmp_path / "a")
+    (out / "model.onnx").unlink()
+    with pytest.raises(ArtifactError, match="model.onnx: file listed in the manifest is missing"):
+        read_manifest(out)
+
+
+def test_size_mismatch_is_named(tmp_path):
+    out = _write(tmp_path / "a")
+    (out / "model.onnx").write_bytes(b"weights and more")
+    with pytest.raises(ArtifactError, match="model.onnx: size 16 does not match"):
+        read_manifest(out)
+
+
+def test_same_size_corruption_needs_verify(tmp_path):
+    out = _write(tmp_path / "a")
+    (out / "model.onnx").write_bytes(b"WEIGHTS")
+    read_manifest(out)  # sizes match: the fast check passes
+    with pytest.raises(ArtifactError, match="model.onnx: sha256 does not match"):
+        read_manifest(out, verify=True)
+
+
+def test_manifest_cannot_point_outside_the_folder(tmp_path):
+    out = _write(tmp_path / "a")
+    _edit_manifest(out, files={"../secret": {"size": 1, "sha256": "0"}})
+    with pytest.raises(ArtifactError, match="outside the artifact"):
+        read_manifest(out)
+
+
+def test_invalid_json_and_missing_manifest(tmp_path):
+    out = _write(tmp_path / "a")
+    (out / MANIFEST_NAME).write_text("{not json")
+    with pytest.raises(ArtifactError, match="not valid JSON"):
+        read_manifest(out)
+    shutil.rmtree(out)
+    out.mkdir()
+    with pytest.raises(ArtifactError, match="not an edgelm artifact"):
+        read_manifest(out)
