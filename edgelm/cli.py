@@ -167,6 +167,17 @@ def demo(family, workdir, steps):
     run_demo(family, workdir, steps)
 
 
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--system", default=None, help="A system message that opens the conversation.")
+@sampling_options
+def chat(artifact, system, threads, provider, n_gpu_layers, **sampling):
+    """Chat with a model in the terminal (/reset starts over, /exit quits)."""
+    from edgelm.commands.chat import run_chat
+
+    run_chat(artifact, system, threads, provider, n_gpu_layers, sampling)
+
+
 def emit_json(data) -> None:
     click.echo(json.dumps(data, indent=2, ensure_ascii=False))
 

@@ -76,6 +76,8 @@ class TextGenerator:
         self.eos_id: int | None = generation.get("eos_id")
         self.bos_id: int | None = generation.get("bos_id")
         self.add_bos: bool = bool(generation.get("add_bos", False))
+        # further ids that end a generation like eos (a chat model's end-of-turn); backends add them
+        self.end_ids: set[int] = set()
         stops = tuple(generation.get("stop", ()))
         self.defaults = defaults or GenerationParams(stop=stops)
 
@@ -140,7 +142,7 @@ class TextGenerator:
         while generated < params.max_tokens:
             token = sampler(logits, seen)
             generated += 1
-            if token == self.eos_id:
+            if token == self.eos_id or token in self.end_ids:
                 reason = "eos"
                 break
             seen.append(token)

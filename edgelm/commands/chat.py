@@ -1,0 +1,78 @@
+"""`edgelm chat`: an interactive conversation in the terminal, replies streamed as they come.
+
+Each turn re-sends the conversation (the KV cache keeps what is shared, so only the new turn
+is evaluated). When the conversation outgrows the context, the oldest turns are dropped and a
+note says so; the system message always stays.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from edgelm.errors import ContextOverflowError, InputError, UsageError
+
+HELP = "type a message; /reset starts over, /exit (or Ctrl-D) quits"
+
+
+def run_chat(artifact: Path, system: str | None, threads, provider, n_gpu_layers, sampling: dict) -> None:
+    from edgelm.runtime import load
+    from edgelm.runtime.params import GenerationParams
+
+    sampling = {k: v for k, v in sampling.items() if v is not None and v != ()}
+    sampling.pop("truncate", None)  # a chat always drops old turns to fit, and says so
+    with load(artifact, threads=threads, provider=provider, n_gpu_layers=n_gpu_layers) as model:
+        if not getattr(model, "chat_template", ""):
+            raise UsageError(f"{artifact} has no chat template; use `edgelm run` with a plain prompt")
+        params = GenerationParams.from_kwargs(model.defaults, **sampling)  # bad flags fail before the prompt
+        click.echo(f"chat with {artifact} (context {model.decoder.context_length} tokens); {HELP}", err=True)
+        start = [{"role": "system", "content": system}] if system else []
+        messages = list(start)
+        while (line := _read_line()) is not None:
+            text = line.strip()
+            if text == "/exit":
+                break
+            if text == "/reset":
+                messages = list(start)
+                click.echo("(conversation cleared)", err=True)
+            elif text.startswith("/"):
+                click.echo(f"unknown command {text}; {HELP}", err=True)
+            elif text:
+                messages = _one_turn(model, messages, text, params, sampling)
+
+
+def _read_line() -> str | None:
+    try:
+        return click.prompt(">", prompt_suffix=" ", default="", show_default=False)
+    except click.Abort:  # end of input (Ctrl-D) or Ctrl-C at the prompt
+        click.echo(err=True)
+        return None
+
+
+def _one_turn(model, messages: list[dict], text: str, params, sampling: dict) -> list[dict]:
+    """Add the user's message, fit the context, stream the reply; return the new conversation."""
+    asked = [*messages, {"role": "user", "content": text}]
+    try:
+        kept, dropped, _ = model.fit_messages(asked, params.max_tokens)
+    except (ContextOverflowError, InputError) as err:
+        click.echo(f"error: {err}", err=True)
+        return messages
+    if dropped:
+        click.echo(f"(dropped the {dropped} oldest messages to stay within the context of "
+                   f"{model.decoder.context_length} tokens)", err=True)
+    try:
+        stream = model.chat_stream(kept, **sampling)
+        reply = "".join(_echo(piece) for piece in stream)
+    except InputError as err:  # the template refused the conversation (e.g. roles out of order)
+        click.echo(f"error: {err}", err=True)
+        return messages
+    click.echo()
+    if stream.completion is not None and stream.completion.finish_reason == "length":
+        click.echo(f"(reply cut at --max-tokens {params.max_tokens})", err=True)
+    return [*kept, {"role": "assistant", "content": reply.strip()}]
+
+
+def _echo(piece: str) -> str:
+    click.echo(piece, nl=False)
+    return piece

@@ -1,0 +1,216 @@
+"""The llama.cpp backend: GGUF models run through llama-cpp-python under edgelm's own loop.
+
+llama.cpp only computes logits here. Sampling, detokenising and stop strings are edgelm's
+shared TextGenerator machinery, so temperature, seed, top-k/top-p/min-p, repetition penalty and
+stop strings mean exactly what they mean for the ONNX decoders.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgelm.artifact import Manifest
+from edgelm.errors import ArtifactError, ContextOverflowError, ProviderError
+from edgelm.runtime.device import RuntimeOptions, physical_cores
+from edgelm.runtime.generator import Decoder
+from edgelm.runtime.gguf_file import read_gguf_header
+
+# The KV cache is allocated for the whole context up front; models trained for 128k tokens
+# would need gigabytes for it. Contexts longer than this are capped (and the cap is the limit
+# the context policy enforces, named in its error message).
+MAX_CONTEXT = 4096
+GGML_LOG_ERROR = 4  # ggml's log levels: 1 debug, 2 info, 3 warn, 4 error, 5 continuation
+
+
+@dataclass
+class Encoding:
+    """What `tokenizers.Tokenizer.encode` returns, as far as edgelm uses it."""
+
+    ids: list[int]
+
+
+class LlamaCppTokenizer:
+    """llama.cpp's own tokenizer behind the small `tokenizers`-like surface edgelm uses.
+
+    Special-token text (e.g. "<|eot_id|>") in the input becomes the special token, as with
+    Hugging Face tokenizers; that is what chat templates rely on.
+    """
+
+    def __init__(self, vocab):
+        self.vocab = vocab  # llama_vocab_p, owned by the model
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> Encoding:
+        import llama_cpp
+
+        data = text.encode("utf-8")
+        room = len(data) + 8  # a token covers at least one byte; plus BOS/EOS
+        for _ in range(2):
+            buffer = (llama_cpp.llama_token * room)()
+            n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buffer, room, add_special_tokens, True)
+            if n >= 0:
+                return Encoding(list(buffer[:n]))
+            room = -n
+        raise ArtifactError(f"llama.cpp could not tokenise a text of {len(data)} bytes")
+
+    def decode_bytes(self, ids: Sequence[int], skip_special_tokens: bool = True) -> bytes:
+        import llama_cpp
+
+        if not ids:
+            return b""
+        tokens = (llama_cpp.llama_token * len(ids))(*ids)
+        room = 8 * len(ids) + 16
+        for _ in range(2):
+            buffer = ctypes.create_string_buffer(room)
+            n = llama_cpp.llama_detokenize(self.vocab, tokens, len(ids), buffer, room, False,
+                                           not skip_special_tokens)
+            if n >= 0:
+                return buffer.raw[:n]
+            room = -n
+        raise ArtifactError(f"llama.cpp could not detokenise {len(ids)} tokens")
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        # broken multi-byte characters show as U+FFFD, which the incremental detokeniser waits on
+        return self.decode_bytes(ids, skip_special_tokens).decode("utf-8", errors="replace")
+
+    def token_text(self, token_id: int) -> str:
+        """The text of one token as written in a prompt (special tokens included)."""
+        return self.decode([token_id], skip_special_tokens=False)
+
+    @property
+    def vocab_size(self) -> int:
+        import llama_cpp
+
+        return llama_cpp.llama_vocab_n_tokens(self.vocab)
+
+    def end_of_generation_ids(self) -> set[int]:
+        """Every id llama.cpp treats as ending a generation (EOS, end-of-turn, ...)."""
+        import llama_cpp
+
+        return {i for i in range(self.vocab_size) if llama_cpp.llama_vocab_is_eog(self.vocab, i)}
+
+
+class LlamaCppDecoder(Decoder):
+    """Logits from a llama.cpp context, reusing the KV cache for a prompt's shared prefix.
+
+    A chat re-sends the whole conversation each turn; only the tokens after the longest prefix
+    shared with what the cache already holds are evaluated again.
+    """
+
+    def __init__(self, llm, context_length: int | None = None):
+        self.llm = llm
+        # llama.cpp rounds its context up (to 256); the limit kept is what was asked for
+        self.context_length = min(llm.n_ctx(), context_length or llm.n_ctx())
+        self.n_vocab = llm.n_vocab()
+        self.cached: list[int] = []  # the tokens whose keys and values the cache holds
+
+    def _logits(self) -> np.ndarray:
+        import llama_cpp
+
+        # the last evaluated position's row, read in place: no copy of llama.cpp's buffer
+        pointer = llama_cpp.llama_get_logits_ith(self.llm._ctx.ctx, -1)
+        return np.ctypeslib.as_array(pointer, shape=(self.n_vocab,))  # (vocab,)
+
+    def _eval(self, ids: Sequence[int]) -> None:
+        if len(self.cached) + len(ids) > self.context_length:
+            raise ContextOverflowError(
+                f"{len(self.cached) + len(ids)} tokens exceed the context length {self.context_length}"
+            )
+        self.llm.eval(ids)
+        self.cached.extend(ids)
+
+    def prefill(self, ids: Sequence[int]) -> np.ndarray:
+        ids = list(ids)
+        shared = 0
+        for old, new in zip(self.cached, ids):
+            if old != new:
+                break
+            shared += 1
+        shared = min(shared, len(ids) - 1)  # evaluate at least one token to get its logits
+        self.llm.n_tokens = shared  # eval() drops everything the cache holds past this point
+        self.cached = self.cached[:shared]
+        self._eval(ids[shared:])
+        return self._logits()
+
+    def step(self, token_id: int) -> np.ndarray:
+        self._eval([token_id])
+        return self._logits()
+
+    def close(self) -> None:
+        if self.llm is not None:
+            self.llm.close()
+            self.llm = None
+
+
+@contextlib.contextmanager
+def _llama_log_captured() -> Iterator[list[str]]:
+    """Collect llama.cpp's log lines instead of printing them; the reason for a failed load."""
+    import llama_cpp
+    from llama_cpp import _logger
+
+    lines: list[str] = []
+
+    @llama_cpp.llama_log_callback
+    def collect(level, text, user_data):
+        if level == GGML_LOG_ERROR:
+            lines.append(text.decode("utf-8", errors="replace").strip())
+
+    llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
+    try:
+        yield lines
+    finally:
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+
+
+def context_for(header, requested: int | None) -> int:
+    """The context to allocate: the trained (or manifest) length, capped at MAX_CONTEXT."""
+    arch = header.get("general.architecture", "llama")
+    trained = requested or header.get(f"{arch}.context_length") or MAX_CONTEXT
+    return min(int(trained), MAX_CONTEXT)
+
+
+def open_llama(path: Path, options: RuntimeOptions, n_ctx: int | None = None):
+    """A llama_cpp.Llama for a GGUF file whose header has been checked first, and its context."""
+    header = read_gguf_header(path)
+    n_ctx = context_for(header, n_ctx)
+    if options.provider != "cpu":
+        raise ProviderError(f"GGUF models run on llama.cpp; use --n-gpu-layers instead of --provider {options.provider}")
+    import llama_cpp
+
+    if options.n_gpu_layers and not llama_cpp.llama_supports_gpu_offload():
+        raise ProviderError(
+            f"n_gpu_layers={options.n_gpu_layers} asked for, but this llama-cpp-python build has no GPU "
+            "support; reinstall it with a GPU backend (CUDA, Metal, Vulkan) or use n_gpu_layers=0"
+        )
+    threads = options.threads or physical_cores()
+    with _llama_log_captured() as log:
+        try:
+            llm = llama_cpp.Llama(
+                model_path=str(path), n_ctx=n_ctx, n_threads=threads,
+                n_threads_batch=threads, n_gpu_layers=options.n_gpu_layers, use_mmap=True,
+                logits_all=False, verbose=False,
+            )
+        except (ValueError, RuntimeError) as err:
+            # the first error is the cause ("key not found in model: llama.block_count"); later
+            # ones only say that loading failed. Drop the C function names in front of it.
+            reason = re.sub(r"^\w+: ", "", next((line for line in log if line), str(err)))
+            raise ArtifactError(f"{path}: llama.cpp could not load the model ({reason})") from None
+    return llm, n_ctx
+
+
+def load_llama(folder: Path, manifest: Manifest, options: RuntimeOptions):
+    """The runtime entry the llama family registers for format "gguf"."""
+    from edgelm.runtime.chat import ChatGenerator
+
+    name = manifest.model.get("file", "model.gguf")
+    if Path(name).name != name:
+        raise ArtifactError(f"{folder}: manifest names a model file outside the artifact: {name!r}")
+    llm, n_ctx = open_llama(Path(folder) / name, options, manifest.generation.get("context_length"))
+    tokenizer = LlamaCppTokenizer(llm._model.vocab)
+    return ChatGenerator(LlamaCppDecoder(llm, n_ctx), tokenizer, manifest)
