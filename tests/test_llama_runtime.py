@@ -291,3 +291,120 @@ def test_artifact_folder_loads_through_its_manifest(gguf_path, tmp_path):
         assert generator.decoder.context_length == 64
         assert generator.defaults.stop == ("mat",)
         assert "mat" not in generator.generate("the cat sat on the", max_tokens=12, temperature=0)
+
+
+# -- chat -------------------------------------------------------------------------------------
+CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello cat"}]
+
+
+def test_chat_prompt_is_the_template_with_one_bos(model):
+    prompt = model.chat_prompt(CONVERSATION)
+    assert prompt == render_chat(TEMPLATE, CONVERSATION, bos_token="<s>", eos_token="</s>")
+    ids = model.chat_ids(CONVERSATION)
+    assert ids[0] == 1 and ids[1] != 1  # the template wrote <s>; no second BOS added
+
+
+def test_chat_and_chat_stream_agree_and_end_at_end_of_turn(model):
+    reply = model.chat_complete(CONVERSATION, max_tokens=40, temperature=0)
+    pieces = list(model.chat_stream(CONVERSATION, max_tokens=40, temperature=0))
+    assert "".join(pieces) == reply.text == model.chat(CONVERSATION, max_tokens=40, temperature=0)
+    assert "<|end|>" not in reply.text
+    # hot sampling on random weights meets an end-of-turn or end-of-text token soon; it ends the reply
+    ended = [model.chat_complete(CONVERSATION, max_tokens=90, temperature=2.0, seed=s) for s in range(6)]
+    assert any(c.finish_reason == "eos" and c.completion_tokens < 90 for c in ended)
+
+
+def test_reusing_the_cached_prefix_gives_the_same_logits(model):
+    first = model.chat_ids(CONVERSATION)
+    longer = model.chat_ids([*CONVERSATION, {"role": "assistant", "content": "the dog"},
+                             {"role": "user", "content": "and the mat"}])
+    decoder = model.decoder
+    decoder.prefill(first)
+    reused = decoder.prefill(longer).copy()
+    decoder.prefill([3, 4, 5])  # nothing shared: the whole prompt is evaluated again
+    fresh = decoder.prefill(longer).copy()
+    np.testing.assert_allclose(reused, fresh, atol=1e-3)
+    assert int(np.argmax(reused)) == int(np.argmax(fresh))
+
+
+def test_long_conversations_drop_whole_old_turns(model):
+    turn = "the cat sat on the mat and the dog ran " * 2
+    messages = [{"role": "system", "content": "Be brief."}]
+    for i in range(4):
+        messages += [{"role": "user", "content": f"{turn} {i}"}, {"role": "assistant", "content": turn}]
+    messages.append({"role": "user", "content": "hello"})
+    with pytest.raises(ContextOverflowError, match="pass truncate"):
+        model.chat(messages, max_tokens=16)
+    kept, dropped, ids = model.fit_messages(messages, 16)
+    assert dropped >= 2 and dropped % 2 == 0 and len(ids) + 16 <= 128
+    assert kept[0]["role"] == "system" and kept[1]["role"] == "user" and kept[-1] == messages[-1]
+    done = model.chat_complete(messages, max_tokens=16, temperature=0, truncate=True)
+    assert done.truncated_prompt_tokens > 0
+    with pytest.raises(ContextOverflowError, match="last message alone"):
+        model.fit_messages([{"role": "user", "content": turn * 8}], 16)
+
+
+def with_template(gguf_path, tmp_path, template):
+    (tmp_path / "model.gguf").symlink_to(gguf_path)
+    manifest = Manifest(family="llama", task="text-generation", format="gguf", quant="f32",
+                        model={"file": "model.gguf"},
+                        generation={"bos_id": 1, "eos_id": 2, "add_bos": True, "chat_template": template})
+    return load_llama(tmp_path, manifest, ONE_THREAD)
+
+
+def test_a_template_cannot_escape_the_sandbox(gguf_path, tmp_path):
+    escape = "{{ cycler.__init__.__globals__.os.system('touch " + str(tmp_path / "pwned") + "') }}"
+    with with_template(gguf_path, tmp_path, escape) as generator:
+        with pytest.raises(ArtifactError, match="unsafe"):
+            generator.chat(CONVERSATION, max_tokens=4)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_template_raise_exception_is_an_input_error(gguf_path, tmp_path):
+    strict = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('start with a user turn') }}{% endif %}x"
+    with with_template(gguf_path, tmp_path, strict) as generator:
+        with pytest.raises(InputError, match="start with a user turn"):
+            generator.chat(CONVERSATION, max_tokens=4)
+        assert generator.chat(CONVERSATION[1:], max_tokens=4, temperature=0) is not None
+
+
+# -- CLI --------------------------------------------------------------------------------------
+def test_edgelm_chat_streams_resets_drops_and_exits(gguf_path):
+    from edgelm.cli import main
+
+    long = "the cat sat on the mat and the dog ran " * 3
+    lines = ["hello cat", "/reset", "/nope", long, long, long, "/exit", "never read"]
+    result = CliRunner().invoke(main, ["chat", str(gguf_path), "--threads", "1", "--temperature", "0",
+                                       "--max-tokens", "16", "--system", "Be brief."],
+                                input="\n".join(lines) + "\n")
+    assert result.exit_code == 0, result.output
+    assert "(conversation cleared)" in result.stderr
+    assert "unknown command /nope" in result.stderr
+    assert "dropped the 2 oldest messages" in result.stderr
+    assert result.stdout.count("> ") >= 6  # one prompt per line read up to /exit
+
+
+def test_edgelm_run_and_chat_errors_are_one_line(gguf_path, tmp_path):
+    from edgelm.cli import main
+
+    runner = CliRunner()
+    ran = runner.invoke(main, ["run", str(gguf_path), "the cat", "--threads", "1", "--max-tokens", "5", "--seed", "0"])
+    assert ran.exit_code == 0, ran.output
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(gguf_path.read_bytes()[:4000])
+    failed = runner.invoke(main, ["chat", str(bad)], input="/exit\n")
+    assert failed.exit_code == 1 and failed.stderr.count("\n") == 1 and "truncated" in failed.stderr
+    plain = write_tiny_gguf(tmp_path / "plain.gguf", template=None)
+    no_template = runner.invoke(main, ["chat", str(plain), "--threads", "1"], input="/exit\n")
+    assert no_template.exit_code == 2 and "no chat template" in no_template.stderr
+
+
+def test_running_a_gguf_imports_no_training_stack(gguf_path):
+    import subprocess
+    import sys
+
+    code = (f"import sys, edgelm\nwith edgelm.load({str(gguf_path)!r}, threads=1) as m:\n"
+            "    m.chat([{'role': 'user', 'content': 'hi'}], max_tokens=3)\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'optimum', 'gguf')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from edgelm.artifact import Manifest
-from edgelm.errors import ArtifactError, ContextOverflowError, ProviderError
+from edgelm.errors import ArtifactError, ContextOverflowError, ProviderError, UsageError
 from edgelm.runtime.device import RuntimeOptions, physical_cores
 from edgelm.runtime.generator import Decoder
 from edgelm.runtime.gguf_file import read_gguf_header
@@ -188,7 +188,9 @@ def open_llama(path: Path, options: RuntimeOptions, n_ctx: int | None = None):
             f"n_gpu_layers={options.n_gpu_layers} asked for, but this llama-cpp-python build has no GPU "
             "support; reinstall it with a GPU backend (CUDA, Metal, Vulkan) or use n_gpu_layers=0"
         )
-    threads = options.threads or physical_cores()
+    threads = physical_cores() if options.threads is None else options.threads
+    if not isinstance(threads, int) or threads < 1:
+        raise UsageError(f"threads must be a positive integer, got {threads!r}")
     with _llama_log_captured() as log:
         try:
             llm = llama_cpp.Llama(
