@@ -58,6 +58,15 @@ FAMILIES: dict[str, Family] = {
             exporter="edgelm.export.recurrent:export_recurrent",
             runtimes={"onnx": "edgelm.runtime.recurrent:load_recurrent"},
         ),
+        Family(
+            name="gpt2",
+            summary="GPT-2 (GPT2LMHeadModel) with a key/value cache",
+            model_types=("gpt2",),
+            formats=("onnx",),
+            tasks=("text-generation",),
+            exporter="edgelm.export.gpt2:export_gpt2",
+            runtimes={"onnx": "edgelm.runtime.kv_decoder:load_gpt2"},
+        ),
     )
 }
 

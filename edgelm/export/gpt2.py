@@ -1,0 +1,318 @@
+"""GPT-2 checkpoints to ONNX with a key/value cache (optimum-onnx), optionally int8, validated.
+
+The graph is optimum's `text-generation-with-past` export: one model.onnx serving both the
+prompt (empty past) and every later step. Validation runs the exported file through the
+runtime's own KV-cache decoder, so what is checked is what users will run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from edgelm.artifact import Check, Manifest, write_artifact
+from edgelm.errors import ExportError, UnsupportedModelError
+from edgelm.export.checks import max_abs_diff, raise_if_failed, top1_agreement
+from edgelm.export.hf_source import (
+    require_tokenizer,
+    special_token_id,
+    tensor_shapes,
+    weights_sha256,
+    write_tokenizer_json,
+)
+from edgelm.export.onnx_quantize import quantize_int8
+from edgelm.export.options import ExportOptions
+
+MODEL_FILE = "model.onnx"
+TOKENIZER_FILE = "tokenizer.json"
+EOS_TEXT = "<|endoftext|>"
+EMBEDDING_NAMES = ("transformer.wte.weight", "wte.weight")
+FP32_MAX_ABS = 1e-4  # fp32 logits vs torch, max abs over every checked position
+GREEDY_TOKENS = 32
+INT8_MIN_TOP1 = 0.90  # int8 vs torch fp32, teacher-forced along held-out text
+INT8_PPL_RATIO = 1.05  # int8 held-out perplexity may be at most 5% above fp32
+PPL_TOKENS = 512
+PROMPTS = (
+    "The quick brown fox",
+    "def main():\n    return",
+    "In the beginning",
+    "A list is a sequence of items, and a tuple",
+)
+
+
+def graph_io_names(num_layers: int) -> tuple[list[str], list[str]]:
+    """Inputs and outputs of optimum's GPT-2 decoder-with-past graph, in its order."""
+    pasts = [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    presents = [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    return ["input_ids", *pasts, "attention_mask", "position_ids"], ["logits", *presents]
+
+
+def check_source(source: Path, config: dict) -> None:
+    """Everything that can be told from the folder's files, before torch is loaded."""
+    if "GPT2LMHeadModel" not in (config.get("architectures") or ["GPT2LMHeadModel"]):
+        raise UnsupportedModelError(
+            f"{source}: architectures {config.get('architectures')} has no GPT2LMHeadModel (needed for text generation)"
+        )
+    require_tokenizer(source)
+    shapes = tensor_shapes(source)
+    embedding = next((shapes[n] for n in EMBEDDING_NAMES if n in shapes), None)
+    if embedding is None:
+        raise UnsupportedModelError(
+            f"{source}: weights have no token embedding ({EMBEDDING_NAMES[0]})"
+        )
+    vocab, width = config.get("vocab_size"), config.get("n_embd")
+    if embedding != [vocab, width]:
+        raise UnsupportedModelError(
+            f"{source}: config.json says vocab_size {vocab} x n_embd {width}, "
+            f"but the embedding matrix in the weights is {embedding[0]} x {embedding[1]}"
+        )
+
+
+def export_gpt2(source: Path, config: dict, out: Path, options: ExportOptions) -> Manifest:
+    check_source(source, config)
+    manifest = _manifest(source, config, options)
+    with write_artifact(out, manifest) as tmp, tempfile.TemporaryDirectory() as scratch:
+        options.progress("export", 0, 3)
+        write_tokenizer_json(source, tmp / TOKENIZER_FILE)
+        _check_tokenizer_fits(tmp / TOKENIZER_FILE, config, manifest)
+        fp32 = _optimum_export(source, Path(scratch) / "onnx")
+        options.progress("export", 1, 3)
+        if options.quant == "int8":
+            quantize_int8(fp32, tmp / MODEL_FILE)
+        else:
+            _move_model(fp32, tmp)
+        options.progress("export", 2, 3)
+        if options.validate:
+            manifest.validation = validate(source, tmp, manifest, fp32)
+            raise_if_failed(manifest.validation)
+        else:
+            manifest.validation_skipped = True
+        options.progress("export", 3, 3)
+    return manifest
+
+
+def _manifest(source: Path, config: dict, options: ExportOptions) -> Manifest:
+    layers, heads, width = config["n_layer"], config["n_head"], config["n_embd"]
+    inputs, outputs = graph_io_names(layers)
+    return Manifest(
+        family="gpt2",
+        task="text-generation",
+        format="onnx",
+        quant=options.quant or "none",
+        tokenizer={"kind": "byte-level-bpe", "file": TOKENIZER_FILE, "vocab_size": None},
+        generation={
+            "context_length": config.get("n_positions"),
+            "add_bos": False,
+            "chat_template": None,
+            "stop": [],
+        },
+        model={
+            "file": MODEL_FILE,
+            "inputs": inputs,
+            "outputs": outputs,
+            "num_layers": layers,
+            "num_heads": heads,
+            "head_dim": width // heads,
+            "hidden_size": width,
+            "vocab_size": config["vocab_size"],
+        },
+        source={
+            "path": str(source.resolve()),
+            "revision": None,
+            "sha256": weights_sha256(source),
+            "architecture": "GPT2LMHeadModel",
+        },
+        versions=_export_versions(),
+    )
+
+
+def _check_tokenizer_fits(path: Path, config: dict, manifest: Manifest) -> None:
+    """Record the tokenizer's size and special ids; ids beyond the embedding would crash at run time."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(path))
+    size = tokenizer.get_vocab_size()
+    if size > config["vocab_size"]:
+        raise UnsupportedModelError(
+            f"tokenizer has {size} tokens but the model's vocab_size is only {config['vocab_size']}"
+        )
+    eos = special_token_id(tokenizer, config, "eos", EOS_TEXT)
+    bos = special_token_id(tokenizer, config, "bos", EOS_TEXT)
+    pad = special_token_id(tokenizer, config, "pad", None)
+    manifest.tokenizer["vocab_size"] = size
+    # GPT-2 has no pad token; padded positions are masked out, so any valid id serves (eos here)
+    manifest.generation.update(eos_id=eos, bos_id=bos, pad_id=pad if pad is not None else eos)
+
+
+def _optimum_export(source: Path, folder: Path) -> Path:
+    """optimum's decoder-with-past export; its own validation is skipped (ours is stricter)."""
+    from optimum.exporters.onnx import main_export
+
+    noise = io.StringIO()
+    try:
+        with (
+            warnings.catch_warnings(),
+            contextlib.redirect_stdout(noise),
+            contextlib.redirect_stderr(noise),
+        ):
+            warnings.simplefilter(
+                "ignore"
+            )  # tracer warnings on every export: expected, not for users
+            logging.getLogger("optimum").setLevel(logging.ERROR)
+            _quiet_transformers()
+            main_export(
+                str(source),
+                str(folder),
+                task="text-generation-with-past",
+                do_validation=False,
+                local_files_only=True,
+            )
+    except Exception as err:  # noqa: BLE001 - optimum and torch raise many types; one line for users
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise ExportError(f"{source}: the ONNX export failed ({first})") from None
+    path = folder / MODEL_FILE
+    if not path.is_file():
+        raise ExportError(f"{source}: the ONNX export produced no {MODEL_FILE}")
+    return path
+
+
+def _quiet_transformers() -> None:
+    """transformers logs deprecation notes through its own handlers; they are not for users."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+
+
+def _move_model(onnx_path: Path, dest: Path) -> None:
+    """model.onnx plus any external-data file next to it (models over 2 GB keep weights outside)."""
+    for item in onnx_path.parent.iterdir():
+        if item.name == MODEL_FILE or item.name.startswith(MODEL_FILE + "_data"):
+            os.replace(item, dest / item.name)
+
+
+def _export_versions() -> dict[str, str | None]:
+    from importlib import metadata
+
+    found: dict[str, str | None] = {}
+    for dist in ("torch", "transformers", "optimum-onnx", "onnx"):
+        try:
+            found[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            found[dist] = None
+    return found
+
+
+# -- validation --------------------------------------------------------------------------------
+def validate(source: Path, folder: Path, manifest: Manifest, fp32_path: Path) -> list[Check]:
+    """Run the written artifact through the runtime's decoder and compare it with torch."""
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    from edgelm.runtime.device import RuntimeOptions, onnx_session
+    from edgelm.runtime.kv_decoder import KvCacheDecoder
+    from edgelm.runtime.tokenizer import load_tokenizer
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel.from_pretrained(str(source), use_safetensors=True).eval()
+    tokenizer = load_tokenizer(folder / TOKENIZER_FILE)
+    session = onnx_session(folder / MODEL_FILE, RuntimeOptions())
+    decoder = KvCacheDecoder(session, manifest)
+    prompts = [tokenizer.encode(p, add_special_tokens=False).ids for p in PROMPTS]
+    held_out = _held_out_ids(tokenizer, manifest.generation["context_length"])
+    torch_logits = _torch_logits(model, held_out)
+    if manifest.quant == "none":
+        cached = max(_cached_logit_diff(model, decoder, ids) for ids in prompts)
+        full = max_abs_diff(_onnx_logits(session, manifest, held_out), torch_logits)
+        same = sum(
+            _greedy_matches(model, decoder, ids, manifest.generation["eos_id"]) for ids in prompts
+        )
+        return [
+            Check.at_most("max_abs_logit_diff_vs_torch", max(cached, full), FP32_MAX_ABS),
+            Check.at_least("greedy_32_identical_prompts", same, len(prompts)),
+        ]
+    int8_logits = _onnx_logits(session, manifest, held_out)
+    fp32_logits = _onnx_logits(onnx_session(fp32_path, RuntimeOptions()), manifest, held_out)
+    ppl_int8, ppl_fp32 = _perplexity(int8_logits, held_out), _perplexity(fp32_logits, held_out)
+    return [
+        Check.at_least(
+            "top1_agreement_vs_torch", top1_agreement(int8_logits, torch_logits), INT8_MIN_TOP1
+        ),
+        Check.measured("max_abs_logit_diff_vs_torch", max_abs_diff(int8_logits, torch_logits)),
+        Check.measured("held_out_perplexity_fp32", ppl_fp32),
+        Check.measured("held_out_perplexity_int8", ppl_int8),
+        Check.at_most(
+            "held_out_perplexity_ratio_int8_vs_fp32", ppl_int8 / ppl_fp32, INT8_PPL_RATIO
+        ),
+    ]
+
+
+def _held_out_ids(tokenizer, context_length: int) -> list[int]:
+    from edgelm.models.corpus import builtin_text, split_held_out
+
+    text = split_held_out(builtin_text())[1]
+    return tokenizer.encode(text[: PPL_TOKENS * 8], add_special_tokens=False).ids[
+        : min(PPL_TOKENS, context_length)
+    ]
+
+
+def _torch_logits(model, ids: list[int]) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].numpy()  # (T, vocab)
+
+
+def _onnx_logits(session, manifest: Manifest, ids: list[int]) -> np.ndarray:
+    """Every position's logits from one call with an empty cache (teacher forcing)."""
+    model = manifest.model
+    empty = np.zeros((1, model["num_heads"], 0, model["head_dim"]), np.float32)  # (B, H, 0, D)
+    feed = {name: empty for name in model["inputs"] if name.startswith("past_key_values.")}
+    feed.update(
+        input_ids=np.asarray([ids], np.int64),
+        attention_mask=np.ones((1, len(ids)), np.int64),
+        position_ids=np.arange(len(ids), dtype=np.int64)[None],
+    )
+    return session.run(["logits"], feed)[0][0]  # (T, vocab)
+
+
+def _cached_logit_diff(model, decoder, ids: list[int]) -> float:
+    """Prefill half the prompt, step through the rest: each step must equal full recomputation."""
+    reference = _torch_logits(model, ids)  # (T, vocab)
+    half = max(1, len(ids) // 2)
+    diffs = [max_abs_diff(decoder.prefill(ids[:half]), reference[half - 1])]
+    for position in range(half, len(ids)):
+        diffs.append(max_abs_diff(decoder.step(ids[position]), reference[position]))
+    return max(diffs)
+
+
+def _greedy_matches(model, decoder, ids: list[int], eos_id: int | None) -> bool:
+    """Our greedy continuation equals torch's generate(), which may end early at eos."""
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=GREEDY_TOKENS,
+            do_sample=False,
+            pad_token_id=eos_id,
+        )
+    expected = out[0, len(ids) :].tolist()
+    ours = [int(np.argmax(decoder.prefill(ids)))]
+    while len(ours) < len(expected):
+        ours.append(int(np.argmax(decoder.step(ours[-1]))))
+    return ours == expected
+
+
+def _perplexity(logits: np.ndarray, ids: list[int]) -> float:
+    z = logits[:-1].astype(np.float64)  # (T-1, vocab): position t predicts token t+1
+    z -= z.max(axis=-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+    return float(np.exp(-logp[np.arange(len(ids) - 1), ids[1:]].mean()))

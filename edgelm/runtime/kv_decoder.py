@@ -1,0 +1,208 @@
+"""Running decoder-with-past graphs (GPT-2): prefill in one call, then one token per step.
+
+The graph takes `input_ids`, `attention_mask` (past + new length), `position_ids` and
+`past_key_values.{i}.key/value` (B, heads, past, head_dim), and returns `logits` and
+`present.{i}.key/value` (B, heads, past + new, head_dim). The presents are fed back as the
+next pasts. With IO binding they stay onnxruntime-owned values between steps, so the cache is
+never copied into numpy and back; only the last position's logits leave the session.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgelm.artifact import Manifest
+from edgelm.errors import ArtifactError, InputError
+from edgelm.runtime.device import RuntimeOptions, onnx_session
+from edgelm.runtime.generator import Completion, Decoder, TextGenerator
+from edgelm.runtime.params import GenerationParams
+from edgelm.runtime.sampler import Sampler
+from edgelm.runtime.text import IncrementalDetokenizer, StopMatcher
+from edgelm.runtime.tokenizer import load_tokenizer
+
+
+def check_graph_io(session, manifest: Manifest) -> None:
+    """The graph's inputs and outputs must be exactly the names the manifest promises."""
+    for kind, actual in (("inputs", session.get_inputs()), ("outputs", session.get_outputs())):
+        names = [node.name for node in actual]
+        expected = list(manifest.model.get(kind, []))
+        if sorted(names) != sorted(expected):
+            raise ArtifactError(
+                f"model {kind} {names} do not match the manifest {expected}; the model file was replaced or edited"
+            )
+
+
+class KvCacheDecoder(Decoder):
+    """Holds the attention mask, positions and key/value cache of a batch between calls."""
+
+    def __init__(self, session, manifest: Manifest, io_binding: bool = True):
+        check_graph_io(session, manifest)
+        self.session = session
+        model = manifest.model
+        self.context_length = int(manifest.generation["context_length"])
+        self.past_names = [
+            f"past_key_values.{i}.{kv}"
+            for i in range(model["num_layers"])
+            for kv in ("key", "value")
+        ]
+        self.present_names = [
+            f"present.{i}.{kv}" for i in range(model["num_layers"]) for kv in ("key", "value")
+        ]
+        self.cache_shape = (model["num_heads"], model["head_dim"])
+        self.pad_id = int(manifest.generation.get("pad_id") or 0)
+        self.io_binding = io_binding
+        self.reset(1)
+
+    def reset(self, batch: int) -> None:
+        import onnxruntime as ort
+
+        empty = np.zeros(
+            (batch, self.cache_shape[0], 0, self.cache_shape[1]), np.float32
+        )  # (B, H, 0, D)
+        self.past: list[Any] = [
+            ort.OrtValue.ortvalue_from_numpy(empty) if self.io_binding else empty
+            for _ in self.past_names
+        ]
+        self.mask = np.zeros((batch, 0), np.int64)  # (B, past)
+        self.next_position = np.zeros((batch, 1), np.int64)  # (B, 1)
+
+    # -- one sequence (the Decoder interface) ----------------------------------------------
+    def prefill(self, ids: Sequence[int]) -> np.ndarray:
+        return self.prefill_batch([ids])[0]
+
+    def step(self, token_id: int) -> np.ndarray:
+        return self.step_batch(np.asarray([token_id], np.int64))[0]
+
+    # -- a batch, left-padded --------------------------------------------------------------
+    def prefill_batch(self, rows: Sequence[Sequence[int]]) -> np.ndarray:
+        """Run prompts of different lengths as one left-padded batch; return (B, vocab) logits."""
+        width = max(len(r) for r in rows)
+        if width > self.context_length:
+            raise InputError(
+                f"prompt of {width} tokens exceeds the context length {self.context_length}"
+            )
+        self.reset(len(rows))
+        ids = np.full((len(rows), width), self.pad_id, np.int64)  # (B, T)
+        mask = np.zeros((len(rows), width), np.int64)  # (B, T): 0 marks left padding
+        for b, row in enumerate(rows):
+            ids[b, width - len(row) :] = row
+            mask[b, width - len(row) :] = 1
+        positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)  # (B, T): padding sits at 0
+        self.next_position = positions[:, -1:] + 1
+        return self._run(ids, mask, positions)
+
+    def step_batch(self, tokens: np.ndarray) -> np.ndarray:
+        """Feed one token per row; return (B, vocab) logits."""
+        ids = np.asarray(tokens, np.int64).reshape(-1, 1)  # (B, 1)
+        mask = np.ones((ids.shape[0], 1), np.int64)
+        positions = self.next_position
+        self.next_position = positions + 1
+        return self._run(ids, mask, positions)
+
+    def _run(self, ids: np.ndarray, new_mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        self.mask = np.concatenate([self.mask, new_mask], axis=1)  # (B, past + T)
+        feed = {"input_ids": ids, "attention_mask": self.mask, "position_ids": positions}
+        if self.io_binding:
+            return self._run_bound(feed)
+        feed.update(zip(self.past_names, self.past))
+        logits, *self.past = self.session.run(["logits", *self.present_names], feed)
+        return logits[:, -1]  # (B, vocab)
+
+    def _run_bound(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        binding = self.session.io_binding()
+        for name, array in feed.items():
+            binding.bind_cpu_input(name, array)
+        for name, value in zip(self.past_names, self.past):
+            binding.bind_ortvalue_input(name, value)
+        for name in ("logits", *self.present_names):
+            binding.bind_output(name, "cpu")
+        self.session.run_with_iobinding(binding)
+        logits, *self.past = binding.get_outputs()
+        return logits.numpy()[:, -1]  # (B, vocab)
+
+    def close(self) -> None:
+        self.session = None
+        self.past = []
+
+
+class _Row:
+    """One prompt's share of a batch: its own sampler, detokeniser and stop matcher."""
+
+    def __init__(
+        self, generator: TextGenerator, ids: list[int], dropped: int, params: GenerationParams
+    ):
+        self.ids, self.dropped, self.params = ids, dropped, params
+        self.sampler = Sampler(params)
+        self.detok = IncrementalDetokenizer(generator.tokenizer, ids)
+        self.stops = StopMatcher(params.stop)
+        self.eos_id = generator.eos_id
+        self.seen, self.pieces = list(ids), []
+        self.generated, self.reason, self.done = 0, "length", False
+
+    def accept(self, logits: np.ndarray) -> int:
+        """Sample the next token, extend the text; returns the token to feed next."""
+        token = self.sampler(logits, self.seen)
+        self.generated += 1
+        if token == self.eos_id:
+            self.reason, self.done = "eos", True
+            return token
+        self.seen.append(token)
+        self.pieces.append(self.stops.feed(self.detok.push(token)))
+        if self.stops.stopped:
+            self.reason, self.done = "stop", True
+        elif self.generated >= self.params.max_tokens:
+            self.done = True
+        return token
+
+    def completion(self, timings: dict[str, float]) -> Completion:
+        if not self.stops.stopped:
+            self.pieces.append(self.stops.feed(self.detok.flush()) + self.stops.flush())
+        return Completion(
+            "".join(self.pieces),
+            len(self.ids),
+            self.generated,
+            self.reason,
+            truncated_prompt_tokens=self.dropped,
+            timings=timings,
+        )
+
+
+class KvTextGenerator(TextGenerator):
+    """TextGenerator plus batch generation: several prompts decoded together, left-padded."""
+
+    decoder: KvCacheDecoder
+
+    def complete_batch(self, prompts: Sequence[str], **params: Any) -> list[Completion]:
+        """One Completion per prompt, each equal to what `complete` gives for it alone."""
+        if isinstance(prompts, str) or not prompts:
+            raise InputError("complete_batch needs a non-empty list of prompts")
+        resolved = GenerationParams.from_kwargs(self.defaults, **params)
+        rows = [_Row(self, *self._prompt_ids(p, resolved), resolved) for p in prompts]
+        started = time.perf_counter()
+        logits = self.decoder.prefill_batch([r.ids for r in rows])  # (B, vocab)
+        prefill_s = time.perf_counter() - started
+        while True:
+            # finished rows keep a slot in the batch; what they are fed no longer matters
+            tokens = [
+                r.accept(logits[b]) if not r.done else self.decoder.pad_id
+                for b, r in enumerate(rows)
+            ]
+            if all(r.done for r in rows):
+                break
+            logits = self.decoder.step_batch(np.asarray(tokens, np.int64))
+        timings = {"prefill_s": prefill_s, "total_s": time.perf_counter() - started}
+        return [r.completion(timings) for r in rows]
+
+    def generate_batch(self, prompts: Sequence[str], **params: Any) -> list[str]:
+        return [c.text for c in self.complete_batch(prompts, **params)]
+
+
+def load_gpt2(folder: Path, manifest: Manifest, options: RuntimeOptions) -> KvTextGenerator:
+    session = onnx_session(folder / manifest.model["file"], options)
+    tokenizer = load_tokenizer(folder / manifest.tokenizer["file"])
+    return KvTextGenerator(KvCacheDecoder(session, manifest), tokenizer, manifest)

@@ -1,0 +1,301 @@
+"""GPT-2: export with a KV cache (fp32, int8), parity with torch, the decoder loop, bad inputs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgelm.artifact import MANIFEST_NAME, sha256_of
+from edgelm.errors import ArtifactError, ContextOverflowError, UnsupportedModelError
+
+EOS = "<|endoftext|>"
+PROMPTS = ["The function returns", "class A:\n    def", "Lists and tuples are sequences, but"]
+
+
+def train_tokenizer(vocab_size: int = 400):
+    """A byte-level BPE on Python's documentation, the way GPT-2's own was built."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from edgelm.models.corpus import builtin_text
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator([builtin_text()[:100_000]], trainer)
+    return tokenizer
+
+
+@pytest.fixture(scope="session")
+def gpt2_source(tmp_path_factory) -> Path:
+    """A tiny random GPT-2 folder, saved as transformers saves real checkpoints."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("gpt2") / "source"
+    tokenizer = train_tokenizer()
+    eos = tokenizer.token_to_id(EOS)
+    PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token=EOS, eos_token=EOS, unk_token=EOS
+    ).save_pretrained(folder)
+    torch.manual_seed(0)
+    config = GPT2Config(
+        n_layer=2,
+        n_head=2,
+        n_embd=64,
+        n_positions=128,
+        vocab_size=tokenizer.get_vocab_size(),
+        bos_token_id=eos,
+        eos_token_id=eos,
+    )
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    return folder
+
+
+def export_gpt2(source: Path, out: Path, **options) -> Path:
+    from edgelm.export import export
+    from edgelm.export.options import ExportOptions
+
+    export(source, out, ExportOptions(**options))
+    return out
+
+
+@pytest.fixture(scope="session")
+def gpt2_fp32(gpt2_source, tmp_path_factory) -> Path:
+    return export_gpt2(gpt2_source, tmp_path_factory.mktemp("art") / "gpt2-fp32")
+
+
+@pytest.fixture(scope="session")
+def gpt2_int8(gpt2_source, tmp_path_factory) -> Path:
+    return export_gpt2(gpt2_source, tmp_path_factory.mktemp("art") / "gpt2-int8", quant="int8")
+
+
+def torch_greedy_text(source: Path, prompt: str, max_tokens: int) -> str:
+    """What transformers' greedy generate() continues the prompt with."""
+    import torch
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model = GPT2LMHeadModel.from_pretrained(source).eval()
+    encoded = tokenizer(prompt, return_tensors="pt")
+    encoded.pop("token_type_ids", None)  # GPT-2's generate() rejects them
+    with torch.no_grad():
+        out = model.generate(
+            **encoded,
+            max_new_tokens=max_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.eos_token_id,
+        )
+    return tokenizer.decode(out[0, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def manifest_of(folder: Path) -> dict:
+    return json.loads((folder / MANIFEST_NAME).read_text())
+
+
+# -- export and validation ---------------------------------------------------------------
+def test_fp32_export_validates_and_records_the_graph(gpt2_fp32):
+    manifest = manifest_of(gpt2_fp32)
+    assert manifest["family"] == "gpt2" and manifest["quant"] == "none"
+    assert manifest["validation_passed"]
+    checks = {c["name"]: c for c in manifest["validation"]}
+    assert checks["max_abs_logit_diff_vs_torch"]["value"] <= 1e-4
+    assert checks["greedy_32_identical_prompts"]["passed"]
+    model = manifest["model"]
+    assert (model["num_layers"], model["num_heads"], model["head_dim"]) == (2, 2, 32)
+    assert model["inputs"][0] == "input_ids" and "past_key_values.1.value" in model["inputs"]
+    assert manifest["generation"]["context_length"] == 128
+    eos = manifest["generation"]["eos_id"]
+    assert eos is not None and manifest["generation"]["bos_id"] == eos
+    assert sorted(manifest["files"]) == ["model.onnx", "tokenizer.json"]
+
+
+def test_int8_export_validates_and_is_smaller(gpt2_int8, gpt2_fp32):
+    manifest = manifest_of(gpt2_int8)
+    assert manifest["quant"] == "int8" and manifest["validation_passed"]
+    checks = {c["name"]: c["value"] for c in manifest["validation"]}
+    assert checks["top1_agreement_vs_torch"] >= 0.9
+    assert checks["held_out_perplexity_ratio_int8_vs_fp32"] <= 1.05
+    assert (gpt2_int8 / "model.onnx").stat().st_size < (gpt2_fp32 / "model.onnx").stat().st_size
+
+
+# -- runtime -----------------------------------------------------------------------------
+@pytest.mark.parametrize("prompt", PROMPTS[:2])
+def test_greedy_generation_equals_transformers(gpt2_fp32, gpt2_source, prompt):
+    import edgelm
+
+    with edgelm.load(gpt2_fp32) as model:
+        ours = model.generate(prompt, temperature=0, max_tokens=24)
+    assert ours == torch_greedy_text(gpt2_source, prompt, 24)
+
+
+def full_recompute_logits(session, ids: list[int]) -> np.ndarray:
+    """Every position's logits from one call with an empty cache."""
+    feed = {
+        i.name: np.zeros((1, 2, 0, 32), np.float32)
+        for i in session.get_inputs()
+        if "past" in i.name
+    }
+    feed.update(
+        input_ids=np.asarray([ids]),
+        attention_mask=np.ones((1, len(ids)), np.int64),
+        position_ids=np.arange(len(ids))[None],
+    )
+    return session.run(["logits"], feed)[0][0]
+
+
+@pytest.mark.parametrize("io_binding", [True, False])
+def test_cached_steps_equal_full_recomputation(gpt2_fp32, io_binding):
+    import edgelm
+    from edgelm.runtime.kv_decoder import KvCacheDecoder
+
+    with edgelm.load(gpt2_fp32) as model:
+        decoder = KvCacheDecoder(model.decoder.session, model.manifest, io_binding=io_binding)
+        ids = model.encode("Every object has an identity, a type and a value.")
+        reference = full_recompute_logits(decoder.session, ids)
+        stepped = [decoder.prefill(ids[:3])] + [decoder.step(t) for t in ids[3:]]
+    np.testing.assert_allclose(np.stack(stepped), reference[2:], atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "params", [{"temperature": 0}, {"temperature": 0.9, "seed": 7, "top_k": 50}]
+)
+def test_batch_generation_equals_one_by_one(gpt2_fp32, params):
+    import edgelm
+
+    with edgelm.load(gpt2_fp32) as model:
+        batch = model.complete_batch(PROMPTS, max_tokens=12, **params)
+        alone = [model.complete(p, max_tokens=12, **params) for p in PROMPTS]
+    assert [c.text for c in batch] == [c.text for c in alone]
+    assert [c.finish_reason for c in batch] == [c.finish_reason for c in alone]
+    assert [c.completion_tokens for c in batch] == [c.completion_tokens for c in alone]
+
+
+def test_batch_rows_stop_independently(gpt2_fp32):
+    import edgelm
+
+    with edgelm.load(gpt2_fp32) as model:
+        free = model.generate(PROMPTS[1], temperature=0, max_tokens=12)
+        stop = free[
+            5:8
+        ]  # a stop string that the second prompt is known to reach, the others maybe not
+        batch = model.complete_batch(PROMPTS, max_tokens=12, temperature=0, stop=[stop])
+        alone = [model.complete(p, max_tokens=12, temperature=0, stop=[stop]) for p in PROMPTS]
+    assert batch[1].finish_reason == "stop" and stop not in batch[1].text
+    assert [(c.text, c.finish_reason, c.completion_tokens) for c in batch] == [
+        (c.text, c.finish_reason, c.completion_tokens) for c in alone
+    ]
+
+
+def test_sampling_is_repeatable_with_a_seed(gpt2_int8):
+    import edgelm
+
+    with edgelm.load(gpt2_int8) as model:
+        first = model.generate(PROMPTS[0], temperature=1.0, seed=3, max_tokens=16)
+        again = model.generate(PROMPTS[0], temperature=1.0, seed=3, max_tokens=16)
+        other = model.generate(PROMPTS[0], temperature=1.0, seed=4, max_tokens=16)
+    assert first == again
+    assert first != other
+
+
+def test_context_overflow_is_an_error_unless_truncating(gpt2_fp32):
+    import edgelm
+
+    with edgelm.load(gpt2_fp32) as model:
+        prompt = "a, b, c. " * 60
+        size = len(model.encode(prompt))
+        assert size > 128
+        with pytest.raises(
+            ContextOverflowError, match=rf"{size} tokens.*max_tokens 10.*context length 128"
+        ):
+            model.complete(prompt, max_tokens=10)
+        done = model.complete(prompt, max_tokens=10, temperature=0, truncate=True)
+    assert done.truncated_prompt_tokens == size - 118
+    assert done.prompt_tokens == 118
+
+
+# -- bad inputs ---------------------------------------------------------------------------
+def copy_source(source: Path, dest: Path) -> Path:
+    shutil.copytree(source, dest)
+    return dest
+
+
+def test_folder_without_tokenizer_is_refused_before_writing(gpt2_source, tmp_path):
+    folder = copy_source(gpt2_source, tmp_path / "src")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (folder / name).unlink(missing_ok=True)
+    with pytest.raises(UnsupportedModelError, match="no tokenizer files"):
+        export_gpt2(folder, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_vocab_size_disagreeing_with_embedding_is_refused(gpt2_source, tmp_path):
+    folder = copy_source(gpt2_source, tmp_path / "src")
+    config = json.loads((folder / "config.json").read_text())
+    real = config["vocab_size"]
+    config["vocab_size"] = real + 7
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        UnsupportedModelError, match=rf"vocab_size {real + 7}.*embedding matrix.*{real} x 64"
+    ):
+        export_gpt2(folder, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_onnx_inputs_not_matching_the_manifest_are_refused(gpt2_fp32, tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    import edgelm
+
+    art = shutil.copytree(gpt2_fp32, tmp_path / "art")
+    x = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "t"])
+    y = helper.make_tensor_value_info("logits", TensorProto.INT64, ["b", "t"])
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["input_ids"], ["logits"])], "other", [x], [y]
+    )
+    onnx.save(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), art / "model.onnx"
+    )
+    manifest = manifest_of(art)  # keep sizes and hashes honest so only the graph is wrong
+    path = art / "model.onnx"
+    manifest["files"]["model.onnx"] = {"size": path.stat().st_size, "sha256": sha256_of(path)}
+    (art / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(
+        ArtifactError, match=r"model inputs \['input_ids'\] do not match the manifest"
+    ):
+        edgelm.load(art)
+
+
+# -- CLI ----------------------------------------------------------------------------------
+def test_cli_run_streams_the_greedy_continuation(gpt2_fp32, gpt2_source):
+    from click.testing import CliRunner
+
+    from edgelm.cli import main
+
+    result = CliRunner().invoke(
+        main, ["run", str(gpt2_fp32), PROMPTS[2], "--temperature", "0", "--max-tokens", "16"]
+    )
+    assert result.exit_code == 0, result.output
+    assert result.output == torch_greedy_text(gpt2_source, PROMPTS[2], 16) + "\n"
+
+
+def test_cli_export_error_is_one_line(gpt2_source, tmp_path):
+    from click.testing import CliRunner
+
+    from edgelm.cli import main
+
+    folder = copy_source(gpt2_source, tmp_path / "src")
+    (folder / "model.safetensors").unlink()
+    result = CliRunner().invoke(main, ["export", str(folder), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1
+    assert result.output.startswith("error: ") and result.output.count("\n") == 1
+    assert "model.safetensors" in result.output
