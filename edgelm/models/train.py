@@ -57,10 +57,9 @@ class TrainResult:
 
 
 def _token_ids(tokenizer, text: str) -> np.ndarray:
-    # encode in line batches: one huge string is slow for byte-level pre-tokenising
-    lines = text.splitlines(keepends=True)
-    encoded = tokenizer.encode_batch(lines, add_special_tokens=False)
-    return np.fromiter((i for e in encoded for i in e.ids), dtype=np.int64)
+    # the whole text at once, exactly as a prompt is encoded at run time: encoding line by
+    # line would split whitespace runs at line ends differently and teach other statistics
+    return np.asarray(tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int64)
 
 
 def train(out: Path, opts: TrainOptions, text: str | None = None,
