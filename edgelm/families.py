@@ -67,6 +67,15 @@ FAMILIES: dict[str, Family] = {
             exporter="edgelm.export.gpt2:export_gpt2",
             runtimes={"onnx": "edgelm.runtime.kv_decoder:load_gpt2"},
         ),
+        Family(
+            name="llama",
+            summary="LLaMA-family causal LM (LlamaForCausalLM, Mistral) to GGUF, run by llama.cpp",
+            model_types=("llama", "mistral"),
+            formats=("gguf",),
+            tasks=("text-generation",),
+            exporter="edgelm.export.gguf:export_gguf",
+            runtimes={"gguf": "edgelm.runtime.llama:load_llama"},
+        ),
     )
 }
 
