@@ -281,15 +281,23 @@ def test_options_that_cannot_hold_are_refused(gguf_path):
             load(gguf_path, threads=1, n_gpu_layers=8)
 
 
-def test_artifact_folder_loads_through_its_manifest(gguf_path, tmp_path):
-    (tmp_path / "model.gguf").write_bytes(gguf_path.read_bytes())
+def test_artifact_folder_loads_through_the_family_registry(gguf_path, tmp_path):
+    import shutil
+
+    from edgelm.artifact import write_artifact
+
+    end = spm_vocab()[0].index("<|end|>")
     manifest = Manifest(family="llama", task="text-generation", format="gguf", quant="f32",
                         tokenizer={"kind": "spm", "file": "model.gguf"}, model={"file": "model.gguf"},
-                        generation={"bos_id": 1, "eos_id": 2, "add_bos": True, "context_length": 64,
-                                    "chat_template": TEMPLATE, "stop": ["mat"]})
-    with load_llama(tmp_path, manifest, ONE_THREAD) as generator:
+                        generation={"bos_id": 1, "eos_id": 2, "pad_id": None, "add_bos": True,
+                                    "context_length": 64, "chat_template": TEMPLATE, "stop": ["mat"],
+                                    "stop_ids": [end]},
+                        validation_skipped=True)
+    with write_artifact(tmp_path / "art", manifest) as folder:
+        shutil.copy(gguf_path, folder / "model.gguf")
+    with load(tmp_path / "art", threads=1) as generator:
         assert generator.decoder.context_length == 64
-        assert generator.defaults.stop == ("mat",)
+        assert generator.defaults.stop == ("mat",) and end in generator.end_ids
         assert "mat" not in generator.generate("the cat sat on the", max_tokens=12, temperature=0)
 
 

@@ -18,6 +18,7 @@ class ChatGenerator(TextGenerator):
         super().__init__(decoder, tokenizer, manifest, defaults)
         generation = getattr(manifest, "generation", {}) or {}
         self.chat_template: str = generation.get("chat_template") or ""
+        self.end_ids |= set(generation.get("stop_ids") or ())  # the exporter's end-of-turn ids
         if hasattr(tokenizer, "end_of_generation_ids"):
             self.end_ids |= tokenizer.end_of_generation_ids()
         self.bos_text = self._special_text(self.bos_id)
