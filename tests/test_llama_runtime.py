@@ -180,7 +180,7 @@ def test_malformed_gguf_gives_one_line_error(tmp_path, case):
 
 def test_truncated_model_never_reaches_llama_cpp(gguf_path, tmp_path):
     data = gguf_path.read_bytes()
-    for cut in (0, 3, 10, 24, 100, 5000, len(data) // 2, len(data) - 1):
+    for cut in (0, 3, 10, 24, 100, 3300, 5000, len(data) // 2, len(data) - 1):  # 3300: inside the vocabulary
         path = tmp_path / f"cut{cut}.gguf"
         path.write_bytes(data[:cut])
         with pytest.raises(ArtifactError, match="not a valid GGUF file"):
@@ -362,9 +362,8 @@ def with_template(gguf_path, tmp_path, template):
 
 def test_a_template_cannot_escape_the_sandbox(gguf_path, tmp_path):
     escape = "{{ cycler.__init__.__globals__.os.system('touch " + str(tmp_path / "pwned") + "') }}"
-    with with_template(gguf_path, tmp_path, escape) as generator:
-        with pytest.raises(ArtifactError, match="unsafe"):
-            generator.chat(CONVERSATION, max_tokens=4)
+    with with_template(gguf_path, tmp_path, escape) as generator, pytest.raises(ArtifactError, match="unsafe"):
+        generator.chat(CONVERSATION, max_tokens=4)
     assert not (tmp_path / "pwned").exists()
 
 
@@ -414,5 +413,5 @@ def test_running_a_gguf_imports_no_training_stack(gguf_path):
     code = (f"import sys, edgelm\nwith edgelm.load({str(gguf_path)!r}, threads=1) as m:\n"
             "    m.chat([{'role': 'user', 'content': 'hi'}], max_tokens=3)\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'optimum', 'gguf')))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr

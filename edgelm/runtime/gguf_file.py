@@ -33,6 +33,7 @@ SCALAR_TYPES = {
     10: ("uint64", "<Q"), 11: ("int64", "<q"), 12: ("float64", "<d"),
 }
 STRING, ARRAY = 8, 9
+U64 = struct.Struct("<Q")
 
 # ggml tensor types: id -> (name, elements per block, bytes per block), pinned to ggml's values
 GGML_TYPES = {
@@ -107,11 +108,6 @@ class _Cursor:
         self.pos += length
         return raw.decode("utf-8", errors="replace")
 
-    def skip_string(self, what: str) -> None:
-        length = self.scalar("<Q", f"length of {what}")
-        self.need(length, f"{what} ({length} bytes)")
-        self.pos += length
-
 
 def _read_value(cur: _Cursor, type_id: int, key: str, depth: int = 0) -> Any:
     if type_id in SCALAR_TYPES:
@@ -136,12 +132,28 @@ def _read_array(cur: _Cursor, key: str, depth: int) -> ArrayValue:
     if element not in (STRING, ARRAY):
         raise MalformedGguf(f"array {key!r} has unknown element type {element}")
     cur.need(length * 8, f"array {key!r} of {length} elements")  # each holds at least a u64
-    for i in range(length):
-        if element == STRING:
-            cur.skip_string(f"element {i} of {key!r}")
-        else:
+    if element == STRING:
+        _skip_strings(cur, length, key)
+    else:
+        for i in range(length):
             _read_array(cur, f"{key}[{i}]", depth + 1)
     return ArrayValue("string" if element == STRING else "array", length)
+
+
+def _skip_strings(cur: _Cursor, count: int, key: str) -> None:
+    """Step over `count` length-prefixed strings; a tight loop, vocabularies hold 100k+ of them."""
+    read_length, buffer, size, pos = U64.unpack_from, cur.buffer, cur.size, cur.pos
+    for i in range(count):
+        if pos + 8 > size:
+            break
+        pos += 8 + read_length(buffer, pos)[0]
+        if pos > size:
+            break
+    else:
+        cur.pos = pos
+        return
+    raise MalformedGguf(f"truncated or corrupt: element {i} of {key!r} runs past the end of the file "
+                        f"({size} bytes)")
 
 
 def _read_metadata(cur: _Cursor, count: int) -> dict[str, Any]:
