@@ -45,8 +45,7 @@ def special_probes(specials: list[str]) -> list[str]:
 
 def tokenizer_checks(llm, source: Path, manifest: Manifest) -> list[Check]:
     """Share of probes where llama.cpp's token ids equal the source tokenizer's (must be 1)."""
-    vocab = [llm.detokenize([i], special=True).decode("utf-8", "replace") for i in range(llm.n_vocab())]
-    specials = _control_texts(source, manifest, vocab)
+    specials = _control_texts(llm, manifest)
     reference = _reference_tokenizer(source, specials, manifest)
     probes = [*PROBES, *special_probes(specials)]
     mismatches = []
@@ -60,9 +59,11 @@ def tokenizer_checks(llm, source: Path, manifest: Manifest) -> list[Check]:
     return [check]
 
 
-def _control_texts(source: Path, manifest: Manifest, vocab: list[str]) -> list[str]:
+def _control_texts(llm, manifest: Manifest) -> list[str]:
+    """The texts of bos and the end-of-turn tokens, as the GGUF spells them."""
     ids = [manifest.generation.get("bos_id"), *manifest.generation.get("stop_ids", [])]
-    texts = [vocab[i] for i in ids if isinstance(i, int) and 0 <= i < len(vocab)]
+    texts = [llm.detokenize([i], special=True).decode("utf-8", "replace")
+             for i in ids if isinstance(i, int) and 0 <= i < llm.n_vocab()]
     return list(dict.fromkeys(t for t in texts if t))
 
 
