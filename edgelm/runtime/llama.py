@@ -109,13 +109,21 @@ class LlamaCppDecoder(Decoder):
         self.context_length = min(llm.n_ctx(), context_length or llm.n_ctx())
         self.n_vocab = llm.n_vocab()
         self.cached: list[int] = []  # the tokens whose keys and values the cache holds
+        self.views: dict[int, np.ndarray] = {}
 
     def _logits(self) -> np.ndarray:
         import llama_cpp
 
-        # the last evaluated position's row, read in place: no copy of llama.cpp's buffer
-        pointer = llama_cpp.llama_get_logits_ith(self.llm._ctx.ctx, -1)
-        return np.ctypeslib.as_array(pointer, shape=(self.n_vocab,))  # (vocab,)
+        # the last evaluated position's row, read in place: no copy of llama.cpp's buffer. The row
+        # sits at the same address step after step, so its numpy view is made once and reused.
+        address = ctypes.cast(llama_cpp.llama_get_logits_ith(self.llm._ctx.ctx, -1), ctypes.c_void_p).value
+        view = self.views.get(address)
+        if view is None:
+            if not address:
+                raise ArtifactError("llama.cpp returned no logits for the last token")
+            view = np.ctypeslib.as_array((ctypes.c_float * self.n_vocab).from_address(address))  # (vocab,)
+            self.views = {address: view}  # an old address is not valid once llama.cpp reallocates
+        return view
 
     def _eval(self, ids: Sequence[int]) -> None:
         if len(self.cached) + len(ids) > self.context_length:
