@@ -47,6 +47,8 @@ def export_gguf(source: Path, config: dict, out: Path, options: ExportOptions) -
             float_path.unlink()
             manifest.model["fallbacks"] = report.fallbacks
             manifest.model["fallback_count"] = report.fallback_count
+            if report.fallback_count:
+                _warn_fallbacks(report.fallbacks, report.fallback_count, quant)
             options.progress("quantize", 1, 1)
         from edgelm.export.gguf_quantize import tensor_type_counts
 
@@ -59,6 +61,17 @@ def export_gguf(source: Path, config: dict, out: Path, options: ExportOptions) -
         else:
             manifest.validation_skipped = True
     return manifest
+
+
+def _warn_fallbacks(fallbacks: list[dict], count: int, quant: str) -> None:
+    """Said out loud as well as recorded: part of the file is not the type the user asked for."""
+    import warnings
+
+    shown = ", ".join(f"{f['tensor']} -> {f['used']}" for f in fallbacks[:3])
+    more = f" and {count - 3} more" if count > 3 else ""
+    warnings.warn(f"llama.cpp stored {count} tensor(s) in another type than {quant} because their rows "
+                  f"do not fit its block size ({shown}{more}); listed in the manifest under model.fallbacks",
+                  stacklevel=3)
 
 
 def _check_supported(source: Path, config: dict) -> None:
