@@ -299,3 +299,20 @@ def test_cli_export_error_is_one_line(gpt2_source, tmp_path):
     assert result.exit_code == 1
     assert result.output.startswith("error: ") and result.output.count("\n") == 1
     assert "model.safetensors" in result.output
+
+
+def test_running_a_gpt2_artifact_imports_no_training_stack(gpt2_int8):
+    import subprocess
+    import sys
+
+    code = f"""
+import sys, edgelm
+with edgelm.load({str(gpt2_int8)!r}) as model:
+    texts = model.generate_batch(["a", "bc d"], max_tokens=4, temperature=0)
+print(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers", "optimum")))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
