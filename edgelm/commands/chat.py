@@ -63,7 +63,7 @@ def _one_turn(model, messages: list[dict], text: str, params, sampling: dict) ->
                    f"{model.decoder.context_length} tokens)", err=True)
     try:
         stream = model.chat_stream(kept, **sampling)
-        reply = "".join(_echo(piece) for piece in stream)
+        reply = "".join(_echo(piece) for piece in _without_leading_space(stream))
     except InputError as err:  # the template refused the conversation (e.g. roles out of order)
         click.echo(f"error: {err}", err=True)
         return messages
@@ -76,3 +76,14 @@ def _one_turn(model, messages: list[dict], text: str, params, sampling: dict) ->
 def _echo(piece: str) -> str:
     click.echo(piece, nl=False)
     return piece
+
+
+def _without_leading_space(pieces):
+    """SentencePiece replies start with the word-boundary space; a terminal reply should not."""
+    started = False
+    for piece in pieces:
+        if not started:
+            piece = piece.lstrip()
+            started = bool(piece)
+        if piece:
+            yield piece
