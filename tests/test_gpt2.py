@@ -250,6 +250,28 @@ def test_vocab_size_disagreeing_with_embedding_is_refused(gpt2_source, tmp_path)
     assert not (tmp_path / "out").exists()
 
 
+def test_vocab_and_merges_folder_exports_a_tokenizer_json(gpt2_source, tmp_path):
+    """Older GPT-2 folders carry vocab.json + merges.txt only; the artifact still gets tokenizer.json."""
+    from tokenizers import Tokenizer
+
+    folder = copy_source(gpt2_source, tmp_path / "src")
+    original = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    (folder / "tokenizer.json").unlink()
+    original.model.save(str(folder))  # vocab.json, merges.txt
+    config = {
+        "tokenizer_class": "GPT2Tokenizer",
+        "eos_token": EOS,
+        "bos_token": EOS,
+        "unk_token": EOS,
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    art = export_gpt2(folder, tmp_path / "out", validate=False)
+    rebuilt = Tokenizer.from_file(str(art / "tokenizer.json"))
+    text = "def f(x):\n    return x + 1  # naïve"
+    assert rebuilt.encode(text).ids == original.encode(text).ids
+    assert manifest_of(art)["validation_skipped"]
+
+
 def test_onnx_inputs_not_matching_the_manifest_are_refused(gpt2_fp32, tmp_path):
     import onnx
     from onnx import TensorProto, helper
