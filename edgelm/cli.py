@@ -178,6 +178,54 @@ def chat(artifact, system, threads, provider, n_gpu_layers, **sampling):
     run_chat(artifact, system, threads, provider, n_gpu_layers, sampling)
 
 
+def encoder_options(fn):
+    """Flags shared by the encoder commands (embed, fill-mask, classify)."""
+    fn = click.option("--provider", default="cpu", show_default=True, help="cpu|cuda|dml|coreml.")(fn)
+    fn = click.option("--threads", type=int, default=None, help="CPU threads [default: physical cores].")(fn)
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON.")(fn)
+
+
+LINES_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.argument("texts", nargs=-1)
+@click.option("--file", type=LINES_FILE, help="More texts, one per line (UTF-8).")
+@click.option("--batch-size", type=int, default=None, help="Texts per batch [default: 32].")
+@click.option("--normalize/--no-normalize", default=None, help="Unit-length vectors [default: as exported].")
+@encoder_options
+def embed(artifact, texts, file, batch_size, normalize, as_json, threads, provider):
+    """Print one embedding vector per TEXT (an embed artifact)."""
+    from edgelm.commands.encode import run_embed
+
+    run_embed(artifact, texts, file, as_json, batch_size, normalize, threads, provider)
+
+
+@main.command("fill-mask")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.argument("text")
+@click.option("--top-k", type=int, default=5, show_default=True)
+@encoder_options
+def fill_mask(artifact, text, top_k, as_json, threads, provider):
+    """Most likely tokens for the one mask token in TEXT (a fill-mask artifact)."""
+    from edgelm.commands.encode import run_fill_mask
+
+    run_fill_mask(artifact, text, top_k, as_json, threads, provider)
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.argument("texts", nargs=-1)
+@click.option("--file", type=LINES_FILE, help="More texts, one per line (UTF-8).")
+@encoder_options
+def classify(artifact, texts, file, as_json, threads, provider):
+    """The most likely label for each TEXT (a classify artifact)."""
+    from edgelm.commands.encode import run_classify
+
+    run_classify(artifact, texts, file, as_json, threads, provider)
+
+
 def emit_json(data) -> None:
     click.echo(json.dumps(data, indent=2, ensure_ascii=False))
 

@@ -76,6 +76,15 @@ FAMILIES: dict[str, Family] = {
             exporter="edgelm.export.gguf:export_gguf",
             runtimes={"gguf": "edgelm.runtime.llama:load_llama"},
         ),
+        Family(
+            name="bert",
+            summary="BERT encoders: sentence embeddings, fill-mask, sequence classification",
+            model_types=("bert",),
+            formats=("onnx",),
+            tasks=("embed", "fill-mask", "classify"),
+            exporter="edgelm.export.bert:export_bert",
+            runtimes={"onnx": "edgelm.runtime.encoders:load_encoder"},
+        ),
     )
 }
 

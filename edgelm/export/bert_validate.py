@@ -1,0 +1,150 @@
+"""Validation of a BERT artifact against torch, end to end: tokenizer, graph and pooling/heads.
+
+Both sides see the same probe texts as raw strings: torch through transformers' tokenizer and
+model, the artifact through edgelm's own runtime task objects. The probes vary in length and one
+is longer than the model's maximum, so truncation is checked too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from edgelm.artifact import Check, Manifest
+
+FP32_MIN_COSINE = 0.99999
+INT8_MIN_COSINE = 0.99
+FP32_TOP1 = 1.0
+INT8_TOP1 = 0.9  # int8 may flip near-ties between the two best candidates, rarely more
+TORCH_BATCH = 8
+
+PROBES = (
+    "Hello.",
+    "The cat sat on the mat.",
+    "A man is playing a guitar on the stage while the crowd sings along.",
+    "Quantum computers use qubits, which can hold superpositions of zero and one.",
+    "Python's list comprehensions build a new list by applying an expression to each item.",
+    "I can't believe it's already December; the year went by so fast!",
+    "Stock markets fell sharply on Tuesday after the central bank raised interest rates again.",
+    "naïve café résumé — unicode, accents and dashes",
+    "How do I reset my password if I no longer have access to the email address on my account?",
+    "The mitochondria is the powerhouse of the cell, producing most of the chemical energy "
+    "needed to power the cell's biochemical reactions, stored in adenosine triphosphate.",
+    "Short one",
+    "1234 5678 90 + - * / = ( ) [ ] { }",
+)
+LONG_PROBE_WORDS = "the quick brown fox jumps over the lazy dog near a quiet river bank".split()
+
+
+def probe_texts(max_length: int, mask_token: str | None = None) -> list[str]:
+    """The probe set; with a mask token, each probe gets one word replaced by it (near the start)."""
+    words = (LONG_PROBE_WORDS * (max_length // len(LONG_PROBE_WORDS) + 2))[: max_length + 20]
+    texts = [*PROBES, " ".join(words)]  # the last one is longer than the maximum: truncated
+    if mask_token is None:
+        return texts
+    masked = []
+    for text in texts:
+        split = text.split() or ["word"]
+        position = min(len(split) // 2, 5)  # near the start, so truncation cannot drop it
+        split[position] = mask_token
+        masked.append(" ".join(split))
+    return masked
+
+
+def validate_encoder(source: Path, folder: Path, manifest: Manifest) -> list[Check]:
+    from edgelm.runtime.device import RuntimeOptions
+    from edgelm.runtime.encoders import load_encoder
+
+    max_length = int(manifest.tokenizer["max_length"])
+    mask = manifest.tokenizer.get("mask_token") if manifest.task == "fill-mask" else None
+    texts = probe_texts(max_length, mask)
+    with load_encoder(folder, manifest, RuntimeOptions()) as task:
+        if manifest.task == "embed":
+            ours = task.embed(texts)
+            truncated = len(ours.truncated)
+        elif manifest.task == "fill-mask":
+            ours, truncated = task.mask_logits(texts), None
+        else:
+            ours, truncated = task.logits(texts), None
+    reference = torch_outputs(source, manifest, texts)
+    return compare(np.asarray(ours), reference, manifest, truncated)
+
+
+def compare(ours: np.ndarray, reference: np.ndarray, manifest: Manifest, truncated: int | None) -> list[Check]:
+    """Per-probe cosine (minimum over probes), and for heads also top-1 agreement."""
+    a = ours.astype(np.float64)
+    b = reference.astype(np.float64)
+    cosines = (a * b).sum(axis=1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
+    fp32 = manifest.quant == "none"
+    checks = [
+        Check.at_least("min_cosine_vs_torch", float(cosines.min()), FP32_MIN_COSINE if fp32 else INT8_MIN_COSINE),
+        Check.measured("max_abs_diff_vs_torch", float(np.abs(a - b).max())),
+    ]
+    if manifest.task != "embed":
+        agreement = float(np.mean(np.argmax(a, axis=1) == np.argmax(b, axis=1)))
+        checks.append(Check.at_least("top1_agreement_vs_torch", agreement, FP32_TOP1 if fp32 else INT8_TOP1))
+    checks.append(Check.measured("probe_texts", len(a), "probes compared"))
+    if truncated is not None:
+        checks.append(Check.measured("probe_texts_truncated", truncated, "probes longer than max_length"))
+    return checks
+
+
+def torch_outputs(source: Path, manifest: Manifest, texts: list[str]) -> np.ndarray:
+    """What transformers in torch computes for the same texts: vectors, mask logits or class logits."""
+    import torch
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(source), local_files_only=True)
+    model = _torch_model(source, manifest.task)
+    if manifest.tokenizer.get("lowercase"):
+        texts = [t.lower() for t in texts]
+    rows = []
+    with torch.no_grad():
+        for start in range(0, len(texts), TORCH_BATCH):
+            enc = tokenizer(texts[start : start + TORCH_BATCH], padding=True, truncation=True,
+                            max_length=int(manifest.tokenizer["max_length"]), return_tensors="pt")
+            out = model(**enc)
+            rows.append(_torch_task_output(out, enc, manifest, tokenizer.mask_token_id))
+    return np.concatenate(rows).astype(np.float32)
+
+
+def _torch_model(source: Path, task: str):
+    from transformers import AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification
+
+    loader = {"embed": AutoModel, "fill-mask": AutoModelForMaskedLM,
+              "classify": AutoModelForSequenceClassification}[task]
+    return loader.from_pretrained(str(source), local_files_only=True).eval()
+
+
+def _torch_task_output(out, enc, manifest: Manifest, mask_id: int | None) -> np.ndarray:
+    import torch
+
+    if manifest.task == "classify":
+        return out.logits.numpy()  # (B, labels)
+    if manifest.task == "fill-mask":
+        first_mask = (enc["input_ids"] == mask_id).int().argmax(dim=1)  # (B,)
+        return out.logits[torch.arange(len(first_mask)), first_mask].numpy()  # (B, vocab)
+    vectors = torch_pool(out.last_hidden_state, enc["attention_mask"], manifest.model["pooling"])
+    if manifest.model.get("normalize"):
+        vectors = torch.nn.functional.normalize(vectors, p=2, dim=1)
+    return vectors.numpy()
+
+
+def torch_pool(hidden, mask, modes):
+    """The reference pooling, written in torch as sentence-transformers defines it; (B, T, H) -> (B, H*k)."""
+    import torch
+
+    weights = mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+    counts = torch.clamp(weights.sum(dim=1), min=1e-9)  # (B, 1)
+    parts = []
+    for mode in modes:
+        if mode == "cls":
+            parts.append(hidden[:, 0])
+        elif mode == "max":
+            parts.append(hidden.masked_fill(weights == 0, -1e9).max(dim=1).values)
+        elif mode == "mean":
+            parts.append((hidden * weights).sum(dim=1) / counts)
+        else:  # mean_sqrt_len
+            parts.append((hidden * weights).sum(dim=1) / torch.sqrt(counts))
+    return torch.cat(parts, dim=1)
