@@ -122,3 +122,13 @@ def test_recurrent_models_have_no_context_limit(lstm_artifact):
             generator.generate("The quick fox", max_tokens=4)
         result = generator.complete("The quick fox", max_tokens=4, truncate=True)
         assert result.truncated_prompt_tokens == 9 and result.prompt_tokens == 4
+
+
+def test_public_api_export_is_callable_even_after_submodule_imports(lstm_model, tmp_path):
+    import edgelm
+    import edgelm.export.options  # noqa: F401  (binding the subpackage must not shadow the call)
+
+    manifest = edgelm.export(lstm_model, tmp_path / "a", quant="int8")
+    assert manifest.quant == "int8" and manifest.validation_passed
+    with edgelm.load(tmp_path / "a") as model:
+        assert model.generate("The ", max_tokens=5, temperature=0)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import sys
+import types
 from pathlib import Path
 
 from edgelm.artifact import Manifest
@@ -61,3 +63,18 @@ def export(source: str | Path, out: str | Path, options: ExportOptions | None = 
     options.quant = options.quant or ("none" if options.format == "onnx" else "f16")
     _check_quant(options.format, options.quant)
     return family.export_fn()(folder, config, Path(out), options)
+
+
+class _CallableExportModule(types.ModuleType):
+    """Lets `edgelm.export(source, out, quant=...)` work although `edgelm.export` is this package.
+
+    Python binds a subpackage as an attribute of its parent on import, which would shadow a
+    function of the same name in `edgelm/__init__.py`; making the package callable keeps one name.
+    """
+
+    def __call__(self, source: str | Path, out: str | Path, options: ExportOptions | None = None,
+                 **fields) -> Manifest:
+        return export(source, out, options or ExportOptions(**fields))
+
+
+sys.modules[__name__].__class__ = _CallableExportModule
