@@ -45,6 +45,20 @@ def _terminate(signum, frame):  # SIGTERM unwinds like Ctrl-C, so partial export
 def main(debug: bool) -> None:
     """Export language models to ONNX/GGUF and run them offline."""
     signal.signal(signal.SIGTERM, _terminate)
+    if not debug:
+        _quiet_tracing_noise()
+
+
+def _quiet_tracing_noise() -> None:
+    """Tracing torch models prints warnings meant for model authors, not for people exporting;
+    edgelm's validation checks the traced graph instead. --debug shows them again."""
+    import os
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    for text in ("torch.tensor results are registered as constants", "Converting a tensor to a Python",
+                 "Iterating over a tensor might cause the trace"):
+        warnings.filterwarnings("ignore", message=f".*{text}")
 
 
 def progress_printer(label_width: int = 10):
@@ -161,7 +175,7 @@ def run(artifact, prompt, as_json, threads, provider, n_gpu_layers, **sampling):
 @click.option("--workdir", type=click.Path(path_type=Path), default=Path(".edgelm-demo"), show_default=True)
 @click.option("--steps", type=int, default=None, help="Training steps [default: 500].")
 def demo(family, workdir, steps):
-    """Train, export to int8 ONNX, validate and generate, on built-in defaults."""
+    """Train, export, validate and generate (LSTM); export and embed with a real MiniLM (BERT)."""
     from edgelm.commands.demo import run_demo
 
     run_demo(family, workdir, steps)
