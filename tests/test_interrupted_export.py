@@ -18,7 +18,10 @@ from edgelm.errors import ArtifactError
 def test_signal_mid_export_leaves_no_artifact_and_rerun_succeeds(lstm_model, tmp_path, signum):
     out = tmp_path / "art"
     proc = subprocess.Popen([sys.executable, "-m", "edgelm.cli", "export", str(lstm_model), "--out", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # a shell's background jobs start with SIGINT ignored, and Python keeps
+                            # an ignored SIGINT; restore the default so Ctrl-C means KeyboardInterrupt
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not list(tmp_path.glob(".art.partial-*")):  # the export has started writing
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
