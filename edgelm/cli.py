@@ -87,7 +87,7 @@ def progress_printer(label_width: int = 10):
 @click.option("--vocab-size", type=int, default=2000, show_default=True, help="BPE vocabulary size.")
 @click.option("--hidden", type=int, default=256, show_default=True)
 @click.option("--layers", type=int, default=2, show_default=True)
-@click.option("--steps", type=int, default=None, help="Training steps [default: 500].")
+@click.option("--steps", type=int, default=None, help="Training steps [default: 500 for lstm, 1100 for rnn].")
 @click.option("--seq-len", type=int, default=96, show_default=True)
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--lr", type=float, default=3e-3, show_default=True)
@@ -173,7 +173,7 @@ def run(artifact, prompt, as_json, threads, provider, n_gpu_layers, **sampling):
 @main.command()
 @click.option("--family", type=click.Choice(["lstm", "rnn"]), default="lstm", show_default=True)
 @click.option("--workdir", type=click.Path(path_type=Path), default=Path(".edgelm-demo"), show_default=True)
-@click.option("--steps", type=int, default=None, help="Training steps [default: 500].")
+@click.option("--steps", type=int, default=None, help="Training steps [default: 500 for lstm, 1100 for rnn].")
 def demo(family, workdir, steps):
     """Train, export, validate and generate (LSTM); export and embed with a real MiniLM (BERT)."""
     from edgelm.commands.demo import run_demo
