@@ -14,7 +14,7 @@ from typing import Any
 
 from edgelm.artifact import Manifest, sha256_of, write_artifact
 from edgelm.errors import ExportError, UnsupportedModelError, UsageError
-from edgelm.export.checks import raise_if_failed
+from edgelm.export.checks import validate_into
 from edgelm.export.options import ExportOptions
 
 MODEL_FILE = "model.onnx"
@@ -44,15 +44,15 @@ def export_bert(source: Path, config: dict, out: Path, options: ExportOptions) -
             (tmp / MODEL_FILE).write_bytes(fp32.read_bytes())
         manifest.tokenizer.update(_write_tokenizer(source, tmp / TOKENIZER_FILE))
         options.progress("export", 2, 3)
-        if options.validate:
-            from edgelm.export.bert_validate import validate_encoder
-
-            manifest.validation = validate_encoder(source, tmp, manifest)
-            raise_if_failed(manifest.validation)
-        else:
-            manifest.validation_skipped = True
+        validate_into(manifest, options.validate, lambda: _validate(source, tmp, manifest))
         options.progress("export", 3, 3)
     return manifest
+
+
+def _validate(source: Path, folder: Path, manifest: Manifest) -> list:
+    from edgelm.export.bert_validate import validate_encoder  # torch + transformers, only when validating
+
+    return validate_encoder(source, folder, manifest)
 
 
 def infer_task(source: Path, config: dict, requested: str) -> str:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgelm.artifact import Check
+from collections.abc import Callable
+
+from edgelm.artifact import Check, Manifest
 from edgelm.errors import ValidationError
 
 
@@ -22,3 +24,15 @@ def raise_if_failed(checks: list[Check]) -> None:
     if failed:
         detail = "; ".join(f"{c.name} = {c.value:.4g} (threshold {c.threshold:g})" for c in failed)
         raise ValidationError(f"validation failed: {detail}", checks)
+
+
+def validate_into(manifest: Manifest, enabled: bool, run_checks: Callable[[], list[Check]]) -> None:
+    """Run an exporter's checks into the manifest and fail on a miss, or record that they were skipped.
+
+    Called inside `write_artifact`, so a failure removes the partial folder.
+    """
+    if not enabled:
+        manifest.validation_skipped = True
+        return
+    manifest.validation = run_checks()
+    raise_if_failed(manifest.validation)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from edgelm.artifact import Manifest, sha256_of, write_artifact
 from edgelm.errors import UnsupportedModelError
-from edgelm.export.checks import raise_if_failed
+from edgelm.export.checks import validate_into
 from edgelm.export.gguf_tensors import (
     FLOAT_TYPES, Shape, TensorPlan, nbytes, plan_tensors, rope_freqs_plan, stream_converted,
     weight_files,
@@ -53,14 +53,14 @@ def export_gguf(source: Path, config: dict, out: Path, options: ExportOptions) -
         from edgelm.export.gguf_quantize import tensor_type_counts
 
         manifest.model["tensor_types"] = tensor_type_counts(target)
-        if options.validate:
-            from edgelm.export.gguf_validate import validate_gguf
-
-            manifest.validation = validate_gguf(target, source, manifest, options)
-            raise_if_failed(manifest.validation)
-        else:
-            manifest.validation_skipped = True
+        validate_into(manifest, options.validate, lambda: _validate(target, source, manifest, options))
     return manifest
+
+
+def _validate(target: Path, source: Path, manifest: Manifest, options: ExportOptions) -> list:
+    from edgelm.export.gguf_validate import validate_gguf  # torch + llama.cpp, only when validating
+
+    return validate_gguf(target, source, manifest, options)
 
 
 def _warn_fallbacks(fallbacks: list[dict], count: int, quant: str) -> None:

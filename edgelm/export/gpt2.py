@@ -19,7 +19,7 @@ import numpy as np
 
 from edgelm.artifact import Check, Manifest, write_artifact
 from edgelm.errors import ExportError, UnsupportedModelError
-from edgelm.export.checks import max_abs_diff, raise_if_failed, top1_agreement
+from edgelm.export.checks import max_abs_diff, top1_agreement, validate_into
 from edgelm.export.hf_source import (
     require_tokenizer,
     special_token_id,
@@ -89,11 +89,7 @@ def export_gpt2(source: Path, config: dict, out: Path, options: ExportOptions) -
         else:
             _move_model(fp32, tmp)
         options.progress("export", 2, 3)
-        if options.validate:
-            manifest.validation = validate(source, tmp, manifest, fp32)
-            raise_if_failed(manifest.validation)
-        else:
-            manifest.validation_skipped = True
+        validate_into(manifest, options.validate, lambda: validate(source, tmp, manifest, fp32))
         options.progress("export", 3, 3)
     return manifest
 

@@ -10,7 +10,7 @@ import numpy as np
 
 from edgelm.artifact import Check, Manifest, sha256_of, write_artifact
 from edgelm.errors import UnsupportedModelError
-from edgelm.export.checks import max_abs_diff, raise_if_failed, top1_agreement
+from edgelm.export.checks import max_abs_diff, top1_agreement, validate_into
 from edgelm.export.onnx_quantize import quantize_int8
 from edgelm.export.options import ExportOptions
 from edgelm.models.recurrent import TOKENIZER_NAME, WEIGHTS_NAME, RecurrentLM, load_model
@@ -47,11 +47,7 @@ def export_recurrent(source: Path, config: dict, out: Path, options: ExportOptio
             target.write_bytes(fp32.read_bytes())
         (tmp / TOKENIZER_NAME).write_bytes((source / TOKENIZER_NAME).read_bytes())
         options.progress("export", 2, 3)
-        if options.validate:
-            manifest.validation = validate(model, target, fp32, source, options.quant)
-            raise_if_failed(manifest.validation)
-        else:
-            manifest.validation_skipped = True
+        validate_into(manifest, options.validate, lambda: validate(model, target, fp32, source, options.quant))
         options.progress("export", 3, 3)
     return manifest
 
