@@ -152,6 +152,8 @@ def sampling_options(fn):
         click.option("--threads", type=int, default=None, help="CPU threads [default: physical cores]."),
         click.option("--provider", default="cpu", show_default=True, help="cpu|cuda|dml|coreml (ONNX)."),
         click.option("--n-gpu-layers", type=int, default=0, show_default=True, help="GGUF layers on the GPU."),
+        click.option("--n-ctx", type=int, default=None,
+                     help="GGUF context to allocate [default: trained length, at most 4096]."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -163,11 +165,12 @@ def sampling_options(fn):
 @click.argument("prompt")
 @sampling_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming.")
-def run(artifact, prompt, as_json, threads, provider, n_gpu_layers, **sampling):
+def run(artifact, prompt, as_json, threads, provider, n_gpu_layers, n_ctx, **sampling):
     """Generate a continuation of PROMPT, streamed to the terminal."""
     from edgelm.commands.run import run_prompt
 
-    run_prompt(artifact, prompt, as_json, threads, provider, n_gpu_layers, sampling)
+    device = dict(threads=threads, provider=provider, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx)
+    run_prompt(artifact, prompt, as_json, device, sampling)
 
 
 @main.command()
@@ -185,11 +188,12 @@ def demo(family, workdir, steps):
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--system", default=None, help="A system message that opens the conversation.")
 @sampling_options
-def chat(artifact, system, threads, provider, n_gpu_layers, **sampling):
+def chat(artifact, system, threads, provider, n_gpu_layers, n_ctx, **sampling):
     """Chat with a model in the terminal (/reset starts over, /exit quits)."""
     from edgelm.commands.chat import run_chat
 
-    run_chat(artifact, system, threads, provider, n_gpu_layers, sampling)
+    device = dict(threads=threads, provider=provider, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx)
+    run_chat(artifact, system, device, sampling)
 
 
 def encoder_options(fn):

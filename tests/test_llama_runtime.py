@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from edgelm.artifact import Manifest
-from edgelm.errors import ArtifactError, ContextOverflowError, InputError, ProviderError
+from edgelm.errors import ArtifactError, ContextOverflowError, InputError, ProviderError, UsageError
 from edgelm.runtime import load
 from edgelm.runtime.chat_template import render_chat
 from edgelm.runtime.device import RuntimeOptions
@@ -269,6 +269,15 @@ def test_context_policy_is_explicit(model):
         model.generate(long_prompt, max_tokens=8)
     done = model.complete(long_prompt, max_tokens=8, temperature=0, truncate=True)
     assert done.truncated_prompt_tokens > 0 and done.prompt_tokens + 8 <= 128
+
+
+def test_n_ctx_allocates_a_smaller_context_and_rejects_nonsense(gguf_path):
+    with load(gguf_path, threads=1, n_ctx=64) as small:
+        assert small.decoder.context_length == 64
+        with pytest.raises(ContextOverflowError, match="context length 64"):
+            small.generate("the cat sat on the mat " * 12, max_tokens=8)
+    with pytest.raises(UsageError, match="n_ctx must be a positive integer"):
+        load(gguf_path, threads=1, n_ctx=0)
 
 
 def test_options_that_cannot_hold_are_refused(gguf_path):

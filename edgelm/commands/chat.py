@@ -16,13 +16,13 @@ from edgelm.errors import ContextOverflowError, InputError, UsageError
 HELP = "type a message; /reset starts over, /exit (or Ctrl-D) quits"
 
 
-def run_chat(artifact: Path, system: str | None, threads, provider, n_gpu_layers, sampling: dict) -> None:
+def run_chat(artifact: Path, system: str | None, device: dict, sampling: dict) -> None:
     from edgelm.runtime import load
     from edgelm.runtime.params import GenerationParams
 
     sampling = {k: v for k, v in sampling.items() if v is not None and v != ()}
     sampling.pop("truncate", None)  # a chat always drops old turns to fit, and says so
-    with load(artifact, threads=threads, provider=provider, n_gpu_layers=n_gpu_layers) as model:
+    with load(artifact, **device) as model:
         if not getattr(model, "chat_template", ""):
             raise UsageError(f"{artifact} has no chat template; use `edgelm run` with a plain prompt")
         params = GenerationParams.from_kwargs(model.defaults, **sampling)  # bad flags fail before the prompt

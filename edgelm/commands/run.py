@@ -8,13 +8,13 @@ from pathlib import Path
 import click
 
 
-def run_prompt(artifact: Path, prompt: str, as_json: bool, threads, provider, n_gpu_layers, sampling: dict) -> None:
+def run_prompt(artifact: Path, prompt: str, as_json: bool, device: dict, sampling: dict) -> None:
     import dataclasses
 
     from edgelm.runtime import load
 
     sampling = {k: v for k, v in sampling.items() if v is not None and v != ()}
-    with load(artifact, threads=threads, provider=provider, n_gpu_layers=n_gpu_layers) as model:
+    with load(artifact, **device) as model:
         if not hasattr(model, "stream"):
             raise click.UsageError(f"{artifact} is a {model.task} model; `run` needs text generation")
         stream = model.stream(prompt, **sampling)

@@ -23,6 +23,7 @@ class RuntimeOptions:
     threads: int | None = None  # None: the number of physical cores
     provider: str = "cpu"  # cpu | cuda | dml | coreml (ONNX artifacts)
     n_gpu_layers: int = 0  # GGUF artifacts: layers offloaded to a GPU
+    n_ctx: int | None = None  # GGUF artifacts: context to allocate (None: trained length, at most 4096)
     verify: bool = False  # check sha256 of every file before loading
 
 

@@ -176,17 +176,22 @@ def _llama_log_captured() -> Iterator[list[str]]:
         llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
 
 
-def context_for(header, requested: int | None) -> int:
-    """The context to allocate: the trained (or manifest) length, capped at MAX_CONTEXT."""
+def context_for(header, requested: int | None, user_n_ctx: int | None = None) -> int:
+    """The context to allocate: the trained (or manifest) length, capped at MAX_CONTEXT unless
+    the user asked for a size (the KV cache grows with it, so large contexts are opt-in)."""
     arch = header.get("general.architecture", "llama")
-    trained = requested or header.get(f"{arch}.context_length") or MAX_CONTEXT
-    return min(int(trained), MAX_CONTEXT)
+    trained = int(requested or header.get(f"{arch}.context_length") or MAX_CONTEXT)
+    if user_n_ctx is not None:
+        if user_n_ctx < 1:
+            raise UsageError(f"n_ctx must be a positive integer, got {user_n_ctx}")
+        return min(trained, user_n_ctx)
+    return min(trained, MAX_CONTEXT)
 
 
 def open_llama(path: Path, options: RuntimeOptions, n_ctx: int | None = None):
     """A llama_cpp.Llama for a GGUF file whose header has been checked first, and its context."""
     header = read_gguf_header(path)
-    n_ctx = context_for(header, n_ctx)
+    n_ctx = context_for(header, n_ctx, options.n_ctx)
     if options.provider != "cpu":
         raise ProviderError(f"GGUF models run on llama.cpp; use --n-gpu-layers instead of --provider {options.provider}")
     import llama_cpp
