@@ -8,6 +8,7 @@ is oversubscribed.
 
 from __future__ import annotations
 
+import json
 import struct
 
 import numpy as np
@@ -185,6 +186,16 @@ def test_truncated_model_never_reaches_llama_cpp(gguf_path, tmp_path):
         path.write_bytes(data[:cut])
         with pytest.raises(ArtifactError, match="not a valid GGUF file"):
             load(path, threads=1)
+
+
+def test_info_reads_a_bare_gguf_file(gguf_path):
+    from edgelm.cli import main
+
+    shown = CliRunner().invoke(main, ["info", str(gguf_path), "--json"])
+    assert shown.exit_code == 0, shown.output
+    data = json.loads(shown.output)
+    assert data["family"] == "llama" and data["format"] == "gguf"
+    assert data["generation"]["context_length"] == 128
 
 
 def test_a_file_llama_cpp_refuses_is_an_artifact_error(tmp_path):

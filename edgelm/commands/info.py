@@ -25,4 +25,7 @@ def describe(path: Path, as_json: bool, verify: bool) -> None:
         for check in manifest.validation:
             bound = f" (threshold {check.threshold:g})" if check.threshold is not None else ""
             click.echo(f"  {check.name} = {check.value:.6g}{bound}")
-    click.echo(f"created {manifest.created} by edgelm {manifest.versions.get('edgelm')}")
+    if manifest.created:
+        click.echo(f"created {manifest.created} by edgelm {manifest.versions.get('edgelm')}")
+    else:
+        click.echo("not made by edgelm: the file's own metadata stands in for a manifest")

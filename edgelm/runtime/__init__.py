@@ -30,4 +30,10 @@ def load(path: str | Path, *, threads: int | None = None, provider: str = "cpu",
 
 
 def info(path: str | Path, verify: bool = False) -> Manifest:
-    return read_manifest(Path(path), verify=verify)
+    """The manifest of an artifact folder, or the stand-in manifest of a bare .gguf file."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".gguf":
+        from edgelm.runtime.gguf_file import manifest_from_header, read_gguf_header
+
+        return manifest_from_header(path, read_gguf_header(path))
+    return read_manifest(path, verify=verify)
