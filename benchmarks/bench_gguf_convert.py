@@ -21,8 +21,9 @@ from pathlib import Path
 def build(folder: Path, hidden: int, layers: int, vocab: int) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     import torch
-    from llama_fixtures import build_tiny_llama
     from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from llama_fixtures import build_tiny_llama
 
     build_tiny_llama(folder, tokenizer="bpe", hidden=hidden, layers=2, heads=hidden // 64,
                      kv_heads=max(1, hidden // 256))

@@ -16,8 +16,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 
 def build_source(folder: Path, cell: str, hidden: int, layers: int, vocab: int) -> None:
     import torch

@@ -31,7 +31,8 @@ class EdgelmGroup(click.Group):
         except ImportError as err:
             if debug:
                 raise
-            click.echo(f"error: {err.name or err} is not installed; exporting needs `pip install edgelm[export]`", err=True)
+            missing = err.name or err
+            click.echo(f"error: {missing} is not installed; exporting needs `pip install edgelm[export]`", err=True)
             ctx.exit(1)
 
 

@@ -73,8 +73,7 @@ def st_vectors() -> np.ndarray:
 def write_tiny_bert(folder: Path, head: str) -> Path:
     """A tiny random BERT with a WordPiece vocabulary written here, saved as transformers saves."""
     import torch
-    from transformers import (BertConfig, BertForMaskedLM, BertForSequenceClassification, BertModel,
-                              BertTokenizerFast)
+    from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification, BertModel, BertTokenizerFast
 
     folder.mkdir(parents=True)
     letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
@@ -280,8 +279,8 @@ def test_cli_classify(tiny_artifacts):
 
 # -- export decisions and bad sources --------------------------------------------------------
 def test_task_inference_and_refusals(tiny_mlm, tiny_classifier, tmp_path):
-    from edgelm.export.bert import infer_task
     from edgelm.export import read_source_config
+    from edgelm.export.bert import infer_task
 
     assert infer_task(tiny_mlm, read_source_config(tiny_mlm), "auto") == "fill-mask"
     assert infer_task(tiny_classifier, read_source_config(tiny_classifier), "auto") == "classify"

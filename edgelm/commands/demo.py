@@ -17,12 +17,11 @@ def run_demo(family: str, workdir: Path, steps: int | None) -> None:
 
 
 def generate_demo(family: str, workdir: Path, steps: int | None) -> None:
+    from edgelm.commands.train import run_train
     from edgelm.export import export
     from edgelm.export.options import ExportOptions
     from edgelm.models.corpus import real_word_fraction
     from edgelm.runtime import load
-
-    from edgelm.commands.train import run_train
 
     model_dir, artifact = workdir / f"{family}-model", workdir / f"{family}-int8"
     click.echo(f"[{family}] 1/3 train a {family} language model on the built-in corpus -> {model_dir}")

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import numpy as np
-
 from collections.abc import Callable
+
+import numpy as np
 
 from edgelm.artifact import Check, Manifest
 from edgelm.errors import ValidationError

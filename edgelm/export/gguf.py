@@ -13,7 +13,13 @@ from edgelm.artifact import Manifest, sha256_of, write_artifact
 from edgelm.errors import UnsupportedModelError
 from edgelm.export.checks import validate_into
 from edgelm.export.gguf_tensors import (
-    FLOAT_TYPES, Shape, TensorPlan, nbytes, plan_tensors, rope_freqs_plan, stream_converted,
+    FLOAT_TYPES,
+    Shape,
+    TensorPlan,
+    nbytes,
+    plan_tensors,
+    rope_freqs_plan,
+    stream_converted,
     weight_files,
 )
 from edgelm.export.gguf_vocab import Vocab, end_of_turn_ids, read_vocab, special_vocab, write_vocab

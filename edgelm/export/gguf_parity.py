@@ -107,9 +107,9 @@ def chat_template_checks(source: Path, manifest: Manifest) -> list[Check]:
     hf.chat_template = template
     mismatches = []
     for messages in CONVERSATIONS:
-        theirs = _render_or_error(lambda: hf.apply_chat_template(messages, tokenize=False,
+        theirs = _render_or_error(lambda messages=messages: hf.apply_chat_template(messages, tokenize=False,
                                                                  add_generation_prompt=True))
-        mine = _render_or_error(lambda: render_chat(
+        mine = _render_or_error(lambda messages=messages: render_chat(
             template, [dict(m) for m in messages], bos_token=hf.bos_token or "",
             eos_token=hf.eos_token or "", add_generation_prompt=True))
         if mine != theirs:
@@ -123,5 +123,5 @@ def _render_or_error(render) -> str:
     """The rendered prompt, or a marker when the template refuses the conversation."""
     try:
         return render()
-    except Exception as err:  # both sides refusing (raise_exception) counts as agreeing
+    except Exception:  # both sides refusing (raise_exception) counts as agreeing
         return "<template refused the conversation>"

@@ -70,7 +70,8 @@ def weight_files(source: Path) -> list[Path]:
     if files:
         return files
     if any(source.glob("*.bin")) or any(source.glob("*.pth")):
-        raise UnsupportedModelError(f"{source}: only safetensors weights are read (pickled .bin/.pth files can run code)")
+        raise UnsupportedModelError(
+            f"{source}: only safetensors weights are read (pickled .bin/.pth files can run code)")
     raise UnsupportedModelError(f"{source}: no *.safetensors weights found")
 
 

@@ -70,7 +70,8 @@ def _sentencepiece_vocab(source: Path) -> Vocab:
         raise UnsupportedModelError(f"{source / 'tokenizer.model'}: not a SentencePiece model ({err})") from None
     if proto.trainer_spec.model_type != sentencepiece_model_pb2.TrainerSpec.BPE:
         raise UnsupportedModelError(
-            f"{source / 'tokenizer.model'}: SentencePiece {sentencepiece_model_pb2.TrainerSpec.ModelType.Name(proto.trainer_spec.model_type)} "
+            f"{source / 'tokenizer.model'}: SentencePiece "
+            f"{sentencepiece_model_pb2.TrainerSpec.ModelType.Name(proto.trainer_spec.model_type)} "
             "model; llama.cpp's LLaMA tokenizer implements SentencePiece BPE only")
     return Vocab(
         kind="spm",
@@ -130,7 +131,8 @@ def _add_hf_added_tokens(source: Path, vocab: Vocab) -> None:
         if token_id < len(vocab.tokens):
             if vocab.tokens[token_id] != content:
                 raise UnsupportedModelError(
-                    f"{source}: added token {token_id} {content!r} disagrees with the vocabulary ({vocab.tokens[token_id]!r})")
+                    f"{source}: added token {token_id} {content!r} disagrees with the vocabulary "
+                    f"({vocab.tokens[token_id]!r})")
             if vocab.types[token_id] == NORMAL:
                 vocab.types[token_id] = token_type
             continue

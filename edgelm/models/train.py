@@ -17,7 +17,6 @@ from edgelm.models.corpus import builtin_text, split_held_out
 from edgelm.models.recurrent import RecurrentConfig, RecurrentLM, save_model
 from edgelm.models.tokenizer import train_bpe_tokenizer, train_char_tokenizer
 
-
 # An RNN step costs about half an LSTM step and the RNN learns more slowly, so it gets more
 # of them; both defaults took about 2m20s on an idle 2-core machine.
 DEFAULT_STEPS = {"lstm": 500, "rnn": 1100}

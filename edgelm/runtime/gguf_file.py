@@ -143,7 +143,7 @@ def _read_array(cur: _Cursor, key: str, depth: int) -> ArrayValue:
 def _skip_strings(cur: _Cursor, count: int, key: str) -> None:
     """Step over `count` length-prefixed strings; a tight loop, vocabularies hold 100k+ of them."""
     read_length, buffer, size, pos = U64.unpack_from, cur.buffer, cur.size, cur.pos
-    for i in range(count):
+    for i in range(count):  # noqa: B007  (i names the string in the error below)
         if pos + 8 > size:
             break
         pos += 8 + read_length(buffer, pos)[0]
@@ -196,7 +196,8 @@ def _check_tensor_data(header: GgufHeader, alignment: int) -> None:
             raise MalformedGguf(f"tensor {tensor.name!r} offset {tensor.offset} is not aligned to {alignment}")
         if tensor.offset + tensor.nbytes > room:
             raise MalformedGguf(
-                f"truncated: tensor {tensor.name!r} needs bytes up to {header.data_offset + tensor.offset + tensor.nbytes}"
+                f"truncated: tensor {tensor.name!r} needs bytes up to "
+                f"{header.data_offset + tensor.offset + tensor.nbytes}"
                 f" but the file has {header.file_size} bytes"
             )
         if tensor.offset < end_of_previous:

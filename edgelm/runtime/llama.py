@@ -193,7 +193,8 @@ def open_llama(path: Path, options: RuntimeOptions, n_ctx: int | None = None):
     header = read_gguf_header(path)
     n_ctx = context_for(header, n_ctx, options.n_ctx)
     if options.provider != "cpu":
-        raise ProviderError(f"GGUF models run on llama.cpp; use --n-gpu-layers instead of --provider {options.provider}")
+        raise ProviderError(
+            f"GGUF models run on llama.cpp; use --n-gpu-layers instead of --provider {options.provider}")
     import llama_cpp
 
     if options.n_gpu_layers and not llama_cpp.llama_supports_gpu_offload():
