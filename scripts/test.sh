@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
+.venv/bin/ruff check edgelm tests benchmarks
 exec .venv/bin/python -m pytest -q "$@"
