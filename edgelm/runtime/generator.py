@@ -132,39 +132,68 @@ class TextGenerator:
         return ids[-room:], len(ids) - room
 
     def _run(self, ids: list[int], dropped: int, params: GenerationParams, holder: dict) -> Iterator[str]:
-        sampler = Sampler(params)
-        detok = IncrementalDetokenizer(self.tokenizer, ids)
-        stops = StopMatcher(params.stop)
+        sequence = Continuation(self, ids, dropped, params)
         started = time.perf_counter()
         logits = self.decoder.prefill(ids)
-        first_token_at = time.perf_counter()
-        seen, generated, reason, emitted = list(ids), 0, "length", []
-        while generated < params.max_tokens:
-            token = sampler(logits, seen)
-            generated += 1
-            if token == self.eos_id or token in self.end_ids:
-                reason = "eos"
-                break
-            seen.append(token)
-            piece = stops.feed(detok.push(token))
+        prefill_s = time.perf_counter() - started
+        while True:
+            token, piece = sequence.accept(logits)
             if piece:
-                emitted.append(piece)
                 yield piece
-            if stops.stopped:
-                reason = "stop"
+            if sequence.done:
                 break
-            if generated < params.max_tokens:
-                logits = self.decoder.step(token)
-        tail = stops.feed(detok.flush()) + stops.flush() if not stops.stopped else ""
+            logits = self.decoder.step(token)
+        tail = sequence.finish()
         if tail:
-            emitted.append(tail)
             yield tail
-        ended = time.perf_counter()
-        holder["completion"] = Completion(
-            text="".join(emitted),
-            prompt_tokens=len(ids),
-            completion_tokens=generated,
-            finish_reason=reason,
-            truncated_prompt_tokens=dropped,
-            timings={"prefill_s": first_token_at - started, "total_s": ended - started},
+        holder["completion"] = sequence.completion(
+            {"prefill_s": prefill_s, "total_s": time.perf_counter() - started})
+
+
+class Continuation:
+    """One sequence being generated: its sampler, detokeniser, stop matcher and counts.
+
+    The single-prompt loop and batch generation both drive these, so a batch row means
+    exactly what a lone generation means.
+    """
+
+    def __init__(self, generator: TextGenerator, ids: list[int], dropped: int, params: GenerationParams):
+        self.ids, self.dropped, self.params = ids, dropped, params
+        self.end_ids = {generator.eos_id, *generator.end_ids} - {None}
+        self.sampler = Sampler(params)
+        self.detok = IncrementalDetokenizer(generator.tokenizer, ids)
+        self.stops = StopMatcher(params.stop)
+        self.seen, self.pieces = list(ids), []
+        self.generated, self.reason, self.done = 0, "length", False
+
+    def accept(self, logits: np.ndarray) -> tuple[int, str]:
+        """Sample the next token from `logits`; return it and the text that is now safe to emit."""
+        token = self.sampler(logits, self.seen)
+        self.generated += 1
+        if token in self.end_ids:
+            self.reason, self.done = "eos", True
+            return token, ""
+        self.seen.append(token)
+        piece = self.stops.feed(self.detok.push(token))
+        self.pieces.append(piece)
+        if self.stops.stopped:
+            self.reason, self.done = "stop", True
+        elif self.generated >= self.params.max_tokens:
+            self.done = True
+        return token, piece
+
+    def finish(self) -> str:
+        """Text still held back at the end (nothing once a stop string has matched)."""
+        tail = "" if self.stops.stopped else self.stops.feed(self.detok.flush()) + self.stops.flush()
+        self.pieces.append(tail)
+        return tail
+
+    def completion(self, timings: dict[str, float]) -> Completion:
+        return Completion(
+            text="".join(self.pieces),
+            prompt_tokens=len(self.ids),
+            completion_tokens=self.generated,
+            finish_reason=self.reason,
+            truncated_prompt_tokens=self.dropped,
+            timings=timings,
         )

@@ -19,10 +19,8 @@ import numpy as np
 from edgelm.artifact import Manifest
 from edgelm.errors import ArtifactError, InputError
 from edgelm.runtime.device import RuntimeOptions, onnx_session
-from edgelm.runtime.generator import Completion, Decoder, TextGenerator
+from edgelm.runtime.generator import Completion, Continuation, Decoder, TextGenerator
 from edgelm.runtime.params import GenerationParams
-from edgelm.runtime.sampler import Sampler
-from edgelm.runtime.text import IncrementalDetokenizer, StopMatcher
 from edgelm.runtime.tokenizer import load_tokenizer
 
 
@@ -130,48 +128,6 @@ class KvCacheDecoder(Decoder):
         self.past = []
 
 
-class _Row:
-    """One prompt's share of a batch: its own sampler, detokeniser and stop matcher."""
-
-    def __init__(
-        self, generator: TextGenerator, ids: list[int], dropped: int, params: GenerationParams
-    ):
-        self.ids, self.dropped, self.params = ids, dropped, params
-        self.sampler = Sampler(params)
-        self.detok = IncrementalDetokenizer(generator.tokenizer, ids)
-        self.stops = StopMatcher(params.stop)
-        self.eos_id = generator.eos_id
-        self.seen, self.pieces = list(ids), []
-        self.generated, self.reason, self.done = 0, "length", False
-
-    def accept(self, logits: np.ndarray) -> int:
-        """Sample the next token, extend the text; returns the token to feed next."""
-        token = self.sampler(logits, self.seen)
-        self.generated += 1
-        if token == self.eos_id:
-            self.reason, self.done = "eos", True
-            return token
-        self.seen.append(token)
-        self.pieces.append(self.stops.feed(self.detok.push(token)))
-        if self.stops.stopped:
-            self.reason, self.done = "stop", True
-        elif self.generated >= self.params.max_tokens:
-            self.done = True
-        return token
-
-    def completion(self, timings: dict[str, float]) -> Completion:
-        if not self.stops.stopped:
-            self.pieces.append(self.stops.feed(self.detok.flush()) + self.stops.flush())
-        return Completion(
-            "".join(self.pieces),
-            len(self.ids),
-            self.generated,
-            self.reason,
-            truncated_prompt_tokens=self.dropped,
-            timings=timings,
-        )
-
-
 class KvTextGenerator(TextGenerator):
     """TextGenerator plus batch generation: several prompts decoded together, left-padded."""
 
@@ -182,20 +138,22 @@ class KvTextGenerator(TextGenerator):
         if isinstance(prompts, str) or not prompts:
             raise InputError("complete_batch needs a non-empty list of prompts")
         resolved = GenerationParams.from_kwargs(self.defaults, **params)
-        rows = [_Row(self, *self._prompt_ids(p, resolved), resolved) for p in prompts]
+        rows = [Continuation(self, *self._prompt_ids(p, resolved), resolved) for p in prompts]
         started = time.perf_counter()
         logits = self.decoder.prefill_batch([r.ids for r in rows])  # (B, vocab)
         prefill_s = time.perf_counter() - started
         while True:
             # finished rows keep a slot in the batch; what they are fed no longer matters
             tokens = [
-                r.accept(logits[b]) if not r.done else self.decoder.pad_id
+                r.accept(logits[b])[0] if not r.done else self.decoder.pad_id
                 for b, r in enumerate(rows)
             ]
             if all(r.done for r in rows):
                 break
             logits = self.decoder.step_batch(np.asarray(tokens, np.int64))
         timings = {"prefill_s": prefill_s, "total_s": time.perf_counter() - started}
+        for row in rows:
+            row.finish()
         return [r.completion(timings) for r in rows]
 
     def generate_batch(self, prompts: Sequence[str], **params: Any) -> list[str]:
