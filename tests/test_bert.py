@@ -324,3 +324,12 @@ def test_tokenizer_is_built_from_vocab_txt_alone(tiny_classifier, tmp_path):
     with edgelm.load(out) as model:
         assert model.classify(["the cat sat"])[0]["label"] in LABELS.values()
     assert edgelm.runtime.info(out).validation_passed
+
+
+def test_generation_commands_refuse_an_encoder_in_one_line(tiny_artifacts):
+    from edgelm.cli import main
+
+    result = CliRunner().invoke(main, ["run", str(tiny_artifacts["cls"]), "hello"])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        f"error: {tiny_artifacts['cls']} was exported for task classify; `run` needs text-generation"]

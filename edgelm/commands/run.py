@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from edgelm.errors import UsageError
+
 
 def run_prompt(artifact: Path, prompt: str, as_json: bool, device: dict, sampling: dict) -> None:
     import dataclasses
@@ -16,7 +18,7 @@ def run_prompt(artifact: Path, prompt: str, as_json: bool, device: dict, samplin
     sampling = {k: v for k, v in sampling.items() if v is not None and v != ()}
     with load(artifact, **device) as model:
         if not hasattr(model, "stream"):
-            raise click.UsageError(f"{artifact} is a {model.task} model; `run` needs text generation")
+            raise UsageError(f"{artifact} was exported for task {model.task}; `run` needs text-generation")
         stream = model.stream(prompt, **sampling)
         for piece in stream:
             if not as_json:
