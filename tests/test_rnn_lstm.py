@@ -132,3 +132,12 @@ def test_public_api_export_is_callable_even_after_submodule_imports(lstm_model, 
     assert manifest.quant == "int8" and manifest.validation_passed
     with edgelm.load(tmp_path / "a") as model:
         assert model.generate("The ", max_tokens=5, temperature=0)
+
+
+def test_a_closed_model_says_so(lstm_artifact):
+    from edgelm.errors import InputError
+
+    with load(lstm_artifact) as generator:
+        pass
+    with pytest.raises(InputError, match="closed"):
+        generator.generate("The ", max_tokens=3)

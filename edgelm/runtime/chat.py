@@ -78,6 +78,7 @@ class ChatGenerator(TextGenerator):
         """Stream the reply. With truncate=True whole old turns are dropped to fit the context
         (the completion's truncated_prompt_tokens says how many tokens went); otherwise a
         conversation that does not fit raises ContextOverflowError."""
+        self._check_open()
         resolved = GenerationParams.from_kwargs(self.defaults, **params)
         if not self.chat_template:
             raise InputError("this model has no chat template; use generate() with a plain prompt")

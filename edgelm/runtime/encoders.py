@@ -101,6 +101,8 @@ class EncoderTask:
     def _run(self, texts: list[str], batch_size: int | None, reduce: Callable[[np.ndarray, Batch], np.ndarray],
              progress: Progress | None = None) -> tuple[list[np.ndarray], tuple[int, ...]]:
         """Per-text outputs of `reduce(graph_output, batch)` in the caller's order, and truncated rows."""
+        if self.session is None:
+            raise InputError("this model was closed; load it again to use it")
         encodings = self._encode(texts)
         results: list[np.ndarray] = [np.empty(0)] * len(texts)
         done = 0

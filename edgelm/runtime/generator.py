@@ -78,6 +78,7 @@ class TextGenerator:
         self.add_bos: bool = bool(generation.get("add_bos", False))
         # further ids that end a generation like eos (a chat model's end-of-turn); backends add them
         self.end_ids: set[int] = set()
+        self.closed = False
         stops = tuple(generation.get("stop", ()))
         self.defaults = defaults or GenerationParams(stop=stops)
 
@@ -93,6 +94,7 @@ class TextGenerator:
         return stream.completion
 
     def stream(self, prompt: str, **params: Any) -> TextStream:
+        self._check_open()
         resolved = GenerationParams.from_kwargs(self.defaults, **params)
         ids, dropped = self._prompt_ids(prompt, resolved)
         holder: dict[str, Completion] = {}
@@ -106,12 +108,17 @@ class TextGenerator:
 
     def close(self) -> None:
         self.decoder.close()
+        self.closed = True
 
     def __enter__(self) -> TextGenerator:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise InputError("this model was closed; load it again to use it")
 
     # -- the loop ---------------------------------------------------------------------------
     def _prompt_ids(self, prompt: str, params: GenerationParams) -> tuple[list[int], int]:

@@ -135,6 +135,7 @@ class KvTextGenerator(TextGenerator):
 
     def complete_batch(self, prompts: Sequence[str], **params: Any) -> list[Completion]:
         """One Completion per prompt, each equal to what `complete` gives for it alone."""
+        self._check_open()
         if isinstance(prompts, str) or not prompts:
             raise InputError("complete_batch needs a non-empty list of prompts")
         resolved = GenerationParams.from_kwargs(self.defaults, **params)
