@@ -155,6 +155,7 @@ def sampling_options(fn):
         click.option("--n-gpu-layers", type=int, default=0, show_default=True, help="GGUF layers on the GPU."),
         click.option("--n-ctx", type=int, default=None,
                      help="GGUF context to allocate [default: trained length, at most 4096]."),
+        click.option("--verify", is_flag=True, help="Check every file's sha256 against the manifest first."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -166,11 +167,11 @@ def sampling_options(fn):
 @click.argument("prompt")
 @sampling_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming.")
-def run(artifact, prompt, as_json, threads, provider, n_gpu_layers, n_ctx, **sampling):
+def run(artifact, prompt, as_json, threads, provider, n_gpu_layers, n_ctx, verify, **sampling):
     """Generate a continuation of PROMPT, streamed to the terminal."""
     from edgelm.commands.run import run_prompt
 
-    device = dict(threads=threads, provider=provider, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx)
+    device = dict(threads=threads, provider=provider, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, verify=verify)
     run_prompt(artifact, prompt, as_json, device, sampling)
 
 
@@ -189,11 +190,11 @@ def demo(family, workdir, steps):
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--system", default=None, help="A system message that opens the conversation.")
 @sampling_options
-def chat(artifact, system, threads, provider, n_gpu_layers, n_ctx, **sampling):
+def chat(artifact, system, threads, provider, n_gpu_layers, n_ctx, verify, **sampling):
     """Chat with a model in the terminal (/reset starts over, /exit quits)."""
     from edgelm.commands.chat import run_chat
 
-    device = dict(threads=threads, provider=provider, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx)
+    device = dict(threads=threads, provider=provider, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, verify=verify)
     run_chat(artifact, system, device, sampling)
 
 

@@ -73,6 +73,7 @@ def test_same_size_corrupt_model_is_caught_by_verify_and_by_onnxruntime(lstm_art
     size = (broken / "model.onnx").stat().st_size
     (broken / "model.onnx").write_bytes(b"\0" * size)
     assert_one_line_error(invoke("info", broken, "--verify"), 1, "sha256 does not match")
+    assert_one_line_error(invoke("run", broken, "hi", "--verify"), 1, "sha256 does not match")
     assert_one_line_error(invoke("run", broken, "hi"), 1, "onnxruntime could not load")
 
 
