@@ -117,3 +117,13 @@ def test_debug_shows_the_traceback(tmp_path):
 @pytest.mark.parametrize("args", [["--help"], ["run", "--help"], ["export", "--help"], ["train", "--help"]])
 def test_help(args):
     assert invoke(*args).exit_code == 0
+
+
+def test_train_text_that_is_not_utf8_or_too_short(tmp_path):
+    binary = tmp_path / "blob.txt"
+    binary.write_bytes(b"\xff\xfe\x00\x81" * 100)
+    assert_one_line_error(invoke("train", "lstm", "--out", tmp_path / "m", "--text", binary), 2, "not UTF-8 text")
+    short = tmp_path / "short.txt"
+    short.write_text("tiny")
+    assert_one_line_error(invoke("train", "lstm", "--out", tmp_path / "m", "--text", short), 2, "too short")
+    assert not (tmp_path / "m").exists()

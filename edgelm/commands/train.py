@@ -11,7 +11,7 @@ from edgelm.errors import UsageError
 
 
 def run_train(cell: str, out: Path, text_file: Path | None, **flags) -> None:
-    from edgelm.models.train import TrainOptions, train
+    from edgelm.models.train import TrainOptions, split_training_text, train
 
     flags = {k: v for k, v in flags.items() if v is not None}
     opts = TrainOptions(cell=cell, **flags)
@@ -22,6 +22,7 @@ def run_train(cell: str, out: Path, text_file: Path | None, **flags) -> None:
             text = text_file.read_text(encoding="utf-8")
         except UnicodeDecodeError:
             raise UsageError(f"{text_file}: not UTF-8 text") from None
+        split_training_text(text, opts)  # refuse a text that is too short before any output
     source = text_file or "built-in corpus (pydoc_data.topics)"
     click.echo(f"training {cell} on {source}: {opts.steps} steps, tokenizer {opts.tokenizer}", err=True)
     with click.progressbar(length=opts.steps, label="train", file=sys.stderr,

@@ -64,6 +64,14 @@ class TrainResult:
     seconds: float
 
 
+def split_training_text(text: str, opts: TrainOptions) -> tuple[str, str]:
+    """(train, held_out), or a UsageError when the text cannot fill a few training windows."""
+    train_text, held_out = split_held_out(text)
+    if len(train_text) < opts.seq_len * 4 or len(held_out) < 2:
+        raise UsageError(f"training text is too short ({len(text)} characters) for seq-len {opts.seq_len}")
+    return train_text, held_out
+
+
 def _token_ids(tokenizer, text: str) -> np.ndarray:
     # the whole text at once, exactly as a prompt is encoded at run time: encoding line by
     # line would split whitespace runs at line ends differently and teach other statistics
@@ -75,10 +83,7 @@ def train(out: Path, opts: TrainOptions, text: str | None = None,
     opts.check()
     started = time.perf_counter()
     torch.manual_seed(opts.seed)
-    text = builtin_text() if text is None else text
-    train_text, held_out = split_held_out(text)
-    if len(train_text) < opts.seq_len * 4 or len(held_out) < 2:
-        raise UsageError(f"training text is too short ({len(text)} characters) for seq-len {opts.seq_len}")
+    train_text, held_out = split_training_text(builtin_text() if text is None else text, opts)
     tokenizer = (train_char_tokenizer(train_text) if opts.tokenizer == "char"
                  else train_bpe_tokenizer(train_text, opts.vocab_size))
     data = torch.from_numpy(_token_ids(tokenizer, train_text))
