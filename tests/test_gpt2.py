@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import export_to
 from edgelm.artifact import MANIFEST_NAME, sha256_of
 from edgelm.errors import ArtifactError, ContextOverflowError, UnsupportedModelError
 
@@ -60,22 +61,14 @@ def gpt2_source(tmp_path_factory) -> Path:
     return folder
 
 
-def export_gpt2(source: Path, out: Path, **options) -> Path:
-    from edgelm.export import export
-    from edgelm.export.options import ExportOptions
-
-    export(source, out, ExportOptions(**options))
-    return out
-
-
 @pytest.fixture(scope="session")
 def gpt2_fp32(gpt2_source, tmp_path_factory) -> Path:
-    return export_gpt2(gpt2_source, tmp_path_factory.mktemp("art") / "gpt2-fp32")
+    return export_to(gpt2_source, tmp_path_factory.mktemp("art") / "gpt2-fp32")
 
 
 @pytest.fixture(scope="session")
 def gpt2_int8(gpt2_source, tmp_path_factory) -> Path:
-    return export_gpt2(gpt2_source, tmp_path_factory.mktemp("art") / "gpt2-int8", quant="int8")
+    return export_to(gpt2_source, tmp_path_factory.mktemp("art") / "gpt2-int8", quant="int8")
 
 
 def torch_greedy_text(source: Path, prompt: str, max_tokens: int) -> str:
@@ -233,7 +226,7 @@ def test_folder_without_tokenizer_is_refused_before_writing(gpt2_source, tmp_pat
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         (folder / name).unlink(missing_ok=True)
     with pytest.raises(UnsupportedModelError, match="no tokenizer files"):
-        export_gpt2(folder, tmp_path / "out")
+        export_to(folder, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
@@ -246,7 +239,7 @@ def test_vocab_size_disagreeing_with_embedding_is_refused(gpt2_source, tmp_path)
     with pytest.raises(
         UnsupportedModelError, match=rf"vocab_size {real + 7}.*embedding matrix.*{real} x 64"
     ):
-        export_gpt2(folder, tmp_path / "out")
+        export_to(folder, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
@@ -265,7 +258,7 @@ def test_vocab_and_merges_folder_exports_a_tokenizer_json(gpt2_source, tmp_path)
         "unk_token": EOS,
     }
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
-    art = export_gpt2(folder, tmp_path / "out", validate=False)
+    art = export_to(folder, tmp_path / "out", validate=False)
     rebuilt = Tokenizer.from_file(str(art / "tokenizer.json"))
     text = "def f(x):\n    return x + 1  # naïve"
     assert rebuilt.encode(text).ids == original.encode(text).ids
