@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import signal
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ class EdgelmGroup(click.Group):
     """Turns every error a user can cause into one line and an exit code; --debug shows more."""
 
     def invoke(self, ctx: click.Context):
-        debug = "--debug" in sys.argv[1:] or ctx.params.get("debug", False)
+        debug = ctx.params.get("debug", False)  # parsed before invoke, so set even for embedded use
         try:
             return super().invoke(ctx)
         except EdgelmError as err:
@@ -244,10 +243,6 @@ def classify(artifact, texts, file, as_json, threads, provider):
     from edgelm.commands.encode import run_classify
 
     run_classify(artifact, texts, file, as_json, threads, provider)
-
-
-def emit_json(data) -> None:
-    click.echo(json.dumps(data, indent=2, ensure_ascii=False))
 
 
 if __name__ == "__main__":
