@@ -37,6 +37,7 @@ def test_export_validates_and_generates(recurrent_model, tmp_path, quant):
     if quant == "none":
         assert names["max_abs_logit_diff_vs_torch"].value <= 1e-4
         assert names["max_abs_state_diff_vs_torch"].value <= 1e-4
+        assert names["held_out_perplexity"].value == pytest.approx(names["held_out_perplexity_torch"].value, rel=1e-4)
     else:
         assert 0.5 < names["top1_agreement_vs_torch"].value <= 1.0
         assert names["held_out_perplexity_ratio_int8_vs_fp32"].threshold == 1.02

@@ -111,16 +111,17 @@ def validate(model: RecurrentLM, onnx_path: Path, fp32_path: Path, source: Path,
     torch_logits, onnx_logits, torch_states, onnx_states = _rollout(model, session)
     logit_diff = max_abs_diff(torch_logits, onnx_logits)
     state_diff = max(max_abs_diff(a, b) for a, b in zip(torch_states, onnx_states))
-    held_out = _held_out_ids(model, source)
+    held_out = _held_out_ids(source)
     ppl_torch = _torch_perplexity(model, held_out)
-    ppl_onnx = onnx_perplexity(session, model.config.cell, held_out)
+    ppl_onnx = onnx_perplexity(session, held_out)
     if quant == "none":
         return [
             Check.at_most("max_abs_logit_diff_vs_torch", logit_diff, FP32_MAX_ABS),
             Check.at_most("max_abs_state_diff_vs_torch", state_diff, FP32_MAX_ABS),
             Check.measured("held_out_perplexity", ppl_onnx),
+            Check.measured("held_out_perplexity_torch", ppl_torch),
         ]
-    fp32_ppl = onnx_perplexity(onnx_session(fp32_path, RuntimeOptions()), model.config.cell, held_out)
+    fp32_ppl = onnx_perplexity(onnx_session(fp32_path, RuntimeOptions()), held_out)
     return [
         Check.measured("top1_agreement_vs_torch", top1_agreement(torch_logits, onnx_logits)),
         Check.measured("max_abs_logit_diff_vs_torch", logit_diff),
@@ -150,7 +151,7 @@ def _rollout(model: RecurrentLM, session, batch: int = 3, chunks=(7, 1, 1, 12, 1
             [s.numpy() for s in t_state], o_state)
 
 
-def _held_out_ids(model: RecurrentLM, source: Path) -> np.ndarray:
+def _held_out_ids(source: Path) -> np.ndarray:
     from tokenizers import Tokenizer
 
     from edgelm.models.corpus import builtin_text, split_held_out
@@ -170,7 +171,7 @@ def _torch_perplexity(model: RecurrentLM, ids: np.ndarray) -> float:
     return perplexity(model, torch.from_numpy(ids))
 
 
-def onnx_perplexity(session, cell: str, ids: np.ndarray, chunk: int = 256) -> float:
+def onnx_perplexity(session, ids: np.ndarray, chunk: int = 256) -> float:
     """Per-token perplexity of an exported recurrent graph, carrying the state across chunks."""
     inputs = [i.name for i in session.get_inputs()]
     layers, _, size = session.get_inputs()[1].shape  # (L, batch, H); L and H are fixed
