@@ -45,6 +45,12 @@ class Check:
     def at_least(cls, name: str, value: float, threshold: float) -> Check:
         return cls(name, float(value), threshold, bool(value >= threshold))
 
+    def describe(self) -> str:
+        """One line for people: mark, name, value and the bound it had to meet."""
+        bound = f" (threshold {self.threshold:g})" if self.threshold is not None else ""
+        value = "n/a" if self.value is None else f"{self.value:.6g}"
+        return f"{'ok  ' if self.passed else 'FAIL'} {self.name} = {value}{bound}"
+
     @classmethod
     def measured(cls, name: str, value: float, note: str = "reported, no threshold") -> Check:
         return cls(name, float(value), None, True, note)

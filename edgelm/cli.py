@@ -118,9 +118,7 @@ def export(source, out, fmt, quant, task, no_validate):
     manifest = run_export(source, out, options)
     click.echo(f"wrote {out} ({manifest.family}, {manifest.format}, {manifest.quant})")
     for check in manifest.validation:
-        mark = "ok  " if check.passed else "FAIL"
-        bound = f" (threshold {check.threshold:g})" if check.threshold is not None else ""
-        click.echo(f"  {mark} {check.name} = {check.value:.6g}{bound}")
+        click.echo(f"  {check.describe()}")
     if manifest.validation_skipped:
         click.echo("  validation skipped (--no-validate)")
 

@@ -29,8 +29,7 @@ def generate_demo(family: str, workdir: Path, steps: int | None) -> None:
     click.echo(f"[{family}] 2/3 export to int8 ONNX and validate against torch -> {artifact}")
     manifest = export(model_dir, artifact, ExportOptions(quant="int8"))
     for check in manifest.validation:
-        bound = f" (threshold {check.threshold:g})" if check.threshold is not None else ""
-        click.echo(f"    {check.name} = {check.value:.5g}{bound} {'ok' if check.passed else 'FAIL'}")
+        click.echo(f"    {check.describe()}")
     click.echo(f"[{family}] 3/3 generate with the int8 artifact (onnxruntime, no torch): prompt {PROMPT!r}")
     with load(artifact) as generator:
         started = time.perf_counter()
@@ -67,8 +66,7 @@ def embed_demo(workdir: Path) -> None:
     click.echo(f"[bert] 1/2 export all-MiniLM-L6-v2 to int8 ONNX and validate against torch -> {artifact}")
     manifest = export(source, artifact, ExportOptions(quant="int8"))
     for check in manifest.validation:
-        bound = f" (threshold {check.threshold:g})" if check.threshold is not None else ""
-        click.echo(f"    {check.name} = {check.value:.5g}{bound} {'ok' if check.passed else 'FAIL'}")
+        click.echo(f"    {check.describe()}")
     click.echo("[bert] 2/2 embed with the int8 artifact and compare")
     with load(artifact) as model:
         vectors = np.asarray(model.embed(SENTENCES))

@@ -23,8 +23,7 @@ def describe(path: Path, as_json: bool, verify: bool) -> None:
     else:
         click.echo(f"validation: {'passed' if manifest.validation_passed else 'FAILED'}")
         for check in manifest.validation:
-            bound = f" (threshold {check.threshold:g})" if check.threshold is not None else ""
-            click.echo(f"  {check.name} = {check.value:.6g}{bound}")
+            click.echo(f"  {check.describe()}")
     if manifest.created:
         click.echo(f"created {manifest.created} by edgelm {manifest.versions.get('edgelm')}")
     else:
