@@ -45,3 +45,17 @@ class ProviderError(EdgelmError):
 
 class InputError(EdgelmError):
     """Input text the task cannot work with (no mask token, empty list, ...)."""
+
+
+def first_line(err: BaseException | str, limit: int = 200) -> str:
+    """The first non-empty line of an error's message, at most `limit` characters, control
+    characters escaped; the exception's type name when the message is empty. Foreign libraries'
+    messages are shortened through this one function so every one-line error looks alike."""
+    from edgelm.safe_text import printable
+
+    text = str(err).strip()
+    line = next((part.strip() for part in text.splitlines() if part.strip()), "")
+    if not line:
+        return type(err).__name__ if isinstance(err, BaseException) else ""
+    line = printable(line)
+    return line if len(line) <= limit else line[: limit - 3] + "..."

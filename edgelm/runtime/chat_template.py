@@ -16,7 +16,8 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
-from edgelm.errors import ArtifactError, InputError
+from edgelm.errors import ArtifactError, InputError, first_line
+from edgelm.safe_text import check_text
 
 
 class TemplateRaised(Exception):
@@ -41,17 +42,44 @@ def _strftime_now(fmt: str) -> str:
 def _environment():
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+    from edgelm.runtime import template_limits as limits
+
     class ChatTemplateEnvironment(ImmutableSandboxedEnvironment):
-        # `**` on big integers can stall the process for minutes (10**10**10); cap the exponent
-        intercepted_binops = frozenset({"**"})
+        """The sandbox, plus a clock and a size limit checked at every call, lookup and operator."""
+
+        intercepted_binops = frozenset({"**", "*", "+", "%"})
+        guard_iter = staticmethod(limits.guard_iter)
+        guard_output = staticmethod(limits.guard_output)
+        guard_concat = staticmethod(limits.guard_concat)
+
+        def _parse(self, source, name, filename):
+            return limits.rewrite(super()._parse(source, name, filename), self)
 
         def call_binop(self, context, operator, left, right):
-            if operator == "**" and isinstance(right, int) and abs(right) > 64:
-                raise OverflowError(f"exponent {right} is too large for a chat template")
+            limits.current().tick()
+            limits.current().fits(limits.binop_size(operator, left, right), f"a `{operator}` result")
             return super().call_binop(context, operator, left, right)
 
-    return ChatTemplateEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                   extensions=["jinja2.ext.loopcontrols"])
+        def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - jinja's own signature
+            if any(__obj is guard for guard in (limits.guard_iter, limits.guard_output, limits.guard_concat)):
+                return __obj(*args, **kwargs)  # edgelm's own guards, already counted
+            limits.check_arguments(args, kwargs, "a call")
+            limits.current().fits(limits.estimate_str_method(__obj, args), "a string method's result")
+            result = super().call(__context, __obj, *args, **kwargs)
+            return limits.check_result(result, "a call")
+
+        def getattr(self, obj, attribute):
+            limits.current().tick()
+            return super().getattr(obj, attribute)
+
+        def getitem(self, obj, argument):
+            limits.current().tick()
+            return super().getitem(obj, argument)
+
+    env = ChatTemplateEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = _tojson
+    env.filters = {name: limits.guarded_filter(name, f) for name, f in env.filters.items()}
+    return env
 
 
 @lru_cache(maxsize=16)
@@ -60,7 +88,6 @@ def _compiled(template: str):
     from jinja2 import TemplateSyntaxError
 
     env = _environment()
-    env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     try:
@@ -84,6 +111,8 @@ def check_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]
             raise InputError(f"message {i} has no 'role' string")
         if not isinstance(content, str):
             raise InputError(f"message {i} ({role}) has no 'content' string")
+        check_text(role, f"message {i}'s role")
+        check_text(content, f"message {i} ({role})")
         checked.append(dict(message))
     return checked
 
@@ -94,23 +123,31 @@ def render_chat(template: str, messages: list[dict], *, bos_token: str = "", eos
 
     `variables` are passed to the template as well (e.g. `unk_token`, `tools`). A template that
     calls `raise_exception` (roles out of order, say) gives an InputError; one that reaches for
-    Python internals gives an ArtifactError; neither runs any code outside the sandbox.
+    Python internals, runs past its time limit or builds output past its size limit
+    (template_limits.py) gives an ArtifactError; neither runs any code outside the sandbox.
     """
-    from jinja2 import TemplateError
     from jinja2.exceptions import SecurityError
+
+    from edgelm.runtime.template_limits import TemplateLimitError, budget
 
     if not isinstance(template, str) or not template.strip():
         raise ArtifactError("this model has no chat template; use generate() with a plain prompt")
     compiled = _compiled(template)
-    context = {**variables, "messages": check_messages(messages), "bos_token": bos_token,
+    checked = check_messages(messages)
+    context = {**variables, "messages": checked, "bos_token": bos_token,
                "eos_token": eos_token, "add_generation_prompt": add_generation_prompt}
     try:
-        return compiled.render(**context)
+        with budget(sum(len(m["content"]) for m in checked) + len(bos_token) + len(eos_token)):
+            return compiled.render(**context)
     except TemplateRaised as err:
-        raise InputError(f"the chat template refused the conversation: {err}") from None
+        raise InputError(f"the chat template refused the conversation: {first_line(err)}") from None
+    except TemplateLimitError as err:
+        raise ArtifactError(f"the chat template was stopped: {err}") from None
     except SecurityError as err:
-        raise ArtifactError(f"the chat template tried an unsafe operation and was stopped ({err})") from None
-    except (TemplateError, ArithmeticError, LookupError, TypeError, ValueError, AttributeError,
-            RecursionError) as err:
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ArtifactError(f"the chat template failed to render ({first})") from None
+        raise ArtifactError(f"the chat template tried an unsafe operation ({first_line(err)})") from None
+    except MemoryError:
+        raise ArtifactError("the chat template was stopped: it ran out of memory") from None
+    except RecursionError:
+        raise ArtifactError("the chat template was stopped: it recursed too deeply") from None
+    except Exception as err:  # noqa: BLE001 - template code can raise anything; it is the file's fault
+        raise ArtifactError(f"the chat template failed to render ({type(err).__name__}: {first_line(err)})") from None

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgelm.errors import ArtifactError, ProviderError
+from edgelm.errors import ArtifactError, ProviderError, UsageError, first_line
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -25,6 +25,15 @@ class RuntimeOptions:
     n_gpu_layers: int = 0  # GGUF artifacts: layers offloaded to a GPU
     n_ctx: int | None = None  # GGUF artifacts: context to allocate (None: trained length, at most 4096)
     verify: bool = False  # check sha256 of every file before loading
+
+    def __post_init__(self) -> None:
+        if self.threads is not None:
+            thread_count(self.threads)  # refuse a bad count at load, before any backend sees it
+        for name, value, low in (("n_gpu_layers", self.n_gpu_layers, -1), ("n_ctx", self.n_ctx, 1)):
+            if value is None and name == "n_ctx":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise UsageError(f"{name} must be an integer >= {low}, got {value!r:.40}")
 
 
 def physical_cores() -> int:
@@ -47,6 +56,22 @@ def physical_cores() -> int:
     return max(1, min(len(cores) or usable, usable))
 
 
+THREADS_PER_CPU = 4  # beyond this many threads per logical CPU only contention grows
+
+
+def thread_count(threads: object) -> int:
+    """The thread count to run with: physical cores for None; a UsageError for anything that is
+    not a positive integer or is far beyond this machine (backends crash or stall on those)."""
+    if threads is None:
+        return physical_cores()
+    if isinstance(threads, bool) or not isinstance(threads, int):
+        raise UsageError(f"threads must be a positive integer, got {type(threads).__name__} {threads!r:.40}")
+    limit = THREADS_PER_CPU * (os.cpu_count() or 1)
+    if not 1 <= threads <= limit:
+        raise UsageError(f"threads must be between 1 and {limit} ({THREADS_PER_CPU} per CPU here), got {threads}")
+    return threads
+
+
 def onnx_session(path: Path, options: RuntimeOptions):
     """An onnxruntime InferenceSession on the requested provider, or a ProviderError."""
     import onnxruntime as ort
@@ -62,15 +87,14 @@ def onnx_session(path: Path, options: RuntimeOptions):
             f"(available: {', '.join(offered)})"
         )
     so = ort.SessionOptions()
-    so.intra_op_num_threads = options.threads or physical_cores()
+    so.intra_op_num_threads = thread_count(options.threads)
     so.inter_op_num_threads = 1
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     providers = [name] if name == "CPUExecutionProvider" else [name, "CPUExecutionProvider"]
     try:
         session = ort.InferenceSession(str(path), sess_options=so, providers=providers)
     except Exception as err:  # onnxruntime raises its own untyped errors for bad files
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ArtifactError(f"{path}: onnxruntime could not load the model ({first})") from None
+        raise ArtifactError(f"{path}: onnxruntime could not load the model ({first_line(err)})") from None
     if session.get_providers()[0] != name:
         raise ProviderError(
             f"onnxruntime could not start {options.provider!r} (got {session.get_providers()[0]}); "

@@ -1,4 +1,9 @@
-"""The numpy sampler every ONNX decoder shares: penalties, temperature, top-k, top-p, min-p."""
+"""The numpy sampler every decoder shares: penalties, temperature, top-k, top-p, min-p.
+
+Logits come from model files edgelm did not write, so the sampler assumes nothing about them:
+NaN counts as impossible, +inf as certain (ties shared), and the arithmetic runs in float64
+after subtracting the maximum, so a huge logit or a tiny temperature cannot overflow into NaN.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from edgelm.errors import ArtifactError
 from edgelm.runtime.params import GenerationParams
 
 
@@ -13,20 +19,35 @@ def apply_repetition_penalty(logits: np.ndarray, seen: Sequence[int], penalty: f
     """Make already-seen tokens less likely: positive logits are divided, negative multiplied."""
     if penalty == 1.0 or not len(seen):
         return logits
-    logits = logits.copy()
+    logits = logits.astype(np.float64)  # a copy; float64 so that a large penalty does not overflow
     ids = np.unique(np.asarray(seen, dtype=np.int64))
+    ids = ids[(ids >= 0) & (ids < logits.size)]  # ids beyond this row's vocabulary have no logit
     picked = logits[ids]
-    logits[ids] = np.where(picked > 0, picked / penalty, picked * penalty)
+    with np.errstate(over="ignore"):
+        logits[ids] = np.where(picked > 0, picked / penalty, picked * penalty)
     return logits
+
+
+def sanitized(logits: np.ndarray) -> np.ndarray:
+    """float64 logits where NaN is -inf, and +inf (if any) is 0 against -inf for every other id."""
+    row = np.asarray(logits, dtype=np.float64).reshape(-1)
+    row = np.where(np.isnan(row), -np.inf, row)
+    if np.isposinf(row).any():
+        row = np.where(np.isposinf(row), 0.0, -np.inf)
+    if not np.isfinite(row).any():
+        raise ArtifactError("the model gave no finite logit for any token (all NaN or -inf)")
+    return row
 
 
 def filtered_probs(logits: np.ndarray, params: GenerationParams) -> np.ndarray:
     """Probabilities after temperature, top-k, top-p and min-p; zero outside the kept set."""
-    scaled = logits.astype(np.float64) / params.temperature
+    row = sanitized(logits)
+    with np.errstate(over="ignore", under="ignore"):
+        scaled = (row - row.max()) / params.temperature  # <= 0, the best token exactly 0
     if 0 < params.top_k < scaled.size:
         kth = np.partition(scaled, -params.top_k)[-params.top_k]
         scaled = np.where(scaled >= kth, scaled, -np.inf)
-    probs = np.exp(scaled - scaled.max())
+    probs = np.exp(scaled)  # the best token gives 1, so the sum is at least 1
     probs /= probs.sum()
     if params.top_p < 1.0:
         order = np.argsort(-probs, kind="stable")
@@ -51,6 +72,7 @@ class Sampler:
     def __call__(self, logits: np.ndarray, seen: Sequence[int] = ()) -> int:
         logits = apply_repetition_penalty(np.asarray(logits, dtype=np.float32), seen, self.params.repetition_penalty)
         if self.params.temperature == 0:
-            return int(np.argmax(logits))
+            best = int(np.argmax(logits))  # NaN and +inf win argmax; only then is the row cleaned
+            return best if np.isfinite(logits[best]) else int(np.argmax(sanitized(logits)))
         probs = filtered_probs(logits, self.params)
         return int(self.rng.choice(probs.size, p=probs))

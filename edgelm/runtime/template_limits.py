@@ -1,0 +1,216 @@
+"""Time and size limits for chat templates, enforced inside jinja2's sandbox.
+
+A chat template is a program from a model file. jinja2's sandbox stops it from reaching Python
+internals, but not from looping for hours (`range` nested three deep) or from building a string
+larger than memory (doubling one in a loop). Killing a thread is impossible in Python, so the
+limits are checked from inside the render, at the points every such template must pass through:
+
+- the parsed template is rewritten so that every `for` loop iterates through `guard_iter`, every
+  piece of output (in the page, a macro or a `{% set %}` block) goes through `guard_output`, and
+  every `~` concatenation through `guard_concat`;
+- the sandbox's hooks (`call`, `getattr`, `getitem`, and the `+ * % **` operators) check the
+  clock and refuse an operation whose result would exceed the size limit before it is built;
+- every filter is wrapped the same way (filters are called directly, not through `call`).
+
+The budget (deadline, size limit, characters emitted) lives in a context variable, so one
+compiled template can render in several threads at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+RENDER_SECONDS = 1.0  # a real template renders in milliseconds
+MIN_OUTPUT_CHARS = 1_000_000  # a prompt may be longer when the conversation itself is
+OUTPUT_PER_INPUT_CHAR = 8
+MAX_EXPONENT_BITS = 100_000  # `**` on integers: a larger result takes long even to print
+_WIDTH = re.compile(r"\d{7,}")  # a format width or precision of a million or more
+
+
+class TemplateLimitError(Exception):
+    """A template went past its time or size budget; turned into an ArtifactError."""
+
+
+@dataclass
+class Budget:
+    deadline: float
+    max_chars: int
+    emitted: int = 0
+
+    def tick(self) -> None:
+        if time.monotonic() > self.deadline:
+            raise TemplateLimitError(f"it ran longer than {RENDER_SECONDS:g} s")
+
+    def fits(self, size: int, what: str) -> None:
+        if size > self.max_chars:
+            raise TemplateLimitError(f"{what} would be {size:,} characters, over the limit of {self.max_chars:,}")
+
+
+_BUDGET: contextvars.ContextVar[Budget | None] = contextvars.ContextVar("edgelm_template_budget", default=None)
+
+
+@contextlib.contextmanager
+def budget(input_chars: int) -> Iterator[Budget]:
+    """Limits for one render: RENDER_SECONDS of time and an output size that grows with the input."""
+    spent = Budget(time.monotonic() + RENDER_SECONDS, max(MIN_OUTPUT_CHARS, OUTPUT_PER_INPUT_CHAR * input_chars))
+    token = _BUDGET.set(spent)
+    try:
+        yield spent
+    finally:
+        _BUDGET.reset(token)
+
+
+def current() -> Budget:
+    spent = _BUDGET.get()
+    if spent is None:  # rendering outside render_chat: give it the defaults rather than no limit
+        spent = Budget(time.monotonic() + RENDER_SECONDS, MIN_OUTPUT_CHARS)
+        _BUDGET.set(spent)
+    return spent
+
+
+def size_of(value: Any) -> int:
+    """Characters a value holds, looking one level into lists, tuples and dicts (shallow)."""
+    if isinstance(value, (str, range)):
+        return len(value)
+    if isinstance(value, (list, tuple, dict)):
+        items = value.items() if isinstance(value, dict) else value
+        total = len(value)
+        for item in items:
+            for part in item if isinstance(value, dict) else (item,):
+                total += len(part) if isinstance(part, str) else 1
+        return total
+    return 0
+
+
+def check_arguments(args: tuple, kwargs: dict, what: str) -> None:
+    """Refuse an operation given a huge integer (a width, a count) or a value over the limit."""
+    spent = current()
+    spent.tick()
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > spent.max_chars:
+            raise TemplateLimitError(f"{what} was given the number {value if value < 10**20 else 'huge'}")
+        spent.fits(size_of(value), f"an argument of {what}")
+
+
+def check_result(value: Any, what: str) -> Any:
+    current().fits(size_of(value), f"the result of {what}")
+    return value
+
+
+def estimate_str_method(obj: Any, args: tuple) -> int:
+    """Result size of the str methods that can multiply their input (join, replace, format)."""
+    obj = getattr(obj, "__wrapped__", obj)  # the sandbox hands out str.format behind a wrapper
+    name = getattr(obj, "__name__", "")
+    owner = getattr(obj, "__self__", None)
+    if not isinstance(owner, str):
+        return 0
+    if name == "join" and args:
+        return join_size(args[0], owner)
+    if name == "replace" and len(args) >= 2 and isinstance(args[0], str) and isinstance(args[1], str):
+        hits = owner.count(args[0]) if args[0] else len(owner) + 1
+        return len(owner) + hits * len(args[1])
+    if name in ("format", "format_map"):
+        if _WIDTH.search(owner):
+            return 1 << 62
+        largest = max((size_of(a) for a in args), default=0)
+        return len(owner) + owner.count("{") * largest
+    return 0
+
+
+def join_size(items: Any, separator: Any) -> int:
+    """Size of `separator.join(items)` for a sized iterable (a range too), without joining."""
+    if not isinstance(separator, str) or not hasattr(items, "__len__"):
+        return 0
+    return len(separator) * len(items) + size_of(items)
+
+
+def binop_size(operator: str, left: Any, right: Any) -> int:
+    """The size `left <operator> right` would have, computed without building it."""
+    if operator == "*":
+        seq, count = (left, right) if isinstance(right, int) else (right, left)
+        if isinstance(count, int) and isinstance(seq, (str, list, tuple)):
+            return len(seq) * max(count, 0)
+    elif operator == "+" and isinstance(left, (str, list, tuple)) and isinstance(right, (str, list, tuple)):
+        return len(left) + len(right)
+    elif operator == "%" and isinstance(left, str):
+        if _WIDTH.search(left) or "*" in left:
+            return 1 << 62
+        values = right if isinstance(right, (tuple, dict)) else (right,)
+        largest = max((size_of(v) if not isinstance(v, (int, float)) else 32 for v in values), default=0)
+        return len(left) + left.count("%") * largest
+    elif operator == "**" and isinstance(left, int) and isinstance(right, int):
+        if right > 64 or max(left.bit_length(), 1) * max(right, 0) > MAX_EXPONENT_BITS:
+            raise TemplateLimitError(f"{left if left < 10**20 else 'a huge number'} ** {right} is too large")
+    return 0
+
+
+def guarded_filter(name: str, function: Any) -> Any:
+    """A filter that checks its arguments and its result against the budget."""
+
+    @functools.wraps(function)  # keeps jinja's pass_context/pass_environment marker
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        check_arguments(args, kwargs, f"the filter {name}")
+        if name == "join":  # join(eval_ctx, value, d=""): the separator repeats once per item
+            rest = args[1:]
+            separator = rest[1] if len(rest) > 1 else kwargs.get("d", "")
+            current().fits(join_size(rest[0] if rest else None, separator), "the filter join")
+        return check_result(function(*args, **kwargs), f"the filter {name}")
+
+    return guarded
+
+
+def guard_iter(iterable: Any, **_: Any) -> Iterator[Any]:
+    """The items of a `for` loop's iterable, checking the clock at every step."""
+    spent = current()
+    for item in iterable:
+        spent.tick()
+        yield item
+
+
+def guard_output(value: Any, **_: Any) -> Any:
+    """One piece of output; the characters emitted anywhere in the render count toward the limit."""
+    spent = current()
+    spent.tick()
+    spent.emitted += len(value) if isinstance(value, str) else len(str(value))
+    spent.fits(spent.emitted, "the rendered prompt")
+    return value
+
+
+def guard_concat(*parts: Any, **_: Any) -> str:
+    """`a ~ b ~ ...` with the result's size checked before it is built."""
+    texts = [str(part) for part in parts]
+    current().fits(sum(map(len, texts)), "a `~` concatenation")
+    return "".join(texts)
+
+
+def rewrite(tree: Any, environment: Any) -> Any:
+    """Route every loop, output and concatenation of a parsed template through the guards."""
+    from jinja2 import nodes
+
+    def call(name: str, node: Any, args: list) -> Any:
+        new = nodes.Call(nodes.EnvironmentAttribute(name), args, [], None, None, lineno=node.lineno)
+        return new.set_environment(environment)
+
+    def walk(node: Any) -> Any:
+        for field in node.fields:
+            value = getattr(node, field, None)
+            if isinstance(value, list):
+                setattr(node, field, [walk(v) if isinstance(v, nodes.Node) else v for v in value])
+            elif isinstance(value, nodes.Node):
+                setattr(node, field, walk(value))
+        if isinstance(node, nodes.For):
+            node.iter = call("guard_iter", node, [node.iter])
+        elif isinstance(node, nodes.Output):
+            node.nodes = [call("guard_output", child, [child]) for child in node.nodes]
+        elif isinstance(node, nodes.Concat):
+            return call("guard_concat", node, list(node.nodes))
+        return node
+
+    return walk(tree)

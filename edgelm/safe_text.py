@@ -1,0 +1,52 @@
+"""Text from outside: checked before the runtime uses it, escaped before a terminal shows it.
+
+Model files, manifests and their metadata come from strangers. A string from them printed raw
+could move the cursor, retitle the window or hide text (ANSI escapes, bidi overrides), so
+`printable` escapes those. Text given by the user must be valid Unicode: Linux hands a
+program its arguments with undecodable bytes as lone surrogates (surrogateescape), which no
+tokenizer can encode, so they are refused with a one-line error naming where they came from.
+"""
+
+from __future__ import annotations
+
+import re
+
+from edgelm.errors import InputError
+
+# C0 and C1 control characters, DEL, lone surrogates, and the Unicode bidi controls
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+_UNSAFE_KEEPING_LINES = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _escape(match: re.Match) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def printable(text: object, keep_lines: bool = False) -> str:
+    """`text` safe to print to a terminal: control characters shown as \\xNN / \\uNNNN escapes.
+
+    With keep_lines, newlines and tabs pass through (generated text, multi-line output)."""
+    pattern = _UNSAFE_KEEPING_LINES if keep_lines else _UNSAFE
+    return pattern.sub(_escape, str(text))
+
+
+def has_lone_surrogates(text: str) -> bool:
+    return _SURROGATE.search(text) is not None
+
+
+def check_text(text: str, where: str) -> str:
+    """`text` itself, or an InputError when it holds lone surrogates (bytes that were not UTF-8)."""
+    match = _SURROGATE.search(text)
+    if match:
+        raise InputError(f"{where} is not valid UTF-8 text (an undecodable byte at character {match.start()})")
+    return text
+
+
+def decode_utf8(data: bytes, where: str) -> str:
+    """Bytes from a file or a pipe as text, or an InputError naming where and the first bad byte."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise InputError(f"{where} is not valid UTF-8 (byte 0x{data[err.start]:02x} at offset {err.start})") from None
