@@ -7,26 +7,27 @@ stop strings mean exactly what they mean for the ONNX decoders.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from edgelm.artifact import Manifest
-from edgelm.errors import ArtifactError, ContextOverflowError, ProviderError, UsageError
-from edgelm.runtime.device import RuntimeOptions, physical_cores
+from edgelm.errors import ArtifactError, ContextOverflowError, ProviderError, UsageError, first_line
+from edgelm.runtime.device import RuntimeOptions, thread_count
 from edgelm.runtime.generator import Decoder
 from edgelm.runtime.gguf_file import read_gguf_header
+from edgelm.runtime.llama_log import GGML_LOG_ERROR, captured_llama_log, log_lines
+from edgelm.runtime.memory import check_fits
+from edgelm.runtime.params import check_token_ids
 
 # The KV cache is allocated for the whole context up front; models trained for 128k tokens
 # would need gigabytes for it. Contexts longer than this are capped (and the cap is the limit
 # the context policy enforces, named in its error message).
 MAX_CONTEXT = 4096
-GGML_LOG_ERROR = 4  # ggml's log levels: 1 debug, 2 info, 3 warn, 4 error, 5 continuation
 
 
 @dataclass
@@ -64,6 +65,8 @@ class LlamaCppTokenizer:
 
         if not ids:
             return b""
+        # llama.cpp indexes its vocabulary unchecked (an id past the end aborts the process)
+        ids = check_token_ids(ids, self.vocab_size, "llama.cpp detokenise")
         tokens = (llama_cpp.llama_token * len(ids))(*ids)
         room = 8 * len(ids) + 16
         for _ in range(2):
@@ -126,6 +129,7 @@ class LlamaCppDecoder(Decoder):
         return view
 
     def _eval(self, ids: Sequence[int]) -> None:
+        ids = check_token_ids(ids, self.n_vocab, "llama.cpp input")  # an id past the vocabulary aborts
         if len(self.cached) + len(ids) > self.context_length:
             raise ContextOverflowError(
                 f"{len(self.cached) + len(ids)} tokens exceed the context length {self.context_length}"
@@ -156,26 +160,6 @@ class LlamaCppDecoder(Decoder):
             self.llm = None
 
 
-@contextlib.contextmanager
-def _llama_log_captured() -> Iterator[list[str]]:
-    """Collect llama.cpp's log lines instead of printing them; the reason for a failed load."""
-    import llama_cpp
-    from llama_cpp import _logger
-
-    lines: list[str] = []
-
-    @llama_cpp.llama_log_callback
-    def collect(level, text, user_data):
-        if level == GGML_LOG_ERROR:
-            lines.append(text.decode("utf-8", errors="replace").strip())
-
-    llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
-    try:
-        yield lines
-    finally:
-        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
-
-
 def context_for(header, requested: int | None, user_n_ctx: int | None = None) -> int:
     """The context to allocate: the trained (or manifest) length, capped at MAX_CONTEXT unless
     the user asked for a size (the KV cache grows with it, so large contexts are opt-in)."""
@@ -202,10 +186,10 @@ def open_llama(path: Path, options: RuntimeOptions, n_ctx: int | None = None):
             f"n_gpu_layers={options.n_gpu_layers} asked for, but this llama-cpp-python build has no GPU "
             "support; reinstall it with a GPU backend (CUDA, Metal, Vulkan) or use n_gpu_layers=0"
         )
-    threads = physical_cores() if options.threads is None else options.threads
-    if not isinstance(threads, int) or threads < 1:
-        raise UsageError(f"threads must be a positive integer, got {threads!r}")
-    with _llama_log_captured() as log:
+    threads = thread_count(options.threads)
+    if not options.n_gpu_layers:  # layers on a GPU live in its memory, which is not measured here
+        check_fits(path, header, header.file_size or path.stat().st_size, n_ctx)
+    with captured_llama_log(GGML_LOG_ERROR) as log:
         try:
             llm = llama_cpp.Llama(
                 model_path=str(path), n_ctx=n_ctx, n_threads=threads,
@@ -215,8 +199,8 @@ def open_llama(path: Path, options: RuntimeOptions, n_ctx: int | None = None):
         except (ValueError, RuntimeError) as err:
             # the first error is the cause ("key not found in model: llama.block_count"); later
             # ones only say that loading failed. Drop the C function names in front of it.
-            reason = re.sub(r"^\w+: ", "", next((line for line in log if line), str(err)))
-            raise ArtifactError(f"{path}: llama.cpp could not load the model ({reason})") from None
+            reason = re.sub(r"^\w+: ", "", next(iter(log_lines(log)), "") or first_line(err))
+            raise ArtifactError(f"{path}: llama.cpp could not load the model ({first_line(reason)})") from None
     return llm, n_ctx
 
 
