@@ -243,5 +243,34 @@ def classify(artifact, texts, file, as_json, threads, provider):
     run_classify(artifact, texts, file, as_json, threads, provider)
 
 
+@main.command()
+@click.argument("artifacts", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; others need --api-key.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="0 picks a free port.")
+@click.option("--api-key", envvar="EDGELM_API_KEY", default=None, help="Require 'Authorization: Bearer KEY' "
+              "(also read from EDGELM_API_KEY).")
+@click.option("--cors-origin", "cors_origins", multiple=True, metavar="ORIGIN",
+              help="A web origin allowed to call the server from a browser (repeatable; none by default).")
+@click.option("--name", "names", multiple=True, metavar="NAME=ARTIFACT", help="Serve ARTIFACT under the id NAME.")
+@click.option("--max-queue", type=click.IntRange(0), default=64, show_default=True,
+              help="Requests waiting per model; beyond it the answer is 503.")
+@click.option("--allow-unauthenticated-remote", "allow_remote", is_flag=True,
+              help="Bind a non-loopback address without an API key.")
+@click.option("--threads", type=int, default=None, help="CPU threads per model [default: physical cores].")
+@click.option("--provider", default="cpu", show_default=True, help="cpu|cuda|dml|coreml (ONNX).")
+@click.option("--n-gpu-layers", type=int, default=0, show_default=True, help="GGUF layers on the GPU.")
+@click.option("--n-ctx", type=int, default=None, help="GGUF context [default: trained length, at most 4096].")
+@click.option("--verify", is_flag=True, help="Check every file's sha256 against the manifest first.")
+@click.pass_context
+def serve(ctx, artifacts, host, port, api_key, cors_origins, names, max_queue, allow_remote, threads, provider,
+          n_gpu_layers, n_ctx, verify):
+    """Serve artifacts over HTTP in OpenAI's protocol (needs `pip install edgelm[serve]`)."""
+    from edgelm.commands.serve import run_serve
+
+    device = dict(threads=threads, provider=provider, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, verify=verify)
+    debug = bool(ctx.find_root().params.get("debug"))
+    run_serve(artifacts, names, host, port, api_key, cors_origins, max_queue, allow_remote, device, debug)
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,97 @@
+"""`edgelm serve`: load artifacts and answer OpenAI's protocol over HTTP (uvicorn on the ASGI app)."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+from collections.abc import Sequence
+from pathlib import Path
+
+import click
+
+from edgelm.errors import UsageError
+
+
+def model_paths(artifacts: Sequence[Path], names: Sequence[str]) -> dict[str, Path]:
+    """Ids to artifact paths: each folder's name, or the id `--name NAME=ARTIFACT` gives it."""
+    from edgelm.serve.app import default_id
+
+    renamed: dict[Path, str] = {}
+    models: dict[str, Path] = {}
+    for spec in names:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise UsageError(f"--name takes NAME=ARTIFACT, got {spec!r}")
+        renamed[Path(path).resolve()] = name
+        models[name] = Path(path)
+    for path in artifacts:
+        if Path(path).resolve() in renamed:
+            continue
+        name = default_id(path)
+        if name in models:
+            raise UsageError(f"two models would have the id {name!r}; give one another with --name NAME={path}")
+        models[name] = Path(path)
+    if not models:
+        raise UsageError("give at least one artifact to serve")
+    return models
+
+
+def is_loopback_bind(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """Bind before loading anything is announced, so a busy port is one line, not a log dump."""
+    host = host.strip("[]")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as err:
+        raise UsageError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def run_serve(artifacts: Sequence[Path], names: Sequence[str], host: str, port: int, api_key: str | None,
+              cors_origins: Sequence[str], max_queue: int, allow_remote: bool, device: dict, debug: bool) -> None:
+    try:
+        import uvicorn
+
+        from edgelm.serve.app import create_app
+    except ImportError as err:
+        raise UsageError(f"{err.name} is not installed; serving needs `pip install edgelm[serve]`") from None
+
+    loopback = is_loopback_bind(host)
+    if not loopback and not api_key:
+        if not allow_remote:
+            raise UsageError(f"binding {host} lets other machines in; give --api-key (or EDGELM_API_KEY), "
+                             "or --allow-unauthenticated-remote if you really mean it")
+        click.echo(f"warning: serving on {host} without an API key: anyone who can reach this machine can "
+                   "use the models", err=True)
+    models = model_paths(artifacts, names)
+    sock = listening_socket(host, port)
+    logging.basicConfig(format="%(levelname)s:     %(message)s")
+    logging.getLogger("edgelm.serve").setLevel(logging.DEBUG if debug else logging.INFO)
+    try:
+        app = create_app(models, api_key=api_key, cors_origins=cors_origins, max_queue=max_queue,
+                         loopback_only=loopback, **device)
+        bound_port = sock.getsockname()[1]
+        shown = f"[{host.strip('[]')}]" if ":" in host else host
+        for model_id, served in app.models.items():
+            click.echo(f"serving {model_id!r} ({', '.join(served.endpoints[:-2]) or 'tokenize only'})", err=True)
+        click.echo(f"OpenAI base URL: http://{shown}:{bound_port}/v1" + (" (API key required)" if api_key else ""),
+                   err=True)
+        config = uvicorn.Config(app, log_level="debug" if debug else "info", server_header=False,
+                                timeout_graceful_shutdown=5)
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        sock.close()
