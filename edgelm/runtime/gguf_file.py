@@ -24,7 +24,9 @@ MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4  # GGML_MAX_DIMS
-MAX_NESTING = 3  # arrays of arrays of ...; real files use one level
+MAX_NAME = 64  # GGML_MAX_NAME: a tensor name and its NUL must fit
+SHORT_ARRAY = 1024  # numeric arrays up to this length are read (per-layer values), longer ones skipped
+VOCABULARY_KEY = "tokenizer.ggml.tokens"  # its strings must be unique: llama.cpp asserts it
 
 # GGUF value types: id -> (name, struct format); STRING (8) and ARRAY (9) are variable-sized
 SCALAR_TYPES = {
@@ -54,10 +56,11 @@ class MalformedGguf(Exception):
 
 @dataclass(frozen=True)
 class ArrayValue:
-    """An array key-value, summarised: its contents are skipped, not loaded."""
+    """An array key-value, summarised: strings and long arrays are skipped, not loaded."""
 
     element_type: str
     length: int
+    values: tuple = ()  # the numbers of a short numeric array (per-layer sizes), else empty
 
 
 @dataclass(frozen=True)
@@ -73,12 +76,16 @@ class TensorInfo:
 class GgufHeader:
     version: int
     metadata: dict[str, Any] = field(default_factory=dict)
+    types: dict[str, str] = field(default_factory=dict)  # key -> "uint32", "string", "array[int32]", ...
     tensors: list[TensorInfo] = field(default_factory=list)
     data_offset: int = 0
     file_size: int = 0
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.metadata.get(key, default)
+
+    def tensor(self, name: str) -> TensorInfo | None:
+        return next((t for t in self.tensors if t.name == name), None)
 
 
 class _Cursor:
@@ -101,52 +108,65 @@ class _Cursor:
         self.pos += width
         return value
 
-    def string(self, what: str) -> str:
+    def raw_string(self, what: str) -> bytes:
         length = self.scalar("<Q", f"length of {what}")
         self.need(length, f"{what} ({length} bytes)")
         raw = bytes(self.buffer[self.pos : self.pos + length])
         self.pos += length
-        return raw.decode("utf-8", errors="replace")
+        return raw
+
+    def string(self, what: str) -> str:
+        return self.raw_string(what).decode("utf-8", errors="replace")
 
 
-def _read_value(cur: _Cursor, type_id: int, key: str, depth: int = 0) -> Any:
+def _read_value(cur: _Cursor, type_id: int, key: str) -> tuple[Any, str]:
+    """The value of a key and its type's name."""
     if type_id in SCALAR_TYPES:
-        return cur.scalar(SCALAR_TYPES[type_id][1], f"value of {key!r}")
+        name, fmt = SCALAR_TYPES[type_id]
+        return cur.scalar(fmt, f"value of {key!r}"), name
     if type_id == STRING:
-        return cur.string(f"string value of {key!r}")
+        return cur.string(f"string value of {key!r}"), "string"
     if type_id == ARRAY:
-        return _read_array(cur, key, depth)
+        array = _read_array(cur, key)
+        return array, f"array[{array.element_type}]"
     raise MalformedGguf(f"key {key!r} has unknown value type {type_id}")
 
 
-def _read_array(cur: _Cursor, key: str, depth: int) -> ArrayValue:
-    if depth >= MAX_NESTING:
-        raise MalformedGguf(f"key {key!r} nests arrays more than {MAX_NESTING} deep")
+def _read_array(cur: _Cursor, key: str) -> ArrayValue:
     element = cur.scalar("<I", f"array type of {key!r}")
     length = cur.scalar("<Q", f"array length of {key!r}")
     if element in SCALAR_TYPES:
-        width = struct.calcsize(SCALAR_TYPES[element][1])
-        cur.need(length * width, f"array {key!r} of {length} {SCALAR_TYPES[element][0]}")
+        name, fmt = SCALAR_TYPES[element]
+        width = struct.calcsize(fmt)
+        cur.need(length * width, f"array {key!r} of {length} {name}")
+        values = struct.unpack_from(f"<{length}{fmt[1]}", cur.buffer, cur.pos) if length <= SHORT_ARRAY else ()
         cur.pos += length * width
-        return ArrayValue(SCALAR_TYPES[element][0], length)
-    if element not in (STRING, ARRAY):
+        return ArrayValue(name, length, values)
+    if element == ARRAY:  # ggml's reader has no nested arrays; no real file holds one
+        raise MalformedGguf(f"key {key!r} is an array of arrays, which llama.cpp cannot read")
+    if element != STRING:
         raise MalformedGguf(f"array {key!r} has unknown element type {element}")
     cur.need(length * 8, f"array {key!r} of {length} elements")  # each holds at least a u64
-    if element == STRING:
-        _skip_strings(cur, length, key)
-    else:
-        for i in range(length):
-            _read_array(cur, f"{key}[{i}]", depth + 1)
-    return ArrayValue("string" if element == STRING else "array", length)
+    _skip_strings(cur, length, key, unique=key == VOCABULARY_KEY)
+    return ArrayValue("string", length)
 
 
-def _skip_strings(cur: _Cursor, count: int, key: str) -> None:
-    """Step over `count` length-prefixed strings; a tight loop, vocabularies hold 100k+ of them."""
+def _skip_strings(cur: _Cursor, count: int, key: str, unique: bool = False) -> None:
+    """Step over `count` length-prefixed strings; a tight loop, vocabularies hold 100k+ of them.
+    With `unique`, also refuse a repeated string (llama.cpp aborts on a repeated token)."""
     read_length, buffer, size, pos = U64.unpack_from, cur.buffer, cur.size, cur.pos
+    seen: set[bytes] = set()
     for i in range(count):  # noqa: B007  (i names the string in the error below)
         if pos + 8 > size:
             break
-        pos += 8 + read_length(buffer, pos)[0]
+        length = read_length(buffer, pos)[0]
+        if unique:
+            # llama.cpp renames an empty token "[EMPTY_<i>]" before it checks
+            text = bytes(buffer[pos + 8 : pos + 8 + length]) or b"[EMPTY_%d]" % i
+            if text in seen:
+                raise MalformedGguf(f"{key!r} holds the token {text[:40]!r} twice (again at index {i})")
+            seen.add(text)
+        pos += 8 + length
         if pos > size:
             break
     else:
@@ -156,19 +176,22 @@ def _skip_strings(cur: _Cursor, count: int, key: str) -> None:
                         f"({size} bytes)")
 
 
-def _read_metadata(cur: _Cursor, count: int) -> dict[str, Any]:
+def _read_metadata(cur: _Cursor, count: int, header: GgufHeader) -> None:
     cur.need(count * 12, f"{count} key-values")  # each: u64 key length + u32 type at least
-    metadata: dict[str, Any] = {}
     for i in range(count):
         key = cur.string(f"key {i}")
-        if key in metadata:
+        if not key:
+            raise MalformedGguf(f"key {i} is empty")
+        if key in header.metadata:
             raise MalformedGguf(f"key {key!r} appears twice")
-        metadata[key] = _read_value(cur, cur.scalar("<I", f"type of {key!r}"), key)
-    return metadata
+        header.metadata[key], header.types[key] = _read_value(cur, cur.scalar("<I", f"type of {key!r}"), key)
 
 
 def _read_tensor_info(cur: _Cursor, index: int) -> TensorInfo:
-    name = cur.string(f"name of tensor {index}")
+    raw_name = cur.raw_string(f"name of tensor {index}")
+    name = raw_name.decode("utf-8", errors="replace")
+    if len(raw_name) >= MAX_NAME:
+        raise MalformedGguf(f"tensor {name[:40]!r}... has a name of {len(raw_name)} bytes (at most {MAX_NAME - 1})")
     n_dims = cur.scalar("<I", f"dimension count of {name!r}")
     if not 1 <= n_dims <= MAX_DIMS:
         raise MalformedGguf(f"tensor {name!r} has {n_dims} dimensions (1 to {MAX_DIMS} allowed)")
@@ -178,6 +201,8 @@ def _read_tensor_info(cur: _Cursor, index: int) -> TensorInfo:
     if type_id not in GGML_TYPES:
         raise MalformedGguf(f"tensor {name!r} has unknown ggml type {type_id}")
     type_name, block, block_bytes = GGML_TYPES[type_id]
+    if 0 in shape:  # llama.cpp aborts on an empty weight rather than refusing it
+        raise MalformedGguf(f"tensor {name!r} has an empty dimension in its shape {shape}")
     elements = 1
     for dim in shape:
         elements *= dim
@@ -189,9 +214,11 @@ def _read_tensor_info(cur: _Cursor, index: int) -> TensorInfo:
 
 
 def _check_tensor_data(header: GgufHeader, alignment: int) -> None:
+    """Each tensor inside the file, aligned, and where ggml looks for it: in the order of the
+    infos, each starting where the previous one ends (padded to the alignment)."""
     room = header.file_size - header.data_offset
-    end_of_previous, previous = 0, None
-    for tensor in sorted(header.tensors, key=lambda t: t.offset):
+    expected, previous = 0, None
+    for tensor in header.tensors:
         if tensor.offset % alignment:
             raise MalformedGguf(f"tensor {tensor.name!r} offset {tensor.offset} is not aligned to {alignment}")
         if tensor.offset + tensor.nbytes > room:
@@ -200,13 +227,19 @@ def _check_tensor_data(header: GgufHeader, alignment: int) -> None:
                 f"{header.data_offset + tensor.offset + tensor.nbytes}"
                 f" but the file has {header.file_size} bytes"
             )
-        if tensor.offset < end_of_previous:
+        if tensor.offset < expected:
             raise MalformedGguf(f"tensors {previous!r} and {tensor.name!r} overlap")
-        end_of_previous, previous = tensor.offset + tensor.nbytes, tensor.name
+        if tensor.offset > expected:
+            raise MalformedGguf(f"tensor {tensor.name!r} starts at data offset {tensor.offset}; "
+                                f"the tensors before it end at {expected}")
+        expected = -(-(tensor.offset + tensor.nbytes) // alignment) * alignment
+        previous = tensor.name
 
 
 def parse_gguf_header(buffer, size: int) -> GgufHeader:
-    """Parse and check a GGUF header held in `buffer` (bytes or mmap); MalformedGguf if bad."""
+    """Parse and check a GGUF header held in `buffer` (bytes or mmap); MalformedGguf if bad.
+
+    This is the file's structure only; `check_model_metadata` checks what its values mean."""
     cur = _Cursor(buffer, size)
     cur.need(4, "the magic number")
     magic = bytes(buffer[:4])
@@ -219,7 +252,8 @@ def parse_gguf_header(buffer, size: int) -> GgufHeader:
         raise MalformedGguf(f"GGUF version {version} is not supported{hint}; supported: 2, 3")
     n_tensors = cur.scalar("<Q", "the tensor count")
     n_kv = cur.scalar("<Q", "the key-value count")
-    header = GgufHeader(version, _read_metadata(cur, n_kv), file_size=size)
+    header = GgufHeader(version, file_size=size)
+    _read_metadata(cur, n_kv, header)
     cur.need(n_tensors * 24, f"{n_tensors} tensor infos")  # name length, dims, type, offset at least
     names = set()
     for i in range(n_tensors):
@@ -229,7 +263,9 @@ def parse_gguf_header(buffer, size: int) -> GgufHeader:
         names.add(tensor.name)
         header.tensors.append(tensor)
     alignment = header.get("general.alignment", DEFAULT_ALIGNMENT)
-    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+    if "general.alignment" in header.types and header.types["general.alignment"] != "uint32":
+        raise MalformedGguf(f"general.alignment is a {header.types['general.alignment']}, not a uint32")
+    if alignment <= 0 or alignment & (alignment - 1):
         raise MalformedGguf(f"general.alignment {alignment!r} is not a power of two")
     header.data_offset = -(-cur.pos // alignment) * alignment
     _check_tensor_data(header, alignment)
@@ -237,7 +273,10 @@ def parse_gguf_header(buffer, size: int) -> GgufHeader:
 
 
 def read_gguf_header(path: str | Path) -> GgufHeader:
-    """Check a GGUF file from its header to the end of its last tensor; ArtifactError if bad."""
+    """Check a GGUF file from its header to the end of its last tensor, and what its metadata
+    means to llama.cpp; ArtifactError if bad."""
+    from edgelm.runtime.gguf_metadata import check_model_metadata
+
     path = Path(path)
     try:
         with open(path, "rb") as handle:
@@ -245,7 +284,9 @@ def read_gguf_header(path: str | Path) -> GgufHeader:
             if size == 0:
                 raise ArtifactError(f"{path}: not a valid GGUF file (the file is empty)")
             with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as view:
-                return parse_gguf_header(view, size)
+                header = parse_gguf_header(view, size)
+        check_model_metadata(header)
+        return header
     except MalformedGguf as err:
         raise ArtifactError(f"{path}: not a valid GGUF file ({err})") from None
     except OSError as err:

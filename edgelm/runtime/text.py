@@ -2,9 +2,30 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
+from edgelm.errors import ArtifactError
+
 REPLACEMENT = "\ufffd"
+
+
+def vocabulary_size(tokenizer) -> int | None:
+    """How many ids a tokenizer can decode (`tokenizers.Tokenizer` or llama.cpp's), if it says."""
+    size = getattr(tokenizer, "vocab_size", None)
+    if size is None and hasattr(tokenizer, "get_vocab_size"):
+        size = tokenizer.get_vocab_size(with_added_tokens=True)
+    return size if isinstance(size, int) else None
+
+
+def check_decodable(ids: Sequence[int], vocab_size: int | None) -> None:
+    """An id the tokenizer does not have came from a model or manifest that does not match it:
+    a one-line error here, where the tokenizer library would overflow or llama.cpp would abort."""
+    for token in ids:
+        if isinstance(token, bool) or not isinstance(token, numbers.Integral) or token < 0 or (
+                vocab_size is not None and token >= vocab_size):
+            raise ArtifactError(f"token id {token!r} is outside the tokenizer's vocabulary of {vocab_size} ids; "
+                                "the model and its tokenizer do not match")
 
 
 class IncrementalDetokenizer:
@@ -16,8 +37,10 @@ class IncrementalDetokenizer:
 
     def __init__(self, tokenizer, prompt_ids: Sequence[int] = ()):
         self.tokenizer = tokenizer
+        self.vocab_size = vocabulary_size(tokenizer)
         # a few prompt tokens give the decoder context (leading spaces), but are never emitted
         self.ids: list[int] = list(prompt_ids[-4:])
+        check_decodable(self.ids, self.vocab_size)
         self.prefix = 0
         self.read = len(self.ids)
 
@@ -25,6 +48,7 @@ class IncrementalDetokenizer:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
     def push(self, token_id: int) -> str:
+        check_decodable((token_id,), self.vocab_size)
         self.ids.append(token_id)
         before = self._decode(self.ids[self.prefix : self.read])
         after = self._decode(self.ids[self.prefix :])

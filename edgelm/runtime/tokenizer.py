@@ -1,16 +1,49 @@
-"""Loading `tokenizer.json` with the `tokenizers` library (never transformers)."""
+"""Loading `tokenizer.json` with the `tokenizers` library (never transformers).
+
+The file comes from outside. The library raises a bare Exception for most malformed files, but
+some (an invalid regex in a pre-tokenizer, a merge naming a missing token) end in a Rust panic,
+which pyo3 raises as `PanicException`, a BaseException that `except Exception` lets through.
+Both become one ArtifactError here. The file's padding and truncation settings are dropped:
+they would silently cut or pad every prompt, and the runtime decides those itself.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from edgelm.errors import ArtifactError
+from edgelm.errors import ArtifactError, first_line
+
+PROBE_TEXT = "Hello, world! It's 2024: caf\u00e9 \u4f60\u597d \U0001f600\n\tend"
+MAX_TOKENIZER_BYTES = 1 << 30  # real tokenizer.json files are a few MB; parsing holds it all in memory
 
 
-def load_tokenizer(path: Path):
+def load_tokenizer(path: Path, vocab_size: int | None = None):
+    """The tokenizer in `path`, without padding or truncation; with `vocab_size`, every id it can
+    produce (added tokens included) must be below it, as the model's embedding has no other rows."""
     from tokenizers import Tokenizer
 
+    path = Path(path)
     try:
-        return Tokenizer.from_file(str(path))
-    except Exception as err:  # tokenizers raises a bare Exception for malformed files
-        raise ArtifactError(f"{path}: not a valid tokenizer.json ({str(err).splitlines()[0][:120]})") from None
+        size = path.stat().st_size
+    except OSError as err:
+        raise ArtifactError(f"{path}: cannot read the tokenizer ({err.strerror or err})") from None
+    if size > MAX_TOKENIZER_BYTES:
+        raise ArtifactError(f"{path}: a tokenizer.json of {size} bytes is too large (at most {MAX_TOKENIZER_BYTES})")
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+        tokenizer.no_padding()
+        tokenizer.no_truncation()
+        largest = max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1)
+        # some broken files load but panic on their first use (a merge of a missing token, a bad
+        # regex): one probe through every stage finds them here rather than mid-generation
+        tokenizer.decode(tokenizer.encode(PROBE_TEXT).ids)
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except BaseException as err:  # noqa: B036  (a Rust panic is a BaseException; see the module docstring)
+        raise ArtifactError(f"{path}: not a valid tokenizer.json ({first_line(err, 120)})") from None
+    if largest < 0:
+        raise ArtifactError(f"{path}: the tokenizer has an empty vocabulary")
+    if vocab_size is not None and largest >= vocab_size:
+        raise ArtifactError(f"{path}: the tokenizer has token id {largest}, but the model has only "
+                            f"{vocab_size} token ids")
+    return tokenizer
