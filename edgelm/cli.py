@@ -10,6 +10,7 @@ import click
 
 from edgelm._version import __version__
 from edgelm.errors import EdgelmError
+from edgelm.families import quant_help
 
 
 class EdgelmGroup(click.Group):
@@ -105,7 +106,8 @@ def train(model, out, text, tokenizer, vocab_size, hidden, layers, steps, seq_le
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Artifact folder to write.")
 @click.option("--format", "fmt", type=click.Choice(["onnx", "gguf"]), default=None,
               help="Output format [default: the family's own].")
-@click.option("--quant", default=None, help="none|int8 (ONNX); f32|f16|bf16|q8_0|q6_k|q5_k_m|q4_k_m|q4_0 (GGUF).")
+@click.option("--quant", default=None, metavar="TYPE",  # checked against the (family, format) table
+              help=f"{quant_help()} [default: the first listed for the format].")
 @click.option("--task", default="auto", show_default=True, help="auto|embed|fill-mask|classify (BERT).")
 @click.option("--no-validate", is_flag=True, help="Skip validation (the manifest says so).")
 def export(source, out, fmt, quant, task, no_validate):
@@ -270,6 +272,19 @@ def serve(ctx, artifacts, host, port, api_key, cors_origins, names, max_queue, a
     device = dict(threads=threads, provider=provider, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, verify=verify)
     debug = bool(ctx.find_root().params.get("debug"))
     run_serve(artifacts, names, host, port, api_key, cors_origins, max_queue, allow_remote, device, debug)
+
+@main.command()
+@click.argument("artifacts", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--prompt-tokens", type=int, default=64, show_default=True, help="Prompt length for prefill.")
+@click.option("--new-tokens", type=int, default=64, show_default=True, help="Greedy tokens decoded.")
+@click.option("--threads", type=int, default=None, help="CPU threads [default: physical cores].")
+@click.option("--rounds", type=int, default=3, show_default=True, help="Interleaved rounds; medians are shown.")
+@click.option("--json", "as_json", is_flag=True, help='Print {"rows": [...]} as JSON.')
+def bench(artifacts, prompt_tokens, new_tokens, threads, rounds, as_json):
+    """Measure artifacts side by side (each in its own process): speed, memory, size."""
+    from edgelm.commands.bench import run_bench
+
+    run_bench(artifacts, prompt_tokens, new_tokens, threads, rounds, as_json)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,11 @@
 """Every model family, declared in one place: how to recognise a source, how to export and run it.
 
+A family has one `ExportSpec` per format it exports to (the first is its default). Each spec
+holds the one table of quantization types for that (family, format) pair: the `--quant` name,
+how it is made (a llama.cpp ftype or an ONNX method) and the validation thresholds the export
+must meet. The CLI's choices, the exporters' thresholds and the manifest's recorded types are
+all read from here.
+
 Entries name their code by "module:function" strings so that this registry imports nothing
 heavy: the CLI and the runtime read it without pulling in torch.
 """
@@ -7,10 +13,91 @@ heavy: the CLI and the runtime read it without pulling in torch.
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from edgelm.errors import ArtifactError, UnsupportedModelError
+from edgelm.errors import ArtifactError, UnsupportedModelError, UsageError
+
+# llama.cpp's llama_ftype values (llama.h) by the names edgelm uses; also names bare files' types
+LLAMA_FTYPES = {
+    "f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "q2_k": 10,
+    "q3_k_s": 11, "q3_k_m": 12, "q3_k_l": 13, "q4_k_s": 14, "q4_k_m": 15, "q5_k_s": 16,
+    "q5_k_m": 17, "q6_k": 18, "bf16": 32,
+}
+FLOAT_GGUF = ("f32", "f16", "bf16")  # written by edgelm's converter; the rest by llama.cpp's quantizer
+
+
+@dataclass(frozen=True)
+class QuantType:
+    """One --quant choice of a (family, format) pair and the bounds its validation must meet."""
+
+    name: str
+    method: str  # how the weights are made: "float" / "llama.cpp" (GGUF), "fp32" / "dynamic-int8" (ONNX)
+    bounds: dict[str, float] = field(default_factory=dict)  # check name (or parameter) -> threshold
+
+    @property
+    def ftype(self) -> int | None:
+        """llama.cpp's llama_ftype for a GGUF type; None for ONNX."""
+        return LLAMA_FTYPES.get(self.name) if self.method in ("float", "llama.cpp") else None
+
+    def bound(self, name: str) -> float:
+        try:
+            return self.bounds[name]
+        except KeyError:
+            raise KeyError(f"quant type {self.name!r} declares no bound {name!r}") from None
+
+
+def _gguf(name: str, **bounds: float) -> QuantType:
+    return QuantType(name, "float" if name in FLOAT_GGUF else "llama.cpp", bounds)
+
+
+# GGUF decoders: F32 exact, F16/BF16 decisive top-1 (margin: torch's top-2 gap below which rounding
+# may honestly pick either token), quantized types by mean KL and held-out perplexity ratio vs torch
+GGUF_DECODER_QUANTS = (
+    _gguf("f32", max_abs_logit_diff_vs_torch=1e-4),
+    _gguf("f16", top1_agreement_decisive_vs_torch=1.0, decisive_margin=0.05),
+    _gguf("bf16", top1_agreement_decisive_vs_torch=1.0, decisive_margin=0.3),
+    _gguf("q8_0", mean_kl_vs_torch=0.005, held_out_perplexity_ratio_vs_torch=1.01),
+    _gguf("q6_k", mean_kl_vs_torch=0.01, held_out_perplexity_ratio_vs_torch=1.02),
+    _gguf("q5_k_m", mean_kl_vs_torch=0.03, held_out_perplexity_ratio_vs_torch=1.04),
+    _gguf("q4_k_m", mean_kl_vs_torch=0.06, held_out_perplexity_ratio_vs_torch=1.08),
+    _gguf("q4_0", mean_kl_vs_torch=0.12, held_out_perplexity_ratio_vs_torch=1.15),
+)
+GGUF_EMBEDDER_QUANTS = (
+    _gguf("f32", min_cosine_vs_torch=0.9999),
+    _gguf("f16", min_cosine_vs_torch=0.999),
+    _gguf("q8_0", min_cosine_vs_torch=0.99),
+)
+RECURRENT_ONNX_QUANTS = (
+    QuantType("none", "fp32", {"max_abs_logit_diff_vs_torch": 1e-4, "max_abs_state_diff_vs_torch": 1e-4}),
+    QuantType("int8", "dynamic-int8", {"held_out_perplexity_ratio_int8_vs_fp32": 1.02}),
+)
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    """What one (family, format) pair exports: its code, tasks and quantization table."""
+
+    format: str  # "onnx" or "gguf"
+    exporter: str  # "module:function" (source, config, out, ExportOptions) -> Manifest
+    runtime: str  # "module:function" (folder, manifest, RuntimeOptions) -> task object
+    tasks: tuple[str, ...]
+    quants: tuple[QuantType, ...]  # the first is the default --quant
+    gguf_arch: str | None = None  # llama.cpp's general.architecture written (GGUF only)
+
+    @property
+    def quant_names(self) -> tuple[str, ...]:
+        return tuple(q.name for q in self.quants)
+
+    def quant(self, name: str | None) -> QuantType:
+        """The table entry for --quant `name` (None: the default), or a usage error listing the choices."""
+        if name is None:
+            return self.quants[0]
+        for quant in self.quants:
+            if quant.name == name:
+                return quant
+        raise UsageError(f"quant {name!r} is not available for {self.format}; choose one of: "
+                         f"{', '.join(self.quant_names)}")
 
 
 @dataclass(frozen=True)
@@ -18,18 +105,31 @@ class Family:
     name: str
     summary: str
     model_types: tuple[str, ...]  # config.json "model_type" values that belong to this family
-    formats: tuple[str, ...]  # export formats, the first is the default
-    tasks: tuple[str, ...]
-    exporter: str  # "module:function" (source, config, out, ExportOptions) -> Manifest
-    runtimes: dict[str, str]  # format -> "module:function" (folder, manifest, RuntimeOptions) -> task
+    exports: tuple[ExportSpec, ...]  # the first is the default format
 
-    def export_fn(self) -> Callable[..., Any]:
-        return _resolve(self.exporter)
+    @property
+    def formats(self) -> tuple[str, ...]:
+        return tuple(spec.format for spec in self.exports)
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(task for spec in self.exports for task in spec.tasks))
+
+    def spec(self, fmt: str | None = None) -> ExportSpec:
+        if fmt is None:
+            return self.exports[0]
+        for spec in self.exports:
+            if spec.format == fmt:
+                return spec
+        raise UsageError(f"family {self.name} exports to {', '.join(self.formats)}, not {fmt}")
+
+    def export_fn(self, fmt: str | None = None) -> Callable[..., Any]:
+        return _resolve(self.spec(fmt).exporter)
 
     def runtime_fn(self, fmt: str) -> Callable[..., Any]:
-        if fmt not in self.runtimes:
+        if fmt not in self.formats:
             raise ArtifactError(f"family {self.name!r} has no runtime for format {fmt!r}")
-        return _resolve(self.runtimes[fmt])
+        return _resolve(self.spec(fmt).runtime)
 
 
 def _resolve(target: str) -> Callable[..., Any]:
@@ -37,56 +137,68 @@ def _resolve(target: str) -> Callable[..., Any]:
     return getattr(importlib.import_module(module), name)
 
 
+GGUF_EXPORTER = "edgelm.export.gguf:export_gguf"
+LLAMA_CPP_RUNTIME = "edgelm.runtime.llama:load_llama"
+TEXT = ("text-generation",)
+
+
+def _gguf_decoder(arch: str) -> ExportSpec:
+    return ExportSpec("gguf", GGUF_EXPORTER, LLAMA_CPP_RUNTIME, TEXT,
+                      (GGUF_DECODER_QUANTS[1], GGUF_DECODER_QUANTS[0], *GGUF_DECODER_QUANTS[2:]), arch)
+
+
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
-        Family(
-            name="rnn",
-            summary="Elman RNN language model trained by edgelm",
-            model_types=("edgelm-rnn",),
-            formats=("onnx",),
-            tasks=("text-generation",),
-            exporter="edgelm.export.recurrent:export_recurrent",
-            runtimes={"onnx": "edgelm.runtime.recurrent:load_recurrent"},
-        ),
-        Family(
-            name="lstm",
-            summary="LSTM language model trained by edgelm",
-            model_types=("edgelm-lstm",),
-            formats=("onnx",),
-            tasks=("text-generation",),
-            exporter="edgelm.export.recurrent:export_recurrent",
-            runtimes={"onnx": "edgelm.runtime.recurrent:load_recurrent"},
-        ),
-        Family(
-            name="gpt2",
-            summary="GPT-2 (GPT2LMHeadModel) with a key/value cache",
-            model_types=("gpt2",),
-            formats=("onnx",),
-            tasks=("text-generation",),
-            exporter="edgelm.export.gpt2:export_gpt2",
-            runtimes={"onnx": "edgelm.runtime.kv_decoder:load_gpt2"},
-        ),
-        Family(
-            name="llama",
-            summary="LLaMA-family causal LM (LlamaForCausalLM, Mistral) to GGUF, run by llama.cpp",
-            model_types=("llama", "mistral"),
-            formats=("gguf",),
-            tasks=("text-generation",),
-            exporter="edgelm.export.gguf:export_gguf",
-            runtimes={"gguf": "edgelm.runtime.llama:load_llama"},
-        ),
-        Family(
-            name="bert",
-            summary="BERT encoders: sentence embeddings, fill-mask, sequence classification",
-            model_types=("bert",),
-            formats=("onnx",),
-            tasks=("embed", "fill-mask", "classify"),
-            exporter="edgelm.export.bert:export_bert",
-            runtimes={"onnx": "edgelm.runtime.encoders:load_encoder"},
-        ),
+        Family("rnn", "Elman RNN language model trained by edgelm", ("edgelm-rnn",), (
+            ExportSpec("onnx", "edgelm.export.recurrent:export_recurrent", "edgelm.runtime.recurrent:load_recurrent",
+                       TEXT, RECURRENT_ONNX_QUANTS),
+        )),
+        Family("lstm", "LSTM language model trained by edgelm", ("edgelm-lstm",), (
+            ExportSpec("onnx", "edgelm.export.recurrent:export_recurrent", "edgelm.runtime.recurrent:load_recurrent",
+                       TEXT, RECURRENT_ONNX_QUANTS),
+        )),
+        Family("gpt2", "GPT-2 (GPT2LMHeadModel): ONNX with a key/value cache, or GGUF run by llama.cpp",
+               ("gpt2",), (
+            ExportSpec("onnx", "edgelm.export.gpt2:export_gpt2", "edgelm.runtime.kv_decoder:load_gpt2", TEXT, (
+                QuantType("none", "fp32", {"max_abs_logit_diff_vs_torch": 1e-4}),
+                QuantType("int8", "dynamic-int8", {"top1_agreement_vs_torch": 0.90,
+                                                   "held_out_perplexity_ratio_int8_vs_fp32": 1.05}),
+            )),
+            _gguf_decoder("gpt2"),
+        )),
+        Family("llama", "LLaMA-family causal LM (LlamaForCausalLM, Mistral) to GGUF, run by llama.cpp",
+               ("llama", "mistral"), (_gguf_decoder("llama"),)),
+        Family("bert", "BERT encoders: sentence embeddings, fill-mask, sequence classification", ("bert",), (
+            ExportSpec("onnx", "edgelm.export.bert:export_bert", "edgelm.runtime.encoders:load_encoder",
+                       ("embed", "fill-mask", "classify"), (
+                QuantType("none", "fp32", {"min_cosine_vs_torch": 0.99999, "top1_agreement_vs_torch": 1.0}),
+                QuantType("int8", "dynamic-int8", {"min_cosine_vs_torch": 0.99, "top1_agreement_vs_torch": 0.9}),
+            )),
+        )),
     )
 }
+
+
+def all_quant_names() -> tuple[str, ...]:
+    """Every --quant name some (family, format) pair offers, in table order."""
+    return tuple(dict.fromkeys(q.name for f in FAMILIES.values() for s in f.exports for q in s.quants))
+
+
+def quant_help() -> str:
+    """The --quant help text, per format, from the tables."""
+    by_format: dict[str, dict[str, None]] = {}
+    for family in FAMILIES.values():
+        for spec in family.exports:
+            by_format.setdefault(spec.format, {}).update(dict.fromkeys(spec.quant_names))
+    return "; ".join(f"{'|'.join(names)} ({fmt.upper()})" for fmt, names in by_format.items())
+
+
+def quant_name_of_ftype(ftype: int | None) -> str:
+    """The name of a GGUF file's general.file_type, as a bare file's stand-in manifest records it."""
+    if ftype is None:
+        return "unknown"
+    return next((name for name, value in LLAMA_FTYPES.items() if value == ftype), f"file_type {ftype}")
 
 
 def supported_summary() -> str:
@@ -102,6 +214,14 @@ def family_for_config(config: dict[str, Any], where: str) -> Family:
     raise UnsupportedModelError(
         f"{where}: model_type {model_type!r} is not supported; supported families: {supported_summary()}"
     )
+
+
+def family_for_gguf_arch(arch: str) -> Family | None:
+    """The family whose GGUF export writes this llama.cpp architecture, if edgelm has one."""
+    for family in FAMILIES.values():
+        if any(spec.gguf_arch == arch for spec in family.exports):
+            return family
+    return None
 
 
 def family_named(name: str) -> Family:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import types
@@ -9,7 +10,7 @@ from pathlib import Path
 
 from edgelm.artifact import Manifest
 from edgelm.errors import UnsupportedModelError, UsageError
-from edgelm.export.options import GGUF_QUANTS, ONNX_QUANTS, ExportOptions
+from edgelm.export.options import ExportOptions
 from edgelm.families import family_for_config
 
 
@@ -43,26 +44,16 @@ def resolve_source(source: str | Path) -> Path:
         raise UsageError(f"{source}: no such folder, and the hub could not provide it ({type(err).__name__})") from None
 
 
-def _check_quant(fmt: str, quant: str) -> None:
-    allowed = ONNX_QUANTS if fmt == "onnx" else GGUF_QUANTS
-    if quant not in allowed:
-        raise UsageError(f"quant {quant!r} is not available for {fmt}; choose one of: {', '.join(allowed)}")
-
-
 def export(source: str | Path, out: str | Path, options: ExportOptions | None = None) -> Manifest:
     """Export a source model folder to an artifact folder at `out`; returns its manifest."""
     options = options or ExportOptions()
     folder = resolve_source(source)
     config = read_source_config(folder)
     family = family_for_config(config, str(folder))
-    options.format = options.format or family.formats[0]
-    if options.format not in family.formats:
-        raise UsageError(
-            f"family {family.name} exports to {', '.join(family.formats)}, not {options.format}"
-        )
-    options.quant = options.quant or ("none" if options.format == "onnx" else "f16")
-    _check_quant(options.format, options.quant)
-    return family.export_fn()(folder, config, Path(out), options)
+    spec = family.spec(options.format)  # the (family, format) pair, with its quantization table
+    # a copy: the caller's options stay as given, so one object can serve exports of several families
+    resolved = dataclasses.replace(options, format=spec.format, quant=spec.quant(options.quant).name)
+    return family.export_fn(spec.format)(folder, config, Path(out), resolved)
 
 
 class _CallableExportModule(types.ModuleType):

@@ -1,4 +1,6 @@
-"""Hugging Face LLaMA (and Mistral, same layout) -> GGUF, written by edgelm with the gguf package.
+"""Hugging Face decoders (LLaMA/Mistral, GPT-2) -> GGUF, written by edgelm with the gguf package.
+
+What differs per architecture (accepted options, keys, tensor layout) is its spec in gguf_arch.py.
 
 The float file is written first, streaming one tensor at a time from safetensors; a quantized
 export then runs llama.cpp's quantizer on it. Validation against transformers runs by default
@@ -12,9 +14,9 @@ from pathlib import Path
 from edgelm.artifact import Manifest, sha256_of, write_artifact
 from edgelm.errors import UnsupportedModelError
 from edgelm.export.checks import validate_into
+from edgelm.export.gguf_arch import ArchSpec, Shape, arch_for_config
 from edgelm.export.gguf_tensors import (
     FLOAT_TYPES,
-    Shape,
     TensorPlan,
     nbytes,
     plan_tensors,
@@ -24,26 +26,25 @@ from edgelm.export.gguf_tensors import (
 )
 from edgelm.export.gguf_vocab import Vocab, end_of_turn_ids, read_vocab, special_vocab, write_vocab
 from edgelm.export.options import ExportOptions
+from edgelm.families import LLAMA_FTYPES
 
 MODEL_FILE = "model.gguf"
 FLOAT_SCRATCH = "float.gguf.part"  # the float file a quantized export starts from; removed after
-ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
-FILE_TYPES = {"f32": 0, "f16": 1, "bf16": 32}  # gguf.LlamaFileType values
 
 
 def export_gguf(source: Path, config: dict, out: Path, options: ExportOptions) -> Manifest:
-    _check_supported(source, config)
-    shape = Shape.from_config(config)
+    spec = arch_for_config(source, config)
+    shape = _shape(spec, config)
     quant = options.quant or "f16"
     vocab = read_vocab(source, shape.vocab_size)
     special = special_vocab(source, vocab)
     special.add_special_token.setdefault("bos", vocab.kind == "spm")  # llama.cpp's own defaults,
     special.add_special_token.setdefault("eos", False)  # written out so nobody has to guess
-    manifest = _manifest(source, config, shape, vocab, special, quant)
+    manifest = _manifest(source, config, spec, shape, vocab, special, quant)
     with write_artifact(out, manifest) as tmp:
         float_type = quant if quant in FLOAT_TYPES else _intermediate_type(config)
         float_path = tmp / (MODEL_FILE if quant in FLOAT_TYPES else FLOAT_SCRATCH)
-        write_float_gguf(float_path, source, config, shape, vocab, special, float_type, options)
+        write_float_gguf(float_path, source, config, spec, shape, vocab, special, float_type, options)
         target = tmp / MODEL_FILE
         if quant not in FLOAT_TYPES:
             from edgelm.export.gguf_quantize import quantize_gguf
@@ -80,18 +81,11 @@ def _warn_fallbacks(fallbacks: list[dict], count: int, quant: str) -> None:
                   stacklevel=3)
 
 
-def _check_supported(source: Path, config: dict) -> None:
-    archs = config.get("architectures") or ["LlamaForCausalLM"]
-    if not set(archs) & set(ARCHITECTURES):
-        raise UnsupportedModelError(f"{source}: architecture {archs[0]} is not a LLaMA causal LM")
-    if config.get("hidden_act", "silu") != "silu":
-        raise UnsupportedModelError(f"{source}: hidden_act {config['hidden_act']!r}; llama.cpp's LLaMA uses silu")
-    if config.get("mlp_bias"):
-        raise UnsupportedModelError(f"{source}: MLP biases are not part of llama.cpp's LLaMA graph")
-    scaling = config.get("rope_scaling") or {}
-    kind = scaling.get("rope_type") or scaling.get("type")
-    if kind not in (None, "default", "linear", "llama3"):
-        raise UnsupportedModelError(f"{source}: rope scaling {kind!r} is not converted (linear and llama3 are)")
+def _shape(spec: ArchSpec, config: dict) -> Shape:
+    try:
+        return spec.shape(config)
+    except (TypeError, ValueError) as err:
+        raise UnsupportedModelError(f"config.json lacks a usable {spec.name} field ({err})") from None
 
 
 def _intermediate_type(config: dict) -> str:
@@ -100,24 +94,20 @@ def _intermediate_type(config: dict) -> str:
     return "bf16" if "bfloat16" in dtype else "f16"
 
 
-def context_length(config: dict) -> int:
-    length = int(config.get("max_position_embeddings") or 2048)
-    window = config.get("sliding_window")
-    # llama.cpp's LLaMA graph has no sliding window: beyond it the results would differ
-    return min(length, int(window)) if config.get("model_type") == "mistral" and window else length
-
-
-def write_float_gguf(path: Path, source: Path, config: dict, shape: Shape, vocab: Vocab,
+def write_float_gguf(path: Path, source: Path, config: dict, spec: ArchSpec, shape: Shape, vocab: Vocab,
                      special, float_type: str, options: ExportOptions) -> list[TensorPlan]:
     """The whole float GGUF, tensors streamed from safetensors one at a time."""
     import gguf
     import numpy as np
 
-    plans = plan_tensors(source, shape, float_type)
+    plans = plan_tensors(source, spec, shape, float_type)
     if freqs := rope_freqs_plan(config, shape):
         plans.append(freqs)
-    writer = gguf.GGUFWriter(path, "llama")
-    _write_model_keys(writer, source, config, shape, float_type)
+    writer = gguf.GGUFWriter(path, spec.name)
+    writer.add_name(source.resolve().name)
+    spec.write_keys(writer, config, shape)
+    writer.add_file_type(LLAMA_FTYPES[float_type])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     write_vocab(writer, vocab)
     special.add_to_gguf(writer, quiet=True)
     eot = [i for i in end_of_turn_ids(source, vocab, special.special_token_ids.get("eos"))
@@ -144,49 +134,25 @@ def write_float_gguf(path: Path, source: Path, config: dict, shape: Shape, vocab
     return plans
 
 
-def _write_model_keys(writer, source: Path, config: dict, shape: Shape, float_type: str) -> None:
-    import gguf
-
-    writer.add_name(source.resolve().name)
-    writer.add_context_length(context_length(config))
-    writer.add_embedding_length(shape.hidden)
-    writer.add_block_count(shape.n_layers)
-    writer.add_feed_forward_length(int(config["intermediate_size"]))
-    writer.add_head_count(shape.n_heads)
-    writer.add_head_count_kv(shape.n_kv_heads)
-    writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
-    writer.add_rope_freq_base(float(config.get("rope_theta", 10000.0)))
-    writer.add_rope_dimension_count(shape.head_dim)
-    if shape.head_dim != shape.hidden // shape.n_heads:
-        writer.add_key_length(shape.head_dim)
-        writer.add_value_length(shape.head_dim)
-    writer.add_vocab_size(shape.vocab_size)
-    scaling = config.get("rope_scaling") or {}
-    if (scaling.get("rope_type") or scaling.get("type")) == "linear":
-        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(float(scaling["factor"]))
-    writer.add_file_type(FILE_TYPES[float_type])
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-
-
-def _manifest(source: Path, config: dict, shape: Shape, vocab: Vocab, special, quant: str) -> Manifest:
+def _manifest(source: Path, config: dict, spec: ArchSpec, shape: Shape, vocab: Vocab, special,
+              quant: str) -> Manifest:
     ids = special.special_token_ids
     template = special.chat_template
     if isinstance(template, list):  # named templates: the default one is the chat template
         template = next((t["template"] for t in template if t.get("name") == "default"), None)
     stop_ids = end_of_turn_ids(source, vocab, ids.get("eos"))
     return Manifest(
-        family="llama", task="text-generation", format="gguf", quant=quant,
+        family=spec.family, task="text-generation", format="gguf", quant=quant,
         tokenizer={"kind": vocab.kind, "file": MODEL_FILE, "pre": vocab.pre,
                    "vocab_size": len(vocab.tokens), "notes": vocab.notes},
         generation={
             "bos_id": ids.get("bos"), "eos_id": ids.get("eos"), "pad_id": ids.get("pad"),
             "add_bos": bool(special.add_special_token.get("bos")),
-            "context_length": context_length(config), "chat_template": template,
+            "context_length": shape.context, "chat_template": template,
             "stop": [vocab.tokens[i] for i in stop_ids], "stop_ids": stop_ids,
         },
         model={
-            "file": MODEL_FILE, "architecture": (config.get("architectures") or ["LlamaForCausalLM"])[0],
+            "file": MODEL_FILE, "architecture": (config.get("architectures") or spec.architectures)[0],
             "n_layers": shape.n_layers, "n_heads": shape.n_heads, "n_kv_heads": shape.n_kv_heads,
             "hidden_size": shape.hidden, "head_dim": shape.head_dim, "vocab_size": shape.vocab_size,
             "tied_embeddings": bool(config.get("tie_word_embeddings")),

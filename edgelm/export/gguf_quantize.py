@@ -16,9 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgelm.errors import ExportError
+from edgelm.families import FLOAT_GGUF, LLAMA_FTYPES
 
-# llama_ftype values of llama.h for each --quant name edgelm offers
-QUANT_FTYPES = {"q8_0": 7, "q4_0": 2, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
 # "warning: blk.0.attn_q.weight - ncols 64 not divisible by 256 (required for type q4_K)"
 FALLBACK_LINE = re.compile(
     r"(?P<tensor>[\w.]+)\s+-\s+ncols\s+(?P<cols>\d+)\s+not divisible by\s+(?P<block>\d+)"
@@ -61,10 +60,10 @@ def quantize_gguf(float_path: Path, out_path: Path, quant: str, threads: int = 0
     """Write `out_path` as `quant` from the float GGUF `float_path`; raise ExportError on failure."""
     import llama_cpp
 
-    if quant not in QUANT_FTYPES:
-        raise ExportError(f"llama.cpp quantization {quant!r} is not offered; choose one of: {', '.join(QUANT_FTYPES)}")
+    if quant not in LLAMA_FTYPES or quant in FLOAT_GGUF:
+        raise ExportError(f"{quant!r} is not a llama.cpp quantization type")
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = QUANT_FTYPES[quant]
+    params.ftype = LLAMA_FTYPES[quant]
     params.nthread = threads
     with captured_llama_log() as log:
         code = llama_cpp.llama_model_quantize(str(float_path).encode(), str(out_path).encode(),

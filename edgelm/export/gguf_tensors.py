@@ -1,4 +1,4 @@
-"""Hugging Face LLaMA tensors -> GGUF tensors: names, rotary row order, storage types, rope_freqs.
+"""Hugging Face tensors -> GGUF tensors: names, layouts (rotary rows, Conv1D), storage types, rope_freqs.
 
 Tensors are planned from the safetensors headers alone (names, shapes), then read and converted
 one at a time while the GGUF file is written, so memory holds at most one tensor in F32.
@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from edgelm.errors import UnsupportedModelError
+from edgelm.export.gguf_arch import ArchSpec, Shape
 
-SKIPPED_SUFFIXES = ("rotary_emb.inv_freq",)  # recomputed by llama.cpp from the rope metadata
 FLOAT_TYPES = ("f32", "f16", "bf16")
 ROPE_FREQS_NAME = "rope_freqs.weight"
 
@@ -28,32 +28,7 @@ class TensorPlan:
     hf_name: str | None = None  # None for tensors edgelm computes (rope_freqs)
     file: Path | None = None
     rotary_heads: int = 0  # > 0: reorder rows for llama.cpp's rotary layout with this many heads
-
-
-@dataclass(frozen=True)
-class Shape:
-    """The facts of config.json the converter needs, with LLaMA's defaults filled in."""
-
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    hidden: int
-    head_dim: int
-    vocab_size: int
-
-    @classmethod
-    def from_config(cls, config: dict) -> Shape:
-        try:
-            heads = int(config["num_attention_heads"])
-            hidden = int(config["hidden_size"])
-            return cls(
-                n_layers=int(config["num_hidden_layers"]), n_heads=heads,
-                n_kv_heads=int(config.get("num_key_value_heads") or heads), hidden=hidden,
-                head_dim=int(config.get("head_dim") or hidden // heads),
-                vocab_size=int(config["vocab_size"]),
-            )
-        except (KeyError, TypeError, ValueError) as err:
-            raise UnsupportedModelError(f"config.json lacks a usable LLaMA field ({err})") from None
+    transpose: bool = False  # stored [in, out] (HF Conv1D): transposed to (out, in) on the way
 
 
 def weight_files(source: Path) -> list[Path]:
@@ -75,25 +50,28 @@ def weight_files(source: Path) -> list[Path]:
     raise UnsupportedModelError(f"{source}: no *.safetensors weights found")
 
 
-def plan_tensors(source: Path, shape: Shape, float_type: str) -> list[TensorPlan]:
+def plan_tensors(source: Path, spec: ArchSpec, shape: Shape, float_type: str) -> list[TensorPlan]:
     """Every GGUF tensor to write, in order, from the safetensors headers (no data read)."""
     import gguf
     from safetensors import safe_open
 
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, shape.n_layers)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[spec.model_arch], shape.n_layers)
     plans = []
     for file in weight_files(source):
         with safe_open(file, framework="pt") as handle:
             for hf_name in handle.keys():
-                if hf_name.endswith(SKIPPED_SUFFIXES):
+                if hf_name.endswith(spec.skipped):
                     continue
                 gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
                 if gguf_name is None:
-                    raise UnsupportedModelError(f"{file.name}: tensor {hf_name!r} has no GGUF name for LLaMA")
+                    raise UnsupportedModelError(f"{file.name}: tensor {hf_name!r} has no GGUF name for {spec.name}")
                 dims = tuple(handle.get_slice(hf_name).get_shape())
+                transpose = len(dims) == 2 and gguf_name.split(".")[-2] in spec.conv1d
+                dims = dims[::-1] if transpose else dims
+                rotary = _rotary_heads(gguf_name, shape) if spec.rotary_interleave else 0
                 plans.append(TensorPlan(gguf_name, dims, _storage(gguf_name, dims, float_type),
-                                        hf_name, file, _rotary_heads(gguf_name, shape)))
-    _check_complete(plans, shape)
+                                        hf_name, file, rotary, transpose))
+    _check_complete(plans, spec, shape)
     return plans
 
 
@@ -110,16 +88,14 @@ def _rotary_heads(gguf_name: str, shape: Shape) -> int:
     return 0
 
 
-def _check_complete(plans: list[TensorPlan], shape: Shape) -> None:
+def _check_complete(plans: list[TensorPlan], spec: ArchSpec, shape: Shape) -> None:
     have = {p.gguf_name for p in plans}
-    needed = ["token_embd.weight", "output_norm.weight"]
+    needed = list(spec.top_tensors)
     for layer in range(shape.n_layers):
-        needed += [f"blk.{layer}.{part}.weight" for part in
-                   ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output",
-                    "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")]
+        needed += [f"blk.{layer}.{part}" for part in spec.layer_tensors]
     missing = [n for n in needed if n not in have]
     if missing:
-        raise UnsupportedModelError(f"checkpoint lacks {len(missing)} LLaMA tensor(s), e.g. {missing[0]}")
+        raise UnsupportedModelError(f"checkpoint lacks {len(missing)} {spec.name} tensor(s), e.g. {missing[0]}")
     embd = next(p for p in plans if p.gguf_name == "token_embd.weight")
     if embd.shape != (shape.vocab_size, shape.hidden):
         raise UnsupportedModelError(
@@ -167,6 +143,8 @@ def converted(plan: TensorPlan, config: dict, shape: Shape) -> np.ndarray:
     else:
         with safe_open(plan.file, framework="pt") as handle:
             data = handle.get_tensor(plan.hf_name).to(torch.float32).numpy()
+    if plan.transpose:
+        data = data.T
     if plan.rotary_heads:
         data = interleave_rotary_rows(data, plan.rotary_heads)
     if plan.storage == "f16":

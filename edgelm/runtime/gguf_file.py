@@ -293,18 +293,13 @@ def read_gguf_header(path: str | Path) -> GgufHeader:
         raise ArtifactError(f"{path}: cannot read the file ({err.strerror or err})") from None
 
 
-# general.file_type values (llama.cpp's llama_ftype) -> the names edgelm uses for --quant
-FILE_TYPES = {
-    0: "f32", 1: "f16", 2: "q4_0", 3: "q4_1", 7: "q8_0", 8: "q5_0", 9: "q5_1", 10: "q2_k",
-    11: "q3_k_s", 12: "q3_k_m", 13: "q3_k_l", 14: "q4_k_s", 15: "q4_k_m", 16: "q5_k_s",
-    17: "q5_k_m", 18: "q6_k", 32: "bf16",
-}
 TOKENIZER_KINDS = {"llama": "spm", "gpt2": "bpe"}
 
 
 def manifest_from_header(path: Path, header: GgufHeader):
     """A manifest standing in for a bare GGUF file's missing edgelm.json, from its metadata."""
     from edgelm.artifact import Manifest
+    from edgelm.families import family_for_gguf_arch, quant_name_of_ftype
 
     arch = header.get("general.architecture")
     if not isinstance(arch, str) or not arch:
@@ -317,8 +312,9 @@ def manifest_from_header(path: Path, header: GgufHeader):
         return value if isinstance(value, int) and not isinstance(value, bool) else None
 
     return Manifest(
-        family="llama", task="text-generation", format="gguf",
-        quant=FILE_TYPES.get(file_type, f"file_type {file_type}") if file_type is not None else "unknown",
+        # the family edgelm exports this architecture as; an architecture it does not export keeps its own name
+        family=getattr(family_for_gguf_arch(arch), "name", arch), task="text-generation", format="gguf",
+        quant=quant_name_of_ftype(file_type if isinstance(file_type, int) else None),
         tokenizer={"kind": TOKENIZER_KINDS.get(model_kind, model_kind), "file": path.name},
         generation={
             "bos_id": token_id("bos_token_id"), "eos_id": token_id("eos_token_id"),

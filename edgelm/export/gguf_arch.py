@@ -1,0 +1,194 @@
+"""One spec per llama.cpp architecture edgelm converts to: what it accepts, its keys, its tensors.
+
+A spec says which Hugging Face checkpoints it takes (and refuses, in one line, what llama.cpp's
+graph for it would compute differently), how config.json maps to its shape, which metadata keys
+it writes, which tensors must be present, and how tensors are laid out (GPT-2's Conv1D weights
+transposed, LLaMA's rotary rows interleaved). The generic converter in gguf.py does the rest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgelm.errors import UnsupportedModelError
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The facts of config.json the converter needs, with each architecture's defaults filled in."""
+
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    hidden: int
+    head_dim: int
+    vocab_size: int
+    ffn: int  # feed-forward width
+    context: int  # positions the model was trained for (llama.cpp's context_length)
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    name: str  # llama.cpp's general.architecture
+    family: str  # edgelm family (edgelm/families.py) whose GGUF export this is
+    model_arch: str  # gguf.MODEL_ARCH member for the tensor name map
+    architectures: tuple[str, ...]  # Hugging Face classes accepted
+    shape: Callable[[dict], Shape]
+    check: Callable[[Path, dict], None]  # raises UnsupportedModelError for what is not implemented
+    write_keys: Callable[[object, dict, Shape], None]  # architecture keys into a GGUFWriter
+    top_tensors: tuple[str, ...]  # required GGUF tensors outside the blocks
+    layer_tensors: tuple[str, ...]  # required per block, "blk.N." + part
+    skipped: tuple[str, ...] = ()  # Hugging Face name suffixes not written (recomputed buffers)
+    conv1d: tuple[str, ...] = ()  # block parts stored [in, out] by HF Conv1D: transposed
+    rotary_interleave: bool = False  # LLaMA's rotary layout: q/k rows reordered per head
+    ggml_gelu: bool = False  # GELU MLP: llama.cpp's GELU rounds through an F16 table (gguf_validate.py)
+
+
+def _int(config: dict, *keys: str, default: int | None = None) -> int:
+    for key in keys:
+        if config.get(key) is not None:
+            return int(config[key])
+    if default is None:
+        raise UnsupportedModelError(f"config.json lacks {keys[0]}")
+    return default
+
+
+def _rope_kind(config: dict) -> str | None:
+    scaling = config.get("rope_scaling") or {}
+    kind = scaling.get("rope_type") or scaling.get("type")
+    return None if kind == "default" else kind
+
+
+def _refuse_archs(source: Path, config: dict, accepted: tuple[str, ...], what: str) -> None:
+    archs = config.get("architectures") or [accepted[0]]
+    if not set(archs) & set(accepted):
+        raise UnsupportedModelError(f"{source}: architecture {archs[0]} is not {what}")
+
+
+def _refuse_activation(source: Path, config: dict, key: str, wanted: str, default: str) -> None:
+    if config.get(key, default) != wanted:
+        raise UnsupportedModelError(f"{source}: {key} {config.get(key)!r}; llama.cpp's graph for it uses {wanted}")
+
+
+# ---- LLaMA / Mistral -------------------------------------------------------------------------
+
+def _llama_like_shape(config: dict) -> Shape:
+    heads, hidden = _int(config, "num_attention_heads"), _int(config, "hidden_size")
+    context = _int(config, "max_position_embeddings", default=2048)
+    window = config.get("sliding_window")
+    # llama.cpp's LLaMA/Phi-3 graphs have no sliding window: beyond it the results would differ
+    if config.get("model_type") in ("mistral", "phi3") and window:
+        context = min(context, int(window))
+    return Shape(
+        n_layers=_int(config, "num_hidden_layers"), n_heads=heads,
+        n_kv_heads=_int(config, "num_key_value_heads", default=heads), hidden=hidden,
+        head_dim=_int(config, "head_dim", default=hidden // heads), vocab_size=_int(config, "vocab_size"),
+        ffn=_int(config, "intermediate_size"), context=context,
+    )
+
+
+def _check_llama(source: Path, config: dict) -> None:
+    _refuse_archs(source, config, ("LlamaForCausalLM", "MistralForCausalLM"), "a LLaMA causal LM")
+    _refuse_activation(source, config, "hidden_act", "silu", "silu")
+    if config.get("mlp_bias"):
+        raise UnsupportedModelError(f"{source}: MLP biases are not part of llama.cpp's LLaMA graph")
+    if _rope_kind(config) not in (None, "linear", "llama3"):
+        raise UnsupportedModelError(
+            f"{source}: rope scaling {_rope_kind(config)!r} is not converted (linear and llama3 are)")
+
+
+def _decoder_keys(writer, config: dict, shape: Shape) -> None:
+    """Keys every decoder here shares."""
+    writer.add_context_length(shape.context)
+    writer.add_embedding_length(shape.hidden)
+    writer.add_block_count(shape.n_layers)
+    writer.add_feed_forward_length(shape.ffn)
+    writer.add_head_count(shape.n_heads)
+
+
+def _rms_rope_keys(writer, config: dict, shape: Shape) -> None:
+    """Keys of the RMSNorm + rotary decoders (LLaMA, Qwen2, Phi-3)."""
+    _decoder_keys(writer, config, shape)
+    writer.add_head_count_kv(shape.n_kv_heads)
+    writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
+    writer.add_rope_freq_base(float(config.get("rope_theta", 10000.0)))
+
+
+def _llama_keys(writer, config: dict, shape: Shape) -> None:
+    import gguf
+
+    _rms_rope_keys(writer, config, shape)
+    writer.add_rope_dimension_count(shape.head_dim)
+    if shape.head_dim != shape.hidden // shape.n_heads:
+        writer.add_key_length(shape.head_dim)
+        writer.add_value_length(shape.head_dim)
+    writer.add_vocab_size(shape.vocab_size)
+    if _rope_kind(config) == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(config["rope_scaling"]["factor"]))
+
+
+LLAMA_BLOCK = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
+
+LLAMA = ArchSpec(
+    name="llama", family="llama", model_arch="LLAMA", architectures=("LlamaForCausalLM", "MistralForCausalLM"),
+    shape=_llama_like_shape, check=_check_llama, write_keys=_llama_keys,
+    top_tensors=("token_embd.weight", "output_norm.weight"),
+    layer_tensors=tuple(f"{p}.weight" for p in LLAMA_BLOCK),
+    skipped=("rotary_emb.inv_freq",), rotary_interleave=True,
+)
+
+
+# ---- GPT-2 -----------------------------------------------------------------------------------
+
+def _gpt2_shape(config: dict) -> Shape:
+    hidden, heads = _int(config, "n_embd", "hidden_size"), _int(config, "n_head", "num_attention_heads")
+    return Shape(
+        n_layers=_int(config, "n_layer", "num_hidden_layers"), n_heads=heads, n_kv_heads=heads,
+        hidden=hidden, head_dim=hidden // heads, vocab_size=_int(config, "vocab_size"),
+        ffn=_int(config, "n_inner", default=4 * hidden),  # n_inner null means 4x the width
+        context=_int(config, "n_positions", "n_ctx", default=1024),
+    )
+
+
+def _check_gpt2(source: Path, config: dict) -> None:
+    _refuse_archs(source, config, ("GPT2LMHeadModel",), "a GPT-2 causal LM (GPT2LMHeadModel)")
+    # llama.cpp's GELU is the tanh approximation, which is GPT-2's own "gelu_new"
+    _refuse_activation(source, config, "activation_function", "gelu_new", "gelu_new")
+    if config.get("scale_attn_by_inverse_layer_idx") or config.get("add_cross_attention"):
+        raise UnsupportedModelError(f"{source}: per-layer attention scaling and cross-attention are not in "
+                                    "llama.cpp's GPT-2 graph")
+    if config.get("scale_attn_weights") is False:
+        raise UnsupportedModelError(f"{source}: unscaled attention is not in llama.cpp's GPT-2 graph")
+
+
+def _gpt2_keys(writer, config: dict, shape: Shape) -> None:
+    _decoder_keys(writer, config, shape)
+    writer.add_layer_norm_eps(float(config.get("layer_norm_epsilon", 1e-5)))
+
+
+GPT2_BLOCK = ("attn_norm", "attn_qkv", "attn_output", "ffn_norm", "ffn_up", "ffn_down")
+
+GPT2 = ArchSpec(
+    name="gpt2", family="gpt2", model_arch="GPT2", architectures=("GPT2LMHeadModel",),
+    shape=_gpt2_shape, check=_check_gpt2, write_keys=_gpt2_keys,
+    top_tensors=("token_embd.weight", "position_embd.weight", "output_norm.weight", "output_norm.bias"),
+    layer_tensors=tuple(f"{p}.{w}" for p in GPT2_BLOCK for w in ("weight", "bias")),
+    skipped=(".attn.bias", ".attn.masked_bias"),  # causal-mask buffers of older checkpoints
+    conv1d=("attn_qkv", "attn_output", "ffn_up", "ffn_down"), ggml_gelu=True,
+)
+
+
+ARCHS = {spec.name: spec for spec in (LLAMA, GPT2)}
+MODEL_TYPES = {"llama": LLAMA, "mistral": LLAMA, "gpt2": GPT2}
+
+
+def arch_for_config(source: Path, config: dict) -> ArchSpec:
+    """The spec for a source's config.json, checked: unsupported options are refused here."""
+    spec = MODEL_TYPES.get(config.get("model_type"))
+    if spec is None:
+        raise UnsupportedModelError(f"{source}: model_type {config.get('model_type')!r} has no GGUF converter")
+    spec.check(source, config)
+    return spec
