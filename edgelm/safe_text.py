@@ -9,13 +9,17 @@ tokenizer can encode, so they are refused with a one-line error naming where the
 
 from __future__ import annotations
 
+import json
 import re
+import sys
+from pathlib import Path
 
 from edgelm.errors import InputError
 
 # C0 and C1 control characters, DEL, lone surrogates, and the Unicode bidi controls
 _UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 _UNSAFE_KEEPING_LINES = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+_UNSAFE_IN_JSON = re.compile("[\x7f-\x9f\ud800-\udfff\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -30,6 +34,12 @@ def printable(text: object, keep_lines: bool = False) -> str:
     With keep_lines, newlines and tabs pass through (generated text, multi-line output)."""
     pattern = _UNSAFE_KEEPING_LINES if keep_lines else _UNSAFE
     return pattern.sub(_escape, str(text))
+
+
+def terminal_json(value: object, indent: int | None = None) -> str:
+    """JSON text safe to print: json.dumps escapes C0 controls; C1, bidi and surrogates too here."""
+    text = json.dumps(value, indent=indent, ensure_ascii=False)  # raw C0 left: only the indentation
+    return _UNSAFE_IN_JSON.sub(lambda match: f"\\u{ord(match.group()):04x}", text)
 
 
 def has_lone_surrogates(text: str) -> bool:
@@ -50,3 +60,13 @@ def decode_utf8(data: bytes, where: str) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
         raise InputError(f"{where} is not valid UTF-8 (byte 0x{data[err.start]:02x} at offset {err.start})") from None
+
+
+def read_text(path: Path, what: str) -> str:
+    """A UTF-8 file's text (`-` is stdin) or an InputError naming the file and the first bad byte."""
+    where = f"{what} {printable(path)}"
+    try:
+        data = sys.stdin.buffer.read() if str(path) == "-" else Path(path).read_bytes()
+    except OSError as err:
+        raise InputError(f"{where}: cannot read it ({printable(err.strerror or err)})") from None
+    return decode_utf8(data, where)

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import click
 
-from edgelm.errors import ContextOverflowError, InputError, UsageError
+from edgelm.errors import ContextOverflowError, InputError, UsageError, first_line
+from edgelm.safe_text import check_text, printable
 
 HELP = "type a message; /reset starts over, /exit (or Ctrl-D) quits"
 
@@ -43,11 +44,20 @@ def run_chat(artifact: Path, system: str | None, device: dict, sampling: dict) -
 
 
 def _read_line() -> str | None:
+    """The next line typed (or piped), "" for one that is not valid UTF-8 (after saying so)."""
     try:
-        return click.prompt(">", prompt_suffix=" ", default="", show_default=False)
+        line = click.prompt(">", prompt_suffix=" ", default="", show_default=False)
+        return check_text(line, "that line")
     except click.Abort:  # end of input (Ctrl-D) or Ctrl-C at the prompt
         click.echo(err=True)
         return None
+    except UnicodeDecodeError as err:  # stdin decoded strictly: the bytes are gone, the line with them
+        click.echo(f"error: that line is not valid UTF-8 (byte 0x{err.object[err.start]:02x}); type it again",
+                   err=True)
+        return ""
+    except InputError as err:
+        click.echo(f"error: {err}; type it again", err=True)
+        return ""
 
 
 def _one_turn(model, messages: list[dict], text: str, params, sampling: dict) -> list[dict]:
@@ -56,7 +66,7 @@ def _one_turn(model, messages: list[dict], text: str, params, sampling: dict) ->
     try:
         kept, dropped, _ = model.fit_messages(asked, params.max_tokens)
     except (ContextOverflowError, InputError) as err:
-        click.echo(f"error: {err}", err=True)
+        click.echo(f"error: {first_line(err, limit=1000)}", err=True)
         return messages
     if dropped:
         click.echo(f"(dropped the {dropped} oldest messages to stay within the context of "
@@ -65,7 +75,7 @@ def _one_turn(model, messages: list[dict], text: str, params, sampling: dict) ->
         stream = model.chat_stream(kept, **sampling)
         reply = "".join(_echo(piece) for piece in _without_leading_space(stream))
     except InputError as err:  # the template refused the conversation (e.g. roles out of order)
-        click.echo(f"error: {err}", err=True)
+        click.echo(f"error: {first_line(err, limit=1000)}", err=True)
         return messages
     click.echo()
     if stream.completion is not None and stream.completion.finish_reason == "length":
@@ -74,7 +84,7 @@ def _one_turn(model, messages: list[dict], text: str, params, sampling: dict) ->
 
 
 def _echo(piece: str) -> str:
-    click.echo(piece, nl=False)
+    click.echo(printable(piece, keep_lines=True), nl=False)  # a vocabulary can hold terminal escapes
     return piece
 
 

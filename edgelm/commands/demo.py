@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from edgelm.safe_text import printable
+
 PROMPT = "The "
 
 
@@ -35,7 +37,7 @@ def generate_demo(family: str, workdir: Path, steps: int | None) -> None:
         started = time.perf_counter()
         completion = generator.complete(PROMPT, max_tokens=200, temperature=0.6, seed=0)
         seconds = time.perf_counter() - started
-    click.echo("    " + (PROMPT + completion.text).replace("\n", "\n    "))
+    click.echo("    " + printable(PROMPT + completion.text, keep_lines=True).replace("\n", "\n    "))
     click.echo(f"    {completion.completion_tokens} tokens in {seconds:.2f}s "
                f"({completion.completion_tokens / seconds:.0f} tokens/s); "
                f"real corpus words: {real_word_fraction(completion.text):.0%}")

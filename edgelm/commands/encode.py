@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from edgelm.errors import InputError, UsageError
+from edgelm.safe_text import check_text, printable, read_text, terminal_json
 
 PROGRESS_FROM = 256  # texts; fewer finish before a bar would be worth drawing
 
@@ -25,20 +26,21 @@ def _load_task(artifact: Path, task: str, threads: int | None, provider: str):
 
 def read_lines(path: Path) -> list[str]:
     """One text per non-empty line of a UTF-8 file."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise InputError(f"{path}: not UTF-8 text") from None
-    except OSError as err:
-        raise InputError(f"{path}: cannot read it ({err.strerror})") from None
-    return [line for line in text.splitlines() if line.strip()]
+    return [line for line in read_text(path, "the --file").splitlines() if line.strip()]
+
+
+def _texts(texts: tuple[str, ...], file: Path | None) -> list[str]:
+    """TEXT arguments (checked to be valid UTF-8, which Linux does not promise) plus --file lines."""
+    all_texts = [check_text(t, f"TEXT argument {i + 1}") for i, t in enumerate(texts)]
+    all_texts += read_lines(file) if file else []
+    if not all_texts:
+        raise InputError("give at least one TEXT or a --file with one text per line")
+    return all_texts
 
 
 def run_embed(artifact: Path, texts: tuple[str, ...], file: Path | None, as_json: bool, batch_size: int | None,
               normalize: bool | None, threads: int | None, provider: str) -> None:
-    all_texts = list(texts) + (read_lines(file) if file else [])
-    if not all_texts:
-        raise InputError("give at least one TEXT or a --file with one text per line")
+    all_texts = _texts(texts, file)
     with _load_task(artifact, "embed", threads, provider) as model:
         if len(all_texts) >= PROGRESS_FROM:
             with click.progressbar(length=len(all_texts), label="embed", file=sys.stderr) as bar:
@@ -56,29 +58,28 @@ def run_embed(artifact: Path, texts: tuple[str, ...], file: Path | None, as_json
 
 
 def run_fill_mask(artifact: Path, text: str, top_k: int, as_json: bool, threads: int | None, provider: str) -> None:
+    check_text(text, "the TEXT argument")
     with _load_task(artifact, "fill-mask", threads, provider) as model:
         predictions = model.fill_mask(text, top_k=top_k)
     if as_json:
-        click.echo(json.dumps({"predictions": [{"token": t, "score": s} for t, s in predictions],
-                               "truncated": predictions.truncated}, ensure_ascii=False))
+        click.echo(terminal_json({"predictions": [{"token": t, "score": s} for t, s in predictions],
+                                  "truncated": predictions.truncated}))
     else:
         for token, score in predictions:
-            click.echo(f"{score:.4f}  {token}")
+            click.echo(f"{score:.4f}  {printable(token)}")  # vocabulary strings come from the model file
     _note_truncated(int(predictions.truncated), model.max_length)
 
 
 def run_classify(artifact: Path, texts: tuple[str, ...], file: Path | None, as_json: bool, threads: int | None,
                  provider: str) -> None:
-    all_texts = list(texts) + (read_lines(file) if file else [])
-    if not all_texts:
-        raise InputError("give at least one TEXT or a --file with one text per line")
+    all_texts = _texts(texts, file)
     with _load_task(artifact, "classify", threads, provider) as model:
         results = model.classify(all_texts)
     if as_json:
-        click.echo(json.dumps(results, ensure_ascii=False))
+        click.echo(terminal_json(results))
     else:
         for text, result in zip(all_texts, results):
-            click.echo(f"{result['label']}\t{result['score']:.4f}\t{text[:80]}")
+            click.echo(f"{printable(result['label'])}\t{result['score']:.4f}\t{printable(text[:80])}")
     _note_truncated(sum(r["truncated"] for r in results), model.max_length)
 
 

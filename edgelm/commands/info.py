@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
+
+from edgelm.safe_text import printable, terminal_json
 
 
 def describe(path: Path, as_json: bool, verify: bool) -> None:
@@ -13,18 +14,20 @@ def describe(path: Path, as_json: bool, verify: bool) -> None:
 
     manifest = info(path, verify=verify)
     if as_json:
-        click.echo(json.dumps(manifest.to_dict(), indent=2, ensure_ascii=False))
+        click.echo(terminal_json(manifest.to_dict(), indent=2))
         return
-    click.echo(f"{path}: {manifest.family} {manifest.task}, {manifest.format} {manifest.quant}")
+    # every string here comes from a file made elsewhere: escaped before it reaches the terminal
+    head = f"{path}: {manifest.family} {manifest.task}, {manifest.format} {manifest.quant}"
+    click.echo(printable(head))
     for name, meta in manifest.files.items():
-        click.echo(f"  {name:<24} {meta['size']:>12,} bytes")
+        click.echo(f"  {printable(name):<24} {meta['size']:>12,} bytes")
     if manifest.validation_skipped:
         click.echo("validation: skipped")
     else:
         click.echo(f"validation: {'passed' if manifest.validation_passed else 'FAILED'}")
         for check in manifest.validation:
-            click.echo(f"  {check.describe()}")
+            click.echo(f"  {printable(check.describe())}")
     if manifest.created:
-        click.echo(f"created {manifest.created} by edgelm {manifest.versions.get('edgelm')}")
+        click.echo(printable(f"created {manifest.created} by edgelm {manifest.versions.get('edgelm')}"))
     else:
         click.echo("not made by edgelm: the file's own metadata stands in for a manifest")

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 
 from edgelm.errors import UsageError
+from edgelm.safe_text import printable, terminal_json
 
 
 def run_prompt(artifact: Path, prompt: str, as_json: bool, device: dict, sampling: dict) -> None:
@@ -22,10 +22,10 @@ def run_prompt(artifact: Path, prompt: str, as_json: bool, device: dict, samplin
         stream = model.stream(prompt, **sampling)
         for piece in stream:
             if not as_json:
-                click.echo(piece, nl=False)
+                click.echo(printable(piece, keep_lines=True), nl=False)  # a vocabulary can hold escapes
         completion = stream.completion
     if as_json:
-        click.echo(json.dumps(dataclasses.asdict(completion), indent=2, ensure_ascii=False))
+        click.echo(terminal_json(dataclasses.asdict(completion), indent=2))
         return
     click.echo()
     if completion.truncated_prompt_tokens:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable
@@ -64,6 +65,36 @@ class TrainResult:
     seconds: float
 
 
+TRAINED_MODEL_TYPES = ("edgelm-rnn", "edgelm-lstm")
+TRAINED_FILES = frozenset({"config.json", "model.safetensors", "tokenizer.json", "held_out.txt"})
+
+
+def check_output_folder(out: Path, force: bool = False) -> None:
+    """Refuse to write into a folder that holds anything but a previous `edgelm train` output.
+
+    Training overwrites config.json, model.safetensors and tokenizer.json; in someone else's
+    model folder that would destroy their files, so it takes --force (force=True)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out} is a file, not a folder to train into")
+    if force or not out.exists():
+        return
+    names = {p.name for p in out.iterdir()}
+    if not names:
+        return
+    foreign = sorted(names - TRAINED_FILES)
+    if foreign:
+        raise UsageError(f"{out} holds files edgelm train did not write (e.g. {foreign[0]!r}); "
+                         "choose an empty folder or pass --force")
+    try:
+        model_type = json.loads((out / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        model_type = None
+    if model_type not in TRAINED_MODEL_TYPES:
+        raise UsageError(f"{out} is not empty and is not a model edgelm trained (its config.json is not one); "
+                         "choose an empty folder or pass --force")
+
+
 def split_training_text(text: str, opts: TrainOptions) -> tuple[str, str]:
     """(train, held_out), or a UsageError when the text cannot fill a few training windows."""
     train_text, held_out = split_held_out(text)
@@ -79,8 +110,9 @@ def _token_ids(tokenizer, text: str) -> np.ndarray:
 
 
 def train(out: Path, opts: TrainOptions, text: str | None = None,
-          on_step: Callable[[int, float], None] | None = None) -> TrainResult:
+          on_step: Callable[[int, float], None] | None = None, force: bool = False) -> TrainResult:
     opts.check()
+    check_output_folder(out, force)
     started = time.perf_counter()
     torch.manual_seed(opts.seed)
     train_text, held_out = split_training_text(builtin_text() if text is None else text, opts)
