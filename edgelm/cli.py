@@ -9,21 +9,27 @@ from pathlib import Path
 import click
 
 from edgelm._version import __version__
-from edgelm.errors import EdgelmError
+from edgelm.errors import EdgelmError, first_line
 from edgelm.families import quant_help
+from edgelm.safe_text import printable
 
 
 class EdgelmGroup(click.Group):
-    """Turns every error a user can cause into one line and an exit code; --debug shows more."""
+    """Turns every error a user can cause into one line and an exit code; --debug shows more.
+
+    Anything else is a bug in edgelm or a library: it still prints one line (the exception's type
+    and first line, escaped), never a traceback, unless --debug asks for it."""
 
     def invoke(self, ctx: click.Context):
         debug = ctx.params.get("debug", False)  # parsed before invoke, so set even for embedded use
         try:
             return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise  # click's own usage errors, --help and exits print themselves
         except EdgelmError as err:
             if debug:
                 raise
-            click.echo(f"error: {err}", err=True)
+            click.echo(f"error: {first_line(err, limit=1000)}", err=True)
             ctx.exit(err.exit_code)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
@@ -31,8 +37,14 @@ class EdgelmGroup(click.Group):
         except ImportError as err:
             if debug:
                 raise
-            missing = err.name or err
+            missing = printable(err.name or first_line(err))
             click.echo(f"error: {missing} is not installed; exporting needs `pip install edgelm[export]`", err=True)
+            ctx.exit(1)
+        except Exception as err:  # noqa: BLE001 - the last resort: a bug must not show a traceback
+            if debug:
+                raise
+            click.echo(f"error: internal error ({type(err).__name__}): {first_line(err)}; rerun with --debug",
+                       err=True)
             ctx.exit(1)
 
 
@@ -93,12 +105,13 @@ def progress_printer(label_width: int = 10):
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--lr", type=float, default=3e-3, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-def train(model, out, text, tokenizer, vocab_size, hidden, layers, steps, seq_len, batch_size, lr, seed):
+@click.option("--force", is_flag=True, help="Write into --out even if it holds files edgelm train did not write.")
+def train(model, out, text, tokenizer, vocab_size, hidden, layers, steps, seq_len, batch_size, lr, seed, force):
     """Train an RNN or LSTM language model."""
     from edgelm.commands.train import run_train
 
-    run_train(model, out, text, tokenizer=tokenizer, vocab_size=vocab_size, hidden=hidden, layers=layers,
-              steps=steps, seq_len=seq_len, batch_size=batch_size, lr=lr, seed=seed)
+    run_train(model, out, text, force=force, tokenizer=tokenizer, vocab_size=vocab_size, hidden=hidden,
+              layers=layers, steps=steps, seq_len=seq_len, batch_size=batch_size, lr=lr, seed=seed)
 
 
 @main.command()
@@ -163,15 +176,29 @@ def sampling_options(fn):
 
 @main.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
-@click.argument("prompt")
+@click.argument("prompt", required=False)
+@click.option("--prompt-file", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),
+              help="Read the prompt from a UTF-8 file (- for stdin) instead of PROMPT.")
 @sampling_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming.")
-def run(artifact, prompt, as_json, threads, provider, n_gpu_layers, n_ctx, verify, **sampling):
+def run(artifact, prompt, prompt_file, as_json, threads, provider, n_gpu_layers, n_ctx, verify, **sampling):
     """Generate a continuation of PROMPT, streamed to the terminal."""
     from edgelm.commands.run import run_prompt
 
     device = dict(threads=threads, provider=provider, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, verify=verify)
-    run_prompt(artifact, prompt, as_json, device, sampling)
+    run_prompt(artifact, prompt_text(prompt, prompt_file), as_json, device, sampling)
+
+
+def prompt_text(prompt: str | None, prompt_file: Path | None) -> str:
+    """The prompt from the argument or the file, checked to be valid UTF-8 either way."""
+    from edgelm.errors import UsageError
+    from edgelm.safe_text import check_text, read_text
+
+    if (prompt is None) == (prompt_file is None):
+        raise UsageError("give either a PROMPT argument or --prompt-file, not both or neither")
+    if prompt_file is None:
+        return check_text(prompt, "the PROMPT argument")  # Linux passes undecodable bytes as surrogates
+    return read_text(prompt_file, "the prompt file")
 
 
 @main.command()
@@ -246,6 +273,20 @@ def classify(artifact, texts, file, as_json, threads, provider):
 
 
 @main.command()
+@click.argument("artifacts", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--prompt-tokens", type=int, default=64, show_default=True, help="Prompt length for prefill.")
+@click.option("--new-tokens", type=int, default=64, show_default=True, help="Greedy tokens decoded.")
+@click.option("--threads", type=int, default=None, help="CPU threads [default: physical cores].")
+@click.option("--rounds", type=int, default=3, show_default=True, help="Interleaved rounds; medians are shown.")
+@click.option("--json", "as_json", is_flag=True, help='Print {"rows": [...]} as JSON.')
+def bench(artifacts, prompt_tokens, new_tokens, threads, rounds, as_json):
+    """Measure artifacts side by side (each in its own process): speed, memory, size."""
+    from edgelm.commands.bench import run_bench
+
+    run_bench(artifacts, prompt_tokens, new_tokens, threads, rounds, as_json)
+
+
+@main.command()
 @click.argument("artifacts", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; others need --api-key.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="0 picks a free port.")
@@ -272,19 +313,6 @@ def serve(ctx, artifacts, host, port, api_key, cors_origins, names, max_queue, a
     device = dict(threads=threads, provider=provider, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, verify=verify)
     debug = bool(ctx.find_root().params.get("debug"))
     run_serve(artifacts, names, host, port, api_key, cors_origins, max_queue, allow_remote, device, debug)
-
-@main.command()
-@click.argument("artifacts", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--prompt-tokens", type=int, default=64, show_default=True, help="Prompt length for prefill.")
-@click.option("--new-tokens", type=int, default=64, show_default=True, help="Greedy tokens decoded.")
-@click.option("--threads", type=int, default=None, help="CPU threads [default: physical cores].")
-@click.option("--rounds", type=int, default=3, show_default=True, help="Interleaved rounds; medians are shown.")
-@click.option("--json", "as_json", is_flag=True, help='Print {"rows": [...]} as JSON.')
-def bench(artifacts, prompt_tokens, new_tokens, threads, rounds, as_json):
-    """Measure artifacts side by side (each in its own process): speed, memory, size."""
-    from edgelm.commands.bench import run_bench
-
-    run_bench(artifacts, prompt_tokens, new_tokens, threads, rounds, as_json)
 
 
 if __name__ == "__main__":

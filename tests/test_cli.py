@@ -122,7 +122,8 @@ def test_help(args):
 def test_train_text_that_is_not_utf8_or_too_short(tmp_path):
     binary = tmp_path / "blob.txt"
     binary.write_bytes(b"\xff\xfe\x00\x81" * 100)
-    assert_one_line_error(invoke("train", "lstm", "--out", tmp_path / "m", "--text", binary), 2, "not UTF-8 text")
+    assert_one_line_error(invoke("train", "lstm", "--out", tmp_path / "m", "--text", binary), 1,
+                          "blob.txt is not valid UTF-8 (byte 0xff at offset 0)")
     short = tmp_path / "short.txt"
     short.write_text("tiny")
     assert_one_line_error(invoke("train", "lstm", "--out", tmp_path / "m", "--text", short), 2, "too short")

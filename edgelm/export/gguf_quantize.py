@@ -8,22 +8,20 @@ ExportError with llama.cpp's own reason, and every fallback is returned to go in
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgelm.errors import ExportError
 from edgelm.families import FLOAT_GGUF, LLAMA_FTYPES
+from edgelm.runtime.llama_log import captured_llama_log, log_lines
 
 # "warning: blk.0.attn_q.weight - ncols 64 not divisible by 256 (required for type q4_K)"
 FALLBACK_LINE = re.compile(
     r"(?P<tensor>[\w.]+)\s+-\s+ncols\s+(?P<cols>\d+)\s+not divisible by\s+(?P<block>\d+)"
     r"\s+\(required for type\s+(?P<wanted>\w+)\s*\)")
 FALLBACK_COUNT = re.compile(r"(\d+) of (\d+) tensor\(s\) required fallback quantization")
-GGML_LOG_CONT = 5  # a continuation of the previous log line
 
 
 @dataclass
@@ -31,29 +29,6 @@ class QuantizeReport:
     fallbacks: list[dict] = field(default_factory=list)  # tensor, wanted, used, reason
     fallback_count: int = 0  # as llama.cpp counted them
     log: list[str] = field(default_factory=list)
-
-
-@contextlib.contextmanager
-def captured_llama_log() -> Iterator[list[str]]:
-    """Every llama.cpp log line of the block, collected instead of printed."""
-    import llama_cpp
-    from llama_cpp import _logger
-
-    lines: list[str] = []
-
-    @llama_cpp.llama_log_callback
-    def collect(level, text, user_data):
-        piece = text.decode("utf-8", errors="replace")
-        if level == GGML_LOG_CONT and lines:
-            lines[-1] += piece
-        else:
-            lines.append(piece)
-
-    llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
-    try:
-        yield lines
-    finally:
-        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
 
 
 def quantize_gguf(float_path: Path, out_path: Path, quant: str, threads: int = 0) -> QuantizeReport:
@@ -68,7 +43,7 @@ def quantize_gguf(float_path: Path, out_path: Path, quant: str, threads: int = 0
     with captured_llama_log() as log:
         code = llama_cpp.llama_model_quantize(str(float_path).encode(), str(out_path).encode(),
                                               ctypes.byref(params))
-    lines = [line.strip() for line in "".join(f"{x}\n" for x in log).splitlines() if line.strip()]
+    lines = log_lines(log)
     if code != 0 or not out_path.is_file():
         raise ExportError(f"llama.cpp could not quantize to {quant} ({_failure_reason(lines, code)})")
     report = QuantizeReport(log=lines)
