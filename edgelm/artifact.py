@@ -20,10 +20,25 @@ from pathlib import Path
 from typing import Any
 
 from edgelm._version import __version__
+from edgelm.contract import (
+    GenerationSection,
+    ModelSection,
+    SourceSection,
+    TokenizerSection,
+    check_task_fields,
+    model_class,
+    parse_section,
+    show_value,
+    spec,
+    upgrade_v1,
+)
 from edgelm.errors import ArtifactError, ExportError
+from edgelm.paths import confined
 
 MANIFEST_NAME = "edgelm.json"
-SCHEMA_VERSION = 1
+MAX_MANIFEST_BYTES = 16 << 20  # chat templates and fallback lists included, real ones are far smaller
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # schema 1 is migrated on reading (edgelm/contract.py: upgrade_v1)
 PARTIAL_MARK = ".partial-"
 
 
@@ -56,22 +71,45 @@ class Check:
         return cls(name, float(value), None, True, note)
 
 
+SECTIONS = ("tokenizer", "generation", "model", "source")
+
+
 @dataclass
 class Manifest:
+    """`edgelm.json`: what an artifact is, how to run it, and how it was proven.
+
+    The family sections are frozen, typed dataclasses (edgelm/contract.py); given as dicts (in
+    schema 1's or 2's shape) they are checked and converted, so a wrong field fails here.
+    """
+
     family: str
     task: str
     format: str  # "onnx" or "gguf"
     quant: str
-    tokenizer: dict[str, Any] = field(default_factory=dict)
-    generation: dict[str, Any] = field(default_factory=dict)
-    source: dict[str, Any] = field(default_factory=dict)
+    tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
+    generation: GenerationSection = field(default_factory=GenerationSection)
+    source: SourceSection = field(default_factory=SourceSection)
     validation: list[Check] = field(default_factory=list)
     validation_skipped: bool = False
-    model: dict[str, Any] = field(default_factory=dict)  # family-specific facts (graph io, labels...)
+    model: ModelSection | None = None  # None: an empty section of the family's model class
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
     versions: dict[str, str | None] = field(default_factory=dict)
     created: str = ""
     schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        if any(isinstance(getattr(self, name), dict) for name in SECTIONS):
+            data = upgrade_v1({"family": self.family, "format": self.format,
+                               **{name: _as_dict(getattr(self, name)) for name in SECTIONS}})
+            self._set_sections(data, "manifest", required=False)
+        if self.model is None:
+            self.model = model_class(self.family, self.format)()
+
+    def _set_sections(self, data: dict[str, Any], where: str, required: bool) -> None:
+        classes = {"tokenizer": TokenizerSection, "generation": GenerationSection, "source": SourceSection,
+                   "model": model_class(self.family, self.format)}
+        for name, cls in classes.items():
+            setattr(self, name, parse_section(cls, data.get(name, {}), name, where, required=required))
 
     @property
     def validation_passed(self) -> bool:
@@ -83,12 +121,49 @@ class Manifest:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Manifest:
-        data = dict(data)
-        data.pop("validation_passed", None)
-        known = {f.name for f in dataclasses.fields(cls)}
-        checks = [Check(**c) for c in data.pop("validation", [])]
-        return cls(validation=checks, **{k: v for k, v in data.items() if k in known})
+    def from_dict(cls, data: dict[str, Any], where: str = "manifest") -> Manifest:
+        """A manifest from its JSON object (schema 1 or 2), every field checked; ArtifactError naming it."""
+        version = data.get("schema_version")
+        if version not in READABLE_VERSIONS or isinstance(version, bool):
+            raise ArtifactError(f"{where}: unknown schema_version {show_value(version)} (this edgelm reads "
+                                f"{', '.join(map(str, READABLE_VERSIONS))})")
+        if version == 1:
+            data = upgrade_v1(data)
+        top = parse_section(_TopLevel, data, "", where)
+        checks = [parse_section(Check, c, f"validation[{i}]", where) for i, c in enumerate(top.validation)]
+        files = {name: dataclasses.asdict(parse_section(FileEntry, meta, f"files.{name}", where))
+                 for name, meta in top.files.items()}
+        manifest = cls(family=top.family, task=top.task, format=top.format, quant=top.quant,
+                       validation=checks, validation_skipped=top.validation_skipped, files=files,
+                       versions=dict(top.versions), created=top.created, schema_version=SCHEMA_VERSION)
+        manifest._set_sections(data, where, required=True)
+        check_task_fields(manifest.task, manifest.tokenizer, manifest.model, where)
+        return manifest
+
+
+@dataclass(frozen=True)
+class _TopLevel:
+    """The manifest's own fields, checked like the sections' (lists and objects parsed later)."""
+
+    family: str = spec(required=True)
+    task: str = spec(required=True)
+    format: str = spec(required=True)
+    quant: str = spec(required=True)
+    validation: tuple[Any, ...] = ()
+    validation_skipped: bool = False
+    files: dict[str, Any] = spec(factory=dict)
+    versions: dict[str, str | None] = spec(factory=dict)
+    created: str = ""
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    size: int = spec(required=True)
+    sha256: str = spec(required=True)
+
+
+def _as_dict(section: Any) -> Any:
+    return dataclasses.asdict(section) if dataclasses.is_dataclass(section) else section
 
 
 def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
@@ -130,10 +205,32 @@ def _fsync_tree(folder: Path) -> None:
 
 
 def _check_replaceable(out: Path) -> None:
-    if out.exists() and not out.is_dir():
+    """Replace only what edgelm owns: an empty folder, or an artifact holding only its own files."""
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise ExportError(f"{out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    manifest = out / MANIFEST_NAME
+    if not manifest.is_file():
         raise ExportError(f"{out} exists, is not empty and is not an edgelm artifact; refusing to replace it")
+    listed = _listed_files(manifest)
+    if listed is None:
+        raise ExportError(f"{manifest}: unreadable manifest; refusing to replace {out}")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in listed and p.name != MANIFEST_NAME)
+    if foreign:
+        raise ExportError(f"{out / foreign[0]}: not a file of the artifact it sits in; refusing to replace {out}")
+
+
+def _listed_files(manifest: Path) -> set[str] | None:
+    """The file names an existing manifest lists, or None when it cannot be read as one."""
+    try:
+        if manifest.stat().st_size > MAX_MANIFEST_BYTES:
+            return None
+        data = json.loads(manifest.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return None
+    files = data.get("files") if isinstance(data, dict) else None
+    return set(files) if isinstance(files, dict) else None
 
 
 def _remove_stale_partials(out: Path) -> None:
@@ -143,33 +240,87 @@ def _remove_stale_partials(out: Path) -> None:
 
 
 @contextlib.contextmanager
+def export_lock(out: Path) -> Iterator[Path]:
+    """Hold `.NAME.lock` next to `out` for one export; a second export to `out` fails at once.
+
+    flock is released by the kernel however the process ends, so a killed export never leaves
+    a lock that blocks the next one. After locking, the file must still be the one at the path
+    (the previous holder unlinks it on release), else the lock is retaken on the new file.
+    """
+    path = out.parent / f".{out.name}.lock"
+    while True:
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            _try_lock(fd, out, path)
+            if os.path.exists(path) and os.path.samestat(os.fstat(fd), os.stat(path)):
+                break
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+    try:
+        yield path
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        os.close(fd)  # closing releases the lock
+
+
+def _try_lock(fd: int, out: Path, path: Path) -> None:
+    try:
+        import fcntl
+    except ImportError:  # Windows: msvcrt locks a byte range of the open file
+        import msvcrt
+
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        except OSError:
+            raise ExportError(f"{out}: another export to it is running (lock {path})") from None
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise ExportError(f"{out}: another export to it is running (lock {path})") from None
+
+
+@contextlib.contextmanager
 def write_artifact(out: str | Path, manifest: Manifest) -> Iterator[Path]:
     """Yield a temporary folder to fill; on success record files, write the manifest, swap it in.
 
     Any exception (KeyboardInterrupt and SystemExit included) removes the temporary folder, so
-    `out` is either the previous complete artifact, or absent, never half-written.
+    `out` is either the previous complete artifact, or absent, never half-written. Concurrent
+    writes to one `out` are refused (export_lock), and `out` is only replaced if it holds
+    nothing but an artifact's own files.
     """
-    out = Path(out).resolve()
-    _check_replaceable(out)
+    out = Path(out).absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_partials(out)
-    tmp = out.parent / f".{out.name}{PARTIAL_MARK}{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        manifest.files = {
-            p.name: {"size": p.stat().st_size, "sha256": sha256_of(p)}
-            for p in sorted(tmp.iterdir())
-            if p.is_file() and p.name != MANIFEST_NAME
-        }
-        manifest.versions = {**runtime_versions(), **manifest.versions}
-        manifest.created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
-        _fsync_tree(tmp)
-        _swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with export_lock(out):
+        _check_replaceable(out)
+        _remove_stale_partials(out)
+        tmp = out.parent / f".{out.name}{PARTIAL_MARK}{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            yield tmp
+            _seal(tmp, manifest)
+            _swap_into_place(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+def _seal(tmp: Path, manifest: Manifest) -> None:
+    """List every file with its size and hash, write the manifest, flush everything to disk."""
+    entries = sorted(tmp.iterdir())
+    strays = [p.name for p in entries if not p.is_file() or p.is_symlink()]
+    if strays:  # an artifact is flat regular files; anything else is an exporter bug
+        raise ExportError(f"{tmp}: {strays[0]} is not a regular file; an artifact holds files only")
+    manifest.files = {p.name: {"size": p.stat().st_size, "sha256": sha256_of(p)}
+                      for p in entries if p.name != MANIFEST_NAME}
+    manifest.versions = {**runtime_versions(), **manifest.versions}
+    manifest.created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    manifest.schema_version = SCHEMA_VERSION
+    (tmp / MANIFEST_NAME).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
+    _fsync_tree(tmp)
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:
@@ -185,39 +336,66 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
 def read_manifest(folder: str | Path, verify: bool = False) -> Manifest:
     """Read and check an artifact folder; raise ArtifactError naming the first problem found."""
     folder = Path(folder)
-    if not folder.exists():
-        raise ArtifactError(f"{folder}: no such artifact")
-    path = folder / MANIFEST_NAME
+    if not folder.is_dir():
+        raise ArtifactError(f"{folder}: no such artifact" if not folder.exists() else f"{folder}: not a folder")
+    path = confined(folder, MANIFEST_NAME, "manifest")
     if not path.is_file():
         raise ArtifactError(f"{folder}: not an edgelm artifact (no {MANIFEST_NAME})")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ArtifactError(f"{path}: manifest is not valid JSON ({err.msg if hasattr(err, 'msg') else err})") from None
-    if not isinstance(data, dict):
-        raise ArtifactError(f"{path}: manifest is not a JSON object")
-    version = data.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise ArtifactError(
-            f"{path}: unknown schema_version {version!r} (this edgelm reads {SCHEMA_VERSION})"
-        )
-    try:
-        manifest = Manifest.from_dict(data)
-    except TypeError as err:
-        raise ArtifactError(f"{path}: manifest is missing fields ({err})") from None
+    manifest = Manifest.from_dict(_read_manifest_json(path), where=str(path))
     _check_files(folder, manifest, verify)
     return manifest
 
 
+def _read_manifest_json(path: Path) -> dict[str, Any]:
+    try:
+        size = path.stat().st_size
+        if size > MAX_MANIFEST_BYTES:
+            raise ArtifactError(f"{path}: {size} bytes is too large for a manifest (limit {MAX_MANIFEST_BYTES})")
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as err:
+        raise ArtifactError(f"{path}: cannot be read ({err.strerror or type(err).__name__})") from None
+    except UnicodeDecodeError:
+        raise ArtifactError(f"{path}: manifest is not valid JSON (not UTF-8)") from None
+    except json.JSONDecodeError as err:
+        raise ArtifactError(f"{path}: manifest is not valid JSON ({err.msg})") from None
+    except RecursionError:
+        raise ArtifactError(f"{path}: manifest is not valid JSON (nested too deeply)") from None
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{path}: manifest is not a JSON object")
+    return data
+
+
 def _check_files(folder: Path, manifest: Manifest, verify: bool) -> None:
+    where = folder / MANIFEST_NAME
     for name, meta in manifest.files.items():
-        if Path(name).name != name:
+        if name == MANIFEST_NAME or Path(name).name != name or "\\" in name:
             raise ArtifactError(f"{folder}: manifest names a file outside the artifact: {name!r}")
-        path = folder / name
+        path = confined(folder, name, "file listed in the manifest")
         if not path.is_file():
             raise ArtifactError(f"{path}: file listed in the manifest is missing")
         size = path.stat().st_size
-        if size != meta.get("size"):
-            raise ArtifactError(f"{path}: size {size} does not match the manifest ({meta.get('size')})")
-        if verify and sha256_of(path) != meta.get("sha256"):
+        if size != meta["size"]:
+            raise ArtifactError(f"{path}: size {size} does not match the manifest ({meta['size']})")
+        if verify and sha256_of(path) != meta["sha256"]:
             raise ArtifactError(f"{path}: sha256 does not match the manifest")
+    for field_name, name in (("model.file", manifest.model.file), ("tokenizer.file", manifest.tokenizer.file)):
+        if name not in manifest.files:
+            raise ArtifactError(f"{where}: {field_name} {show_value(name)} is not among the files it lists")
+
+
+def staged(manifest: Manifest, tmp: Path) -> Manifest:
+    """A copy of a manifest being written that lists the files so far, so validation can load them."""
+    files = {p.name: {"size": p.stat().st_size, "sha256": ""} for p in Path(tmp).iterdir() if p.is_file()}
+    return dataclasses.replace(manifest, files=files)
+
+
+def artifact_file(folder: str | Path, manifest: Manifest, name: str | None, what: str) -> Path:
+    """The path of a file the runtime is about to open: listed in the manifest and inside the folder.
+
+    A bare .gguf's stand-in manifest lists no files; its one file was named by the user.
+    """
+    if manifest.source.bare_gguf and isinstance(name, str) and Path(name).name == name:
+        return Path(folder) / name  # the user named this very file (it may be a link into a cache)
+    if name not in manifest.files:
+        raise ArtifactError(f"{folder}: {what} {show_value(name)} is not a file the manifest lists")
+    return confined(folder, name, what)

@@ -8,16 +8,21 @@ import shutil
 import pytest
 
 from edgelm.artifact import MANIFEST_NAME, Manifest, read_manifest, write_artifact
+from edgelm.contract import RecurrentModel, TokenizerSection
 from edgelm.errors import ArtifactError, ExportError
 
 
 def _manifest() -> Manifest:
-    return Manifest(family="lstm", task="text-generation", format="onnx", quant="none")
+    return Manifest(family="lstm", task="text-generation", format="onnx", quant="none",
+                    tokenizer=TokenizerSection(file="tokenizer.json"),
+                    model=RecurrentModel(file="model.onnx", inputs=("input_ids", "h0"), outputs=("logits", "hn"),
+                                         num_layers=1, hidden_size=4))
 
 
 def _write(out, payload=b"weights"):
     with write_artifact(out, _manifest()) as tmp:
         (tmp / "model.onnx").write_bytes(payload)
+        (tmp / "tokenizer.json").write_text("{}")
     return out
 
 

@@ -120,8 +120,9 @@ def test_minilm_matches_sentence_transformers(quant, bound, minilm_fp32, minilm_
     artifact = minilm_fp32 if quant == "fp32" else minilm_int8
     manifest = edgelm.runtime.info(artifact)
     assert manifest.validation_passed and manifest.task == "embed"
-    assert manifest.model["pooling"] == ["mean"] and manifest.model["normalize"] is True
-    assert manifest.tokenizer["max_length"] == 256
+    assert manifest.model.pooling == ("mean",) and manifest.model.normalize is True
+    assert manifest.model.context_length == 256
+    assert manifest.model.inputs[0] == "input_ids" and manifest.model.outputs == ("last_hidden_state",)
     assert checks_of(artifact)["min_cosine_vs_torch"].value >= bound
     with edgelm.load(artifact) as model:
         ours = model.embed(SENTENCES)
@@ -287,7 +288,7 @@ def test_task_inference_and_refusals(tiny_mlm, tiny_classifier, tmp_path):
 def test_plain_bert_embeds_with_mean_pooling_and_normalize_flag(tiny_mlm, tmp_path):
     out = export_to(tiny_mlm, tmp_path / "emb", task="embed")
     manifest = edgelm.runtime.info(out)
-    assert manifest.model["pooling"] == ["mean"] and manifest.model["normalize"] is False
+    assert manifest.model.pooling == ("mean",) and manifest.model.normalize is False
     assert manifest.validation_passed
     with edgelm.load(out) as model:
         raw = model.embed(["the cat", "a dog runs"])

@@ -105,9 +105,10 @@ def test_fp32_export_validates_and_records_the_graph(gpt2_fp32):
     model = manifest["model"]
     assert (model["num_layers"], model["num_heads"], model["head_dim"]) == (2, 2, 32)
     assert model["inputs"][0] == "input_ids" and "past_key_values.1.value" in model["inputs"]
-    assert manifest["generation"]["context_length"] == 128
-    eos = manifest["generation"]["eos_id"]
-    assert eos is not None and manifest["generation"]["bos_id"] == eos
+    assert model["context_length"] == 128 and manifest["schema_version"] == 2
+    assert model["past_names"][-1] == "past_key_values.1.value" and model["present_names"][0] == "present.0.key"
+    eos = manifest["tokenizer"]["eos_id"]
+    assert eos is not None and manifest["tokenizer"]["bos_id"] == eos
     assert sorted(manifest["files"]) == ["model.onnx", "tokenizer.json"]
 
 
@@ -285,7 +286,7 @@ def test_onnx_inputs_not_matching_the_manifest_are_refused(gpt2_fp32, tmp_path):
     manifest["files"]["model.onnx"] = {"size": path.stat().st_size, "sha256": sha256_of(path)}
     (art / MANIFEST_NAME).write_text(json.dumps(manifest))
     with pytest.raises(
-        ArtifactError, match=r"model inputs \['input_ids'\] do not match the manifest"
+        ArtifactError, match=r"edgelm.json: model.inputs \[.*\] do not match the graph's \['input_ids'\]"
     ):
         edgelm.load(art)
 

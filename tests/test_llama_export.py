@@ -66,13 +66,13 @@ def test_f32_bpe_export_matches_torch_and_fills_the_contract(bpe_llama, tmp_path
     assert check(manifest, "chat_template_parity").value == 1.0
     on_disk = read_manifest(tmp_path / "a", verify=True)
     assert (on_disk.family, on_disk.format, on_disk.quant) == ("llama", "gguf", "f32")
-    assert on_disk.tokenizer == {**on_disk.tokenizer, "kind": "bpe", "file": "model.gguf", "pre": "llama-bpe"}
-    gen = on_disk.generation
-    assert gen["add_bos"] is True and gen["bos_id"] == 507 and gen["eos_id"] == 508
-    assert gen["stop"] == ["<|end_of_text|>", "<|eot_id|>"] and gen["context_length"] == 256
-    assert "<|start_header_id|>" in gen["chat_template"]
-    assert (on_disk.model["n_kv_heads"], on_disk.model["n_heads"], on_disk.model["hidden_size"]) == (2, 4, 256)
-    assert on_disk.model["tensor_types"] == {"F32": 21} and on_disk.model["fallbacks"] == []
+    tok, gen, model = on_disk.tokenizer, on_disk.generation, on_disk.model
+    assert (tok.kind, tok.file, tok.pre) == ("bpe", "model.gguf", "llama-bpe")
+    assert gen.add_bos is True and tok.bos_id == 507 and tok.eos_id == 508
+    assert gen.stop == ("<|end_of_text|>", "<|eot_id|>") and model.context_length == 256
+    assert "<|start_header_id|>" in gen.chat_template
+    assert (model.num_kv_heads, model.num_heads, model.hidden_size) == (2, 4, 256)
+    assert model.tensor_types == {"F32": 21} and model.fallbacks == ()
     convert = [a for a in seen if a[0] == "convert"]
     assert convert[-1] == ("convert", 21, 21) and len(convert) == 22  # one step per tensor
     fields, tensors = _gguf_fields(tmp_path / "a" / "model.gguf")
@@ -87,7 +87,7 @@ def test_spm_tied_llama3_rope_export_matches_torch(spm_llama, tmp_path):
     assert check(manifest, "max_abs_logit_diff_vs_torch").value <= 1e-4
     assert check(manifest, "tokenizer_parity").value == 1.0
     assert check(manifest, "chat_template_parity").value == 1.0  # template read from the .jinja file
-    assert manifest.tokenizer["kind"] == "spm" and manifest.generation["stop"] == ["</s>"]
+    assert manifest.tokenizer.kind == "spm" and manifest.generation.stop == ("</s>",)
     fields, tensors = _gguf_fields(tmp_path / "a" / "model.gguf")
     assert "output.weight" not in tensors  # tied: llama.cpp reuses token_embd
     assert tensors["rope_freqs.weight"] == ("F32", (32,))
@@ -120,10 +120,10 @@ def test_mistral_name_gpt2_pretokenizer_and_float16_through_the_cli(narrow_mistr
                                        "--format", "gguf", "--quant", "f16"])
     assert result.exit_code == 0, result.output
     manifest = read_manifest(tmp_path / "a")
-    assert manifest.tokenizer["pre"] == "gpt-2" and manifest.model["architecture"] == "MistralForCausalLM"
+    assert manifest.tokenizer.pre == "gpt-2" and manifest.source.architectures == ("MistralForCausalLM",)
     assert check(manifest, "top1_agreement_decisive_vs_torch").value == 1.0
     assert check(manifest, "tokenizer_parity").value == 1.0
-    assert manifest.model["tensor_types"] == {"F16": 16, "F32": 5}  # norms stay F32
+    assert manifest.model.tensor_types == {"F16": 16, "F32": 5}  # norms stay F32
 
 
 @pytest.mark.parametrize("quant, expected", [
@@ -133,10 +133,10 @@ def test_mistral_name_gpt2_pretokenizer_and_float16_through_the_cli(narrow_mistr
 def test_each_quantization_validates_with_its_real_types(bpe_llama, tmp_path, quant, expected):
     manifest = export(bpe_llama, tmp_path / quant, ExportOptions(format="gguf", quant=quant))
     assert manifest.validation_passed and manifest.quant == quant
-    types = set(manifest.model["tensor_types"]) - {"F32"}  # norms stay F32
+    types = set(manifest.model.tensor_types) - {"F32"}  # norms stay F32
     assert types & expected, types
     assert types <= expected | {"Q6_K", "Q8_0"}, types  # llama.cpp's mixes keep some tensors higher
-    assert manifest.model["fallbacks"] == []  # hidden 256: every row fits the block size
+    assert manifest.model.fallbacks == ()  # hidden 256: every row fits the block size
     if quant != "bf16":
         assert check(manifest, "mean_kl_vs_torch").threshold is not None
         assert check(manifest, "held_out_perplexity_ratio_vs_torch").passed
@@ -147,12 +147,12 @@ def test_each_quantization_validates_with_its_real_types(bpe_llama, tmp_path, qu
 def test_k_quant_fallbacks_on_short_rows_are_recorded(narrow_mistral, tmp_path):
     with pytest.warns(UserWarning, match="stored .* tensor\\(s\\) in another type than q4_k_m"):
         manifest = export(narrow_mistral, tmp_path / "a", ExportOptions(format="gguf", quant="q4_k_m"))
-    fallbacks = manifest.model["fallbacks"]
-    assert fallbacks and manifest.model["fallback_count"] == len(fallbacks)
+    fallbacks = manifest.model.fallbacks
+    assert fallbacks and manifest.model.fallback_count == len(fallbacks)
     for entry in fallbacks:
         assert entry["wanted"] in ("Q4_K", "Q6_K", "Q5_K") and entry["used"] not in (entry["wanted"], "unknown")
         assert "not a multiple of 256" in entry["reason"]
-    assert "Q4_K" not in manifest.model["tensor_types"]
+    assert "Q4_K" not in manifest.model.tensor_types
 
 
 def test_quantizer_failure_is_one_clear_error(tmp_path):

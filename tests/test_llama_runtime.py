@@ -195,7 +195,7 @@ def test_info_reads_a_bare_gguf_file(gguf_path):
     assert shown.exit_code == 0, shown.output
     data = json.loads(shown.output)
     assert data["family"] == "llama" and data["format"] == "gguf"
-    assert data["generation"]["context_length"] == 128
+    assert data["model"]["context_length"] == 128
 
 
 def test_a_file_llama_cpp_refuses_is_an_artifact_error(tmp_path):
@@ -375,7 +375,7 @@ def test_long_conversations_drop_whole_old_turns(model):
 def with_template(gguf_path, tmp_path, template):
     (tmp_path / "model.gguf").symlink_to(gguf_path)
     manifest = Manifest(family="llama", task="text-generation", format="gguf", quant="f32",
-                        model={"file": "model.gguf"},
+                        model={"file": "model.gguf"}, source={"bare_gguf": True},  # a stand-in manifest
                         generation={"bos_id": 1, "eos_id": 2, "add_bos": True, "chat_template": template})
     return load_llama(tmp_path, manifest, ONE_THREAD)
 

@@ -7,15 +7,19 @@ optimum-onnx writes the graph; edgelm copies the tokenizer, records the facts th
 from __future__ import annotations
 
 import json
-import logging
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from edgelm.artifact import Manifest, sha256_of, write_artifact
-from edgelm.errors import ExportError, UnsupportedModelError, UsageError
+from edgelm.contract import EncoderModel, SourceSection, TokenizerSection
+from edgelm.errors import ExportError, UnsupportedModelError, UsageError, first_line
 from edgelm.export.checks import validate_into
+from edgelm.export.hf_source import config_int, require_tokenizer, source_file, weight_files
 from edgelm.export.options import ExportOptions
+from edgelm.export.quiet import quiet_loggers, quiet_root_calls
+from edgelm.paths import MAX_SOURCE_JSON_BYTES, confined, read_source_json
 
 MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
@@ -33,16 +37,18 @@ def export_bert(source: Path, config: dict, out: Path, options: ExportOptions) -
     task = infer_task(source, config, options.task)
     if not ((source / TOKENIZER_FILE).is_file() or (source / "vocab.txt").is_file()):
         raise UnsupportedModelError(f"{source}: missing vocab.txt or tokenizer.json, so it cannot be tokenised")
+    require_tokenizer(source)  # every tokenizer file must lie inside the folder
     manifest = _manifest(source, config, task, options)
     with write_artifact(out, manifest) as tmp, tempfile.TemporaryDirectory() as scratch:
         options.progress("export", 0, 3)
         fp32 = _export_onnx(source, task, Path(scratch))
         options.progress("export", 1, 3)
         if options.quant == "int8":
-            manifest.model["fp32_matmuls"] = quantize_encoder_int8(fp32, tmp / MODEL_FILE)
+            manifest.model = replace(manifest.model, fp32_matmuls=quantize_encoder_int8(fp32, tmp / MODEL_FILE))
         else:
             (tmp / MODEL_FILE).write_bytes(fp32.read_bytes())
-        manifest.tokenizer.update(_write_tokenizer(source, tmp / TOKENIZER_FILE))
+        manifest.model = replace(manifest.model, **graph_io(tmp / MODEL_FILE))
+        manifest.tokenizer = replace(manifest.tokenizer, **_write_tokenizer(source, tmp / TOKENIZER_FILE))
         options.progress("export", 2, 3)
         validate_into(manifest, options.validate, lambda: _validate(source, tmp, manifest))
         options.progress("export", 3, 3)
@@ -79,41 +85,52 @@ def infer_task(source: Path, config: dict, requested: str) -> str:
         f"{source}: cannot tell the task from architectures {architectures!r}; pass --task embed|fill-mask|classify")
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UnsupportedModelError(f"{path}: cannot read it as JSON ({err})") from None
-    if not isinstance(data, (dict, list)):
-        raise UnsupportedModelError(f"{path}: expected a JSON object or list")
-    return data
-
-
 def sentence_transformers_facts(source: Path) -> dict[str, Any] | None:
     """Pooling modes, normalisation and lower-casing from a sentence-transformers folder, if it is one."""
     if not (source / "modules.json").is_file():
         return None
-    modules = read_json(source / "modules.json")
-    types = [m.get("type", "") for m in modules] if isinstance(modules, list) else []
+    modules = _read_modules(source)
+    types = [m.get("type", "") for m in modules]
     unknown = [t for t in types if t not in ST_MODULES]
     if unknown:
         raise UnsupportedModelError(f"{source}: sentence-transformers module(s) {', '.join(unknown)} are not supported")
     pooling_module = next((m for m in modules if m.get("type", "").endswith(".Pooling")), None)
     if pooling_module is None:  # token embeddings only: there is no sentence vector to match
         raise UnsupportedModelError(f"{source}: modules.json has no Pooling module")
-    pooling = _pooling_modes(source / pooling_module.get("path", "") / "config.json")
-    st_config = source / "sentence_bert_config.json"
-    st = read_json(st_config) if st_config.is_file() else {}
+    pooling = _pooling_modes(source, f"{pooling_module.get('path') or '.'}/config.json")
+    st_name = "sentence_bert_config.json"
+    st = read_source_json(source, st_name) if (source / st_name).is_file() else {}
+    max_length = st.get("max_seq_length")
+    if max_length is not None and (not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1):
+        raise UnsupportedModelError(f"{source}: sentence_bert_config.json max_seq_length must be a positive integer")
     return {
         "pooling": pooling,
         "normalize": any(t.endswith(".Normalize") for t in types),
-        "max_length": st.get("max_seq_length"),
+        "max_length": max_length,
         "lowercase": bool(st.get("do_lower_case", False)),
     }
 
 
-def _pooling_modes(path: Path) -> list[str]:
-    config = read_json(path) if path.is_file() else {"pooling_mode_mean_tokens": True}
+def _read_modules(source: Path) -> list[dict[str, Any]]:
+    """modules.json: a list of {type, path} objects (the guarded reader wants an object, so wrap it)."""
+    path = confined(source, "modules.json", "modules.json", error=UnsupportedModelError, hf_cache=True)
+    try:
+        if path.stat().st_size > MAX_SOURCE_JSON_BYTES:
+            raise UnsupportedModelError(f"{path}: too large for a modules.json")
+        modules = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise UnsupportedModelError(f"{path}: cannot read it as JSON ({type(err).__name__})") from None
+    if not isinstance(modules, list) or not all(
+        isinstance(m, dict) and isinstance(m.get("type", ""), str) and isinstance(m.get("path", ""), str)
+        for m in modules
+    ):
+        raise UnsupportedModelError(f"{path}: expected a list of {{type, path}} objects")
+    return modules
+
+
+def _pooling_modes(source: Path, name: str) -> list[str]:
+    path = source_file(source, name, "pooling config")
+    config = read_source_json(source, name) if path.is_file() else {"pooling_mode_mean_tokens": True}
     unsupported = [k for k in ST_UNSUPPORTED_POOLING if config.get(k)]
     if unsupported:
         raise UnsupportedModelError(f"{path}: pooling {', '.join(unsupported)} is not supported")
@@ -129,7 +146,7 @@ def max_length_of(source: Path, config: dict, st: dict[str, Any] | None) -> int:
     if st and st.get("max_length"):
         return min(int(st["max_length"]), positions)
     tok_config = source / "tokenizer_config.json"
-    declared = read_json(tok_config).get("model_max_length") if tok_config.is_file() else None
+    declared = read_source_json(source, tok_config.name).get("model_max_length") if tok_config.is_file() else None
     # transformers writes a huge sentinel (1e30) when a tokenizer declares no maximum
     if isinstance(declared, (int, float)) and 0 < declared < 1_000_000:
         return min(int(declared), positions)
@@ -138,27 +155,30 @@ def max_length_of(source: Path, config: dict, st: dict[str, Any] | None) -> int:
 
 def _manifest(source: Path, config: dict, task: str, options: ExportOptions) -> Manifest:
     st = sentence_transformers_facts(source) if task == "embed" else None
-    hidden = int(config.get("hidden_size", 0))
+    hidden = config_int(config, "hidden_size", source)
     model: dict[str, Any] = {"file": MODEL_FILE, "hidden_size": hidden,
-                             "num_layers": config.get("num_hidden_layers"), "vocab_size": config.get("vocab_size")}
+                             "context_length": max_length_of(source, config, st),
+                             "num_layers": config_int(config, "num_hidden_layers", source),
+                             "vocab_size": config_int(config, "vocab_size", source)}
     if task == "embed":
         pooling = st["pooling"] if st else ["mean"]
         model.update(pooling=pooling, normalize=bool(st and st["normalize"]), dim=hidden * len(pooling),
                      sentence_transformers=st is not None)
     if task == "classify":
         labels = config.get("id2label") or {}
-        count = len(labels) or int(config.get("num_labels", 2))
-        model.update(id2label={str(i): labels.get(str(i), f"LABEL_{i}") for i in range(count)},
-                     problem_type=config.get("problem_type") or "single_label_classification")
-    weights = next((source / n for n in ("model.safetensors", "pytorch_model.bin") if (source / n).is_file()), None)
+        if not isinstance(labels, dict):
+            raise UnsupportedModelError(f"{source}: config.json id2label must be an object")
+        count = len(labels) or (config_int(config, "num_labels", source) if "num_labels" in config else 2)
+        model.update(id2label={str(i): str(labels.get(str(i), f"LABEL_{i}")) for i in range(count)},
+                     problem_type=str(config.get("problem_type") or "single_label_classification"))
+    weights = weight_files(source)  # safetensors only: a pickled pytorch_model.bin is refused here
     return Manifest(
         family="bert", task=task, format="onnx", quant=options.quant or "none",
-        tokenizer={"file": TOKENIZER_FILE, "max_length": max_length_of(source, config, st),
-                   "lowercase": bool(st and st["lowercase"])},
-        model=model,
-        source={"path": str(source.resolve()), "revision": None,
-                "sha256": sha256_of(weights) if weights else None,
-                "architectures": config.get("architectures")},
+        tokenizer=TokenizerSection(file=TOKENIZER_FILE, lowercase=bool(st and st["lowercase"])),
+        model=EncoderModel(**model),
+        source=SourceSection(path=str(source.resolve()),
+                             sha256={str(w.relative_to(source)): sha256_of(w) for w in weights},
+                             architectures=tuple(str(a) for a in config.get("architectures") or ())),
     )
 
 
@@ -168,12 +188,12 @@ def _export_onnx(source: Path, task: str, scratch: Path) -> Path:
     # library_name="transformers": a sentence-transformers folder would otherwise be exported with
     # its pooling inside the graph; edgelm pools itself so that every pooling mode is explicit.
     # optimum's own validation is off because edgelm validates end to end (tokenizer included).
-    logging.getLogger("optimum").setLevel(logging.ERROR)
     try:
-        main_export(str(source), str(scratch), task=OPTIMUM_TASKS[task], library_name="transformers",
-                    do_validation=False, local_files_only=True)
+        with quiet_loggers("optimum"):
+            main_export(str(source), str(scratch), task=OPTIMUM_TASKS[task], library_name="transformers",
+                        do_validation=False, local_files_only=True)
     except (OSError, ValueError, KeyError, RuntimeError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        first = first_line(err)
         raise ExportError(f"{source}: optimum could not export the model ({first})") from None
     path = scratch / MODEL_FILE
     if not path.is_file():
@@ -191,7 +211,7 @@ def _write_tokenizer(source: Path, target: Path) -> dict[str, Any]:
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(source), use_fast=True, local_files_only=True)
     except (OSError, ValueError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        first = first_line(err)
         raise UnsupportedModelError(f"{source}: cannot load its tokenizer ({first})") from None
     if not getattr(tokenizer, "is_fast", False):
         raise UnsupportedModelError(f"{source}: no fast tokenizer could be built (tokenizer.json is needed)")
@@ -201,8 +221,16 @@ def _write_tokenizer(source: Path, target: Path) -> dict[str, Any]:
     backend.no_padding()
     backend.save(str(target))
     return {"mask_token": tokenizer.mask_token, "mask_id": tokenizer.mask_token_id,
-            "pad_token": tokenizer.pad_token, "pad_id": tokenizer.pad_token_id,
-            "vocab_size": backend.get_vocab_size()}
+            "pad_id": tokenizer.pad_token_id, "vocab_size": backend.get_vocab_size()}
+
+
+def graph_io(path: Path) -> dict[str, tuple[str, ...]]:
+    """The written graph's input and output names, for the manifest (the runtime checks them)."""
+    from edgelm.runtime.device import RuntimeOptions, onnx_session
+
+    session = onnx_session(path, RuntimeOptions(threads=1))
+    return {"inputs": tuple(i.name for i in session.get_inputs()),
+            "outputs": tuple(o.name for o in session.get_outputs())}
 
 
 def quantize_encoder_int8(src: Path, dst: Path) -> list[str]:
@@ -220,6 +248,6 @@ def quantize_encoder_int8(src: Path, dst: Path) -> list[str]:
     graph = onnx.load(str(src), load_external_data=False).graph
     keep = [n.name for n in graph.node if n.op_type == "MatMul" and (
         ("/output/dense/" in n.name and "/attention/" not in n.name) or "/layer.0/" in n.name)]
-    logging.getLogger().setLevel(logging.ERROR)  # one warning per skipped node, expected
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True, nodes_to_exclude=keep)
+    with quiet_root_calls("onnxruntime/quantization"):  # one warning per skipped node, expected
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True, nodes_to_exclude=keep)
     return keep

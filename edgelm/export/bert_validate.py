@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgelm.artifact import Check, Manifest
+from edgelm.artifact import Check, Manifest, staged
 
 FP32_MIN_COSINE = 0.99999
 INT8_MIN_COSINE = 0.99
@@ -56,10 +56,10 @@ def validate_encoder(source: Path, folder: Path, manifest: Manifest) -> list[Che
     from edgelm.runtime.device import RuntimeOptions
     from edgelm.runtime.encoders import load_encoder
 
-    max_length = int(manifest.tokenizer["max_length"])
-    mask = manifest.tokenizer.get("mask_token") if manifest.task == "fill-mask" else None
+    max_length = int(manifest.model.context_length)
+    mask = manifest.tokenizer.mask_token if manifest.task == "fill-mask" else None
     texts = probe_texts(max_length, mask)
-    with load_encoder(folder, manifest, RuntimeOptions()) as task:
+    with load_encoder(folder, staged(manifest, folder), RuntimeOptions()) as task:
         if manifest.task == "embed":
             ours = task.embed(texts)
             truncated = len(ours.truncated)
@@ -97,13 +97,13 @@ def torch_outputs(source: Path, manifest: Manifest, texts: list[str]) -> np.ndar
 
     tokenizer = AutoTokenizer.from_pretrained(str(source), local_files_only=True)
     model = _torch_model(source, manifest.task)
-    if manifest.tokenizer.get("lowercase"):
+    if manifest.tokenizer.lowercase:
         texts = [t.lower() for t in texts]
     rows = []
     with torch.no_grad():
         for start in range(0, len(texts), TORCH_BATCH):
             enc = tokenizer(texts[start : start + TORCH_BATCH], padding=True, truncation=True,
-                            max_length=int(manifest.tokenizer["max_length"]), return_tensors="pt")
+                            max_length=int(manifest.model.context_length), return_tensors="pt")
             out = model(**enc)
             rows.append(_torch_task_output(out, enc, manifest, tokenizer.mask_token_id))
     return np.concatenate(rows).astype(np.float32)
@@ -125,8 +125,8 @@ def _torch_task_output(out, enc, manifest: Manifest, mask_id: int | None) -> np.
     if manifest.task == "fill-mask":
         first_mask = (enc["input_ids"] == mask_id).int().argmax(dim=1)  # (B,)
         return out.logits[torch.arange(len(first_mask)), first_mask].numpy()  # (B, vocab)
-    vectors = torch_pool(out.last_hidden_state, enc["attention_mask"], manifest.model["pooling"])
-    if manifest.model.get("normalize"):
+    vectors = torch_pool(out.last_hidden_state, enc["attention_mask"], manifest.model.pooling)
+    if manifest.model.normalize:
         vectors = torch.nn.functional.normalize(vectors, p=2, dim=1)
     return vectors.numpy()
 

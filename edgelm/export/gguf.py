@@ -9,9 +9,11 @@ export then runs llama.cpp's quantizer on it. Validation against transformers ru
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from edgelm.artifact import Manifest, sha256_of, write_artifact
+from edgelm.contract import GenerationSection, GgufModel, SourceSection, TokenizerSection
 from edgelm.errors import UnsupportedModelError
 from edgelm.export.checks import validate_into
 from edgelm.export.gguf_arch import ArchSpec, Shape, arch_for_config
@@ -52,14 +54,14 @@ def export_gguf(source: Path, config: dict, out: Path, options: ExportOptions) -
             options.progress("quantize", 0, 1)
             report = quantize_gguf(float_path, target, quant)
             float_path.unlink()
-            manifest.model["fallbacks"] = report.fallbacks
-            manifest.model["fallback_count"] = report.fallback_count
+            manifest.model = replace(manifest.model, fallbacks=tuple(report.fallbacks),
+                                     fallback_count=report.fallback_count)
             if report.fallback_count:
                 _warn_fallbacks(report.fallbacks, report.fallback_count, quant)
             options.progress("quantize", 1, 1)
         from edgelm.export.gguf_quantize import tensor_type_counts
 
-        manifest.model["tensor_types"] = tensor_type_counts(target)
+        manifest.model = replace(manifest.model, tensor_types=tensor_type_counts(target))
         validate_into(manifest, options.validate, lambda: _validate(target, source, manifest, options))
     return manifest
 
@@ -143,21 +145,22 @@ def _manifest(source: Path, config: dict, spec: ArchSpec, shape: Shape, vocab: V
     stop_ids = end_of_turn_ids(source, vocab, ids.get("eos"))
     return Manifest(
         family=spec.family, task="text-generation", format="gguf", quant=quant,
-        tokenizer={"kind": vocab.kind, "file": MODEL_FILE, "pre": vocab.pre,
-                   "vocab_size": len(vocab.tokens), "notes": vocab.notes},
-        generation={
-            "bos_id": ids.get("bos"), "eos_id": ids.get("eos"), "pad_id": ids.get("pad"),
-            "add_bos": bool(special.add_special_token.get("bos")),
-            "context_length": shape.context, "chat_template": template,
-            "stop": [vocab.tokens[i] for i in stop_ids], "stop_ids": stop_ids,
-        },
-        model={
-            "file": MODEL_FILE, "architecture": (config.get("architectures") or spec.architectures)[0],
-            "n_layers": shape.n_layers, "n_heads": shape.n_heads, "n_kv_heads": shape.n_kv_heads,
-            "hidden_size": shape.hidden, "head_dim": shape.head_dim, "vocab_size": shape.vocab_size,
-            "tied_embeddings": bool(config.get("tie_word_embeddings")),
-            "rope_scaling": config.get("rope_scaling"), "tensor_types": {}, "fallbacks": [],
-        },
-        source={"path": str(source.resolve()), "revision": None,
-                "weights": {f.name: sha256_of(f) for f in weight_files(source)}},
+        tokenizer=TokenizerSection(
+            kind=vocab.kind, file=MODEL_FILE, pre=vocab.pre, vocab_size=len(vocab.tokens), notes=tuple(vocab.notes),
+            bos_id=ids.get("bos"), eos_id=ids.get("eos"), pad_id=ids.get("pad"),
+        ),
+        generation=GenerationSection(
+            add_bos=bool(special.add_special_token.get("bos")), chat_template=template,
+            stop=tuple(vocab.tokens[i] for i in stop_ids), stop_ids=tuple(stop_ids),
+        ),
+        model=GgufModel(
+            file=MODEL_FILE, architecture=spec.name, context_length=shape.context,
+            num_layers=shape.n_layers, num_heads=shape.n_heads, num_kv_heads=shape.n_kv_heads,
+            hidden_size=shape.hidden, head_dim=shape.head_dim, vocab_size=shape.vocab_size,
+            tied_embeddings=bool(config.get("tie_word_embeddings")), rope_scaling=config.get("rope_scaling"),
+        ),
+        source=SourceSection(
+            path=str(source.resolve()), sha256={str(f.relative_to(source)): sha256_of(f) for f in weight_files(source)},
+            architectures=tuple(str(a) for a in config.get("architectures") or spec.architectures[:1]),
+        ),
     )

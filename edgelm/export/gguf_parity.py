@@ -61,14 +61,14 @@ def tokenizer_checks(llm, source: Path, manifest: Manifest) -> list[Check]:
 
 def _control_texts(llm, manifest: Manifest) -> list[str]:
     """The texts of bos and the end-of-turn tokens, as the GGUF spells them."""
-    ids = [manifest.generation.get("bos_id"), *manifest.generation.get("stop_ids", [])]
+    ids = [manifest.tokenizer.bos_id, *manifest.generation.stop_ids]
     texts = [llm.detokenize([i], special=True).decode("utf-8", "replace")
              for i in ids if isinstance(i, int) and 0 <= i < llm.n_vocab()]
     return list(dict.fromkeys(t for t in texts if t))
 
 
 def _reference_tokenizer(source: Path, specials: list[str], manifest: Manifest):
-    if manifest.tokenizer["kind"] == "bpe":
+    if manifest.tokenizer.kind == "bpe":
         from tokenizers import Tokenizer
 
         tokenizer = Tokenizer.from_file(str(source / "tokenizer.json"))
@@ -76,7 +76,11 @@ def _reference_tokenizer(source: Path, specials: list[str], manifest: Manifest):
     import sentencepiece
 
     processor = sentencepiece.SentencePieceProcessor(model_file=str(source / "tokenizer.model"))
-    special_ids = {text: processor.PieceToId(text) for text in specials}
+    from edgelm.export.gguf_vocab import _added_tokens
+
+    # markers added on top of the SentencePiece model (Phi-3's <|end|>) have ids past its pieces
+    added = {content: token_id for token_id, (content, _) in _added_tokens(source).items()}
+    special_ids = {text: added.get(text, processor.PieceToId(text)) for text in specials}
     # sentencepiece treats control pieces in text as plain text; split them out first, as
     # transformers and llama.cpp do, and encode each stretch of text on its own
     pattern = re.compile("(" + "|".join(re.escape(t) for t in specials) + ")") if specials else None
@@ -96,7 +100,7 @@ def _reference_tokenizer(source: Path, specials: list[str], manifest: Manifest):
 
 def chat_template_checks(source: Path, manifest: Manifest) -> list[Check]:
     """Share of conversations edgelm renders exactly as transformers does (must be 1)."""
-    template = manifest.generation.get("chat_template")
+    template = manifest.generation.chat_template
     if not template:
         return []
     from transformers import AutoTokenizer

@@ -6,7 +6,6 @@ one at a time while the GGUF file is written, so memory holds at most one tensor
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,17 +32,14 @@ class TensorPlan:
 
 def weight_files(source: Path) -> list[Path]:
     """The safetensors shards of a checkpoint (pickled .bin weights are refused: no pickle)."""
-    index = source / "model.safetensors.index.json"
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        files = [source / n for n in names]
-        missing = [f.name for f in files if not f.is_file()]
-        if missing:
-            raise UnsupportedModelError(f"{source}: shards named in the index are missing: {', '.join(missing)}")
-        return files
+    from edgelm.export.hf_source import SAFETENSORS_INDEX, source_file
+    from edgelm.export.hf_source import weight_files as indexed_weight_files
+
+    if (source / SAFETENSORS_INDEX).is_file():
+        return indexed_weight_files(source)  # shards confined to the folder, the index read guardedly
     files = sorted(source.glob("*.safetensors"))
     if files:
-        return files
+        return [source_file(source, f.name, "weight file") for f in files]
     if any(source.glob("*.bin")) or any(source.glob("*.pth")):
         raise UnsupportedModelError(
             f"{source}: only safetensors weights are read (pickled .bin/.pth files can run code)")

@@ -31,11 +31,11 @@ def validate_gguf(path: Path, source: Path, manifest: Manifest, options: ExportO
     options.progress("validate", 0, 3)
     quant = family_named(manifest.family).spec("gguf").quant(manifest.quant)  # its bounds
     torch_model, hf_tokenizer = _load_source(source)
-    held_out_tokens = min(HELD_OUT_TOKENS, int(manifest.generation.get("context_length") or HELD_OUT_TOKENS))
+    held_out_tokens = min(HELD_OUT_TOKENS, int(manifest.model.context_length or HELD_OUT_TOKENS))
     llm = open_llama_for_logits(path, held_out_tokens + 8)
     try:
-        add_bos = bool(manifest.generation.get("add_bos"))
-        bos = manifest.generation.get("bos_id")
+        add_bos = manifest.generation.add_bos
+        bos = manifest.tokenizer.bos_id
         prompts = [_ids(hf_tokenizer, text, bos if add_bos else None) for text in PROMPTS]
         held_out = _ids(hf_tokenizer, held_out_text(), bos if add_bos else None)[:held_out_tokens]
         pairs = [(_torch_logits(torch_model, ids), _llama_logits(llm, ids)) for ids in [*prompts, held_out]]

@@ -7,11 +7,12 @@ llama.cpp pre-tokenizer whose split rules equal the tokenizer's own (recognised,
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgelm.errors import UnsupportedModelError
+from edgelm.export.hf_source import source_file
+from edgelm.paths import read_source_json
 
 # gguf.TokenType values (the same numbers as SentencePiece's piece types)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -21,7 +22,17 @@ LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-KNOWN_PRE = {"llama3 split + byte-level": "llama-bpe", "gpt-2 byte-level": "gpt-2"}
+QWEN2_SPLIT = (  # llama3's with single digits
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+SPLITS = {"llama3": LLAMA3_SPLIT, "qwen2": QWEN2_SPLIT}
+# the described pre-tokenizer steps -> llama.cpp's pre-tokenizer name for exactly those rules
+KNOWN_PRE = {
+    ("split:llama3", "bytelevel:no-regex"): "llama-bpe",
+    ("split:qwen2", "bytelevel:no-regex"): "qwen2",
+    ("bytelevel:gpt2-regex",): "gpt-2",
+}
 # texts of tokens that end a chat turn in common templates; stop strings when present
 END_OF_TURN_TEXTS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|eom_id|>")
 
@@ -65,7 +76,7 @@ def _sentencepiece_vocab(source: Path) -> Vocab:
 
     proto = sentencepiece_model_pb2.ModelProto()
     try:
-        proto.ParseFromString((source / "tokenizer.model").read_bytes())
+        proto.ParseFromString(source_file(source, "tokenizer.model", "tokenizer file").read_bytes())
     except Exception as err:  # protobuf raises its own DecodeError
         raise UnsupportedModelError(f"{source / 'tokenizer.model'}: not a SentencePiece model ({err})") from None
     if proto.trainer_spec.model_type != sentencepiece_model_pb2.TrainerSpec.BPE:
@@ -83,13 +94,17 @@ def _sentencepiece_vocab(source: Path) -> Vocab:
 
 
 def _byte_level_vocab(source: Path) -> Vocab:
-    data = json.loads((source / "tokenizer.json").read_text(encoding="utf-8"))
+    data = read_source_json(source, "tokenizer.json")
     model = data.get("model") or {}
+    if not isinstance(model, dict) or not isinstance(model.get("vocab", {}), dict):
+        raise UnsupportedModelError(f"{source / 'tokenizer.json'}: model.vocab must be an object")
     if model.get("type") != "BPE" or model.get("byte_fallback"):
         raise UnsupportedModelError(
             f"{source / 'tokenizer.json'}: a {model.get('type')} model"
             f"{' with byte fallback' if model.get('byte_fallback') else ''}; byte-level BPE is supported")
-    by_id = {int(i): t for t, i in model["vocab"].items()}
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in model.get("vocab", {}).values()):
+        raise UnsupportedModelError(f"{source / 'tokenizer.json'}: vocabulary ids must be integers")
+    by_id = {int(i): t for t, i in model.get("vocab", {}).items()}
     if sorted(by_id) != list(range(len(by_id))):
         raise UnsupportedModelError(f"{source / 'tokenizer.json'}: vocabulary ids are not 0..{len(by_id) - 1}")
     return Vocab(kind="bpe", tokens=[by_id[i] for i in range(len(by_id))],
@@ -100,21 +115,20 @@ def pre_tokenizer_name(pre: dict | None, source: Path) -> str:
     """The llama.cpp pre-tokenizer that splits text as this tokenizer.json does."""
     steps = (pre or {}).get("pretokenizers", [pre] if pre else [])
     described = [_describe_step(step) for step in steps]
-    if described == ["split:llama3", "bytelevel:no-regex"]:
-        return KNOWN_PRE["llama3 split + byte-level"]
-    if described == ["bytelevel:gpt2-regex"]:
-        return KNOWN_PRE["gpt-2 byte-level"]
+    if tuple(described) in KNOWN_PRE:
+        return KNOWN_PRE[tuple(described)]
     raise UnsupportedModelError(
         f"{source / 'tokenizer.json'}: pre-tokenizer {described or 'none'} matches no llama.cpp "
-        f"pre-tokenizer edgelm knows ({', '.join(KNOWN_PRE)})")
+        f"pre-tokenizer edgelm knows ({', '.join(KNOWN_PRE.values())})")
 
 
 def _describe_step(step: dict) -> str:
     kind = step.get("type")
     if kind == "Split":
         pattern = (step.get("pattern") or {}).get("Regex")
-        same = pattern == LLAMA3_SPLIT and step.get("behavior") == "Isolated" and not step.get("invert")
-        return "split:llama3" if same else f"split:{pattern!r}"
+        name = next((n for n, known in SPLITS.items() if pattern == known), None)
+        same = name and step.get("behavior") == "Isolated" and not step.get("invert")
+        return f"split:{name}" if same else f"split:{pattern!r}"
     if kind == "ByteLevel":
         if step.get("add_prefix_space"):
             return "bytelevel:prefix-space"
@@ -146,25 +160,37 @@ def _add_hf_added_tokens(source: Path, vocab: Vocab) -> None:
 
 def _added_tokens(source: Path) -> dict[int, tuple[str, bool]]:
     found: dict[int, tuple[str, bool]] = {}
-    tokenizer_json = source / "tokenizer.json"
-    if tokenizer_json.is_file():
-        for item in json.loads(tokenizer_json.read_text(encoding="utf-8")).get("added_tokens", []):
-            found[int(item["id"])] = (item["content"], bool(item.get("special")))
-    config = source / "tokenizer_config.json"
-    if config.is_file():
-        decoder = json.loads(config.read_text(encoding="utf-8")).get("added_tokens_decoder", {})
-        for token_id, item in decoder.items():
-            found.setdefault(int(token_id), (item["content"], bool(item.get("special"))))
+    if (source / "tokenizer.json").is_file():
+        added = read_source_json(source, "tokenizer.json").get("added_tokens", [])
+        for item in added if isinstance(added, list) else [None]:
+            listed_id = item.get("id") if isinstance(item, dict) else None
+            token_id, content = _added_token(source / "tokenizer.json", item, listed_id)
+            found[token_id] = (content, bool(item.get("special")))
+    if (source / "tokenizer_config.json").is_file():
+        decoder = read_source_json(source, "tokenizer_config.json").get("added_tokens_decoder", {})
+        for key, item in (decoder.items() if isinstance(decoder, dict) else [(None, None)]):
+            token_id, content = _added_token(source / "tokenizer_config.json", item, key)
+            found.setdefault(token_id, (content, bool(item.get("special"))))
     return found
+
+
+def _added_token(path: Path, item: object, token_id: object) -> tuple[int, str]:
+    """(id, text) of one added-token entry, or one line naming the file."""
+    if isinstance(token_id, str) and token_id.isdigit():
+        token_id = int(token_id)
+    if (not isinstance(item, dict) or not isinstance(item.get("content"), str)
+            or not isinstance(token_id, int) or isinstance(token_id, bool) or token_id < 0):
+        raise UnsupportedModelError(f"{path}: an added token is not {{id, content}} with a non-negative id")
+    return token_id, item["content"]
 
 
 def end_of_turn_ids(source: Path, vocab: Vocab, eos_id: int | None) -> list[int]:
     """Ids that end generation: eos, generation_config's eos list, and known end-of-turn markers."""
     ids = [eos_id] if eos_id is not None else []
-    generation = source / "generation_config.json"
-    if generation.is_file():
-        listed = json.loads(generation.read_text()).get("eos_token_id")
-        ids += listed if isinstance(listed, list) else [listed] if isinstance(listed, int) else []
+    if (source / "generation_config.json").is_file():
+        listed = read_source_json(source, "generation_config.json").get("eos_token_id")
+        listed = listed if isinstance(listed, list) else [listed]
+        ids += [i for i in listed if isinstance(i, int) and not isinstance(i, bool)]
     ids += [i for i, t in enumerate(vocab.tokens) if t in END_OF_TURN_TEXTS and vocab.types[i] == CONTROL]
     return [i for i in dict.fromkeys(ids) if 0 <= i < len(vocab.tokens)]
 
@@ -184,9 +210,9 @@ def write_vocab(writer, vocab: Vocab) -> None:
 
 def special_vocab(source: Path, vocab: Vocab):
     """gguf's reader of special ids, add-bos/eos flags, merges and the chat template."""
-    import logging
-
     import gguf
 
-    logging.getLogger("gguf.vocab").setLevel(logging.ERROR)  # its info lines are not for our users
-    return gguf.SpecialVocab(source, load_merges=vocab.kind == "bpe", n_vocab=len(vocab.tokens))
+    from edgelm.export.quiet import quiet_loggers
+
+    with quiet_loggers("gguf.vocab"):  # its info lines are not for our users
+        return gguf.SpecialVocab(source, load_merges=vocab.kind == "bpe", n_vocab=len(vocab.tokens))

@@ -9,18 +9,20 @@ from __future__ import annotations
 
 import contextlib
 import io
-import logging
 import os
 import tempfile
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from edgelm.artifact import Check, Manifest, write_artifact
-from edgelm.errors import ExportError, UnsupportedModelError
+from edgelm.contract import GenerationSection, KvDecoderModel, SourceSection, TokenizerSection
+from edgelm.errors import ExportError, UnsupportedModelError, first_line
 from edgelm.export.checks import max_abs_diff, top1_agreement, validate_into
 from edgelm.export.hf_source import (
+    config_int,
     require_tokenizer,
     special_token_id,
     tensor_shapes,
@@ -29,6 +31,7 @@ from edgelm.export.hf_source import (
 )
 from edgelm.export.onnx_quantize import quantize_int8
 from edgelm.export.options import ExportOptions
+from edgelm.export.quiet import quiet_loggers
 
 MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
@@ -47,11 +50,12 @@ PROMPTS = (
 )
 
 
-def graph_io_names(num_layers: int) -> tuple[list[str], list[str]]:
-    """Inputs and outputs of optimum's GPT-2 decoder-with-past graph, in its order."""
-    pasts = [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
-    presents = [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
-    return ["input_ids", *pasts, "attention_mask", "position_ids"], ["logits", *presents]
+def graph_io_names(num_layers: int) -> dict[str, tuple[str, ...]]:
+    """Inputs, outputs, pasts and presents of optimum's GPT-2 decoder-with-past graph, in its order."""
+    pasts = tuple(f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value"))
+    presents = tuple(f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value"))
+    return {"inputs": ("input_ids", *pasts, "attention_mask", "position_ids"), "outputs": ("logits", *presents),
+            "past_names": pasts, "present_names": presents}
 
 
 def check_source(source: Path, config: dict) -> None:
@@ -60,6 +64,11 @@ def check_source(source: Path, config: dict) -> None:
         raise UnsupportedModelError(
             f"{source}: architectures {config.get('architectures')} has no GPT2LMHeadModel (needed for text generation)"
         )
+    for key in ("n_layer", "n_head", "n_embd", "vocab_size", "n_positions"):
+        config_int(config, key, source)
+    if config["n_embd"] % config["n_head"]:
+        raise UnsupportedModelError(
+            f"{source}: n_embd {config['n_embd']} is not a multiple of n_head {config['n_head']}")
     require_tokenizer(source)
     shapes = tensor_shapes(source)
     embedding = next((shapes[n] for n in EMBEDDING_NAMES if n in shapes), None)
@@ -96,35 +105,25 @@ def export_gpt2(source: Path, config: dict, out: Path, options: ExportOptions) -
 
 def _manifest(source: Path, config: dict, options: ExportOptions) -> Manifest:
     layers, heads, width = config["n_layer"], config["n_head"], config["n_embd"]
-    inputs, outputs = graph_io_names(layers)
     return Manifest(
         family="gpt2",
         task="text-generation",
         format="onnx",
         quant=options.quant or "none",
-        tokenizer={"kind": "byte-level-bpe", "file": TOKENIZER_FILE, "vocab_size": None},
-        generation={
-            "context_length": config.get("n_positions"),
-            "add_bos": False,
-            "chat_template": None,
-            "stop": [],
-        },
-        model={
-            "file": MODEL_FILE,
-            "inputs": inputs,
-            "outputs": outputs,
-            "num_layers": layers,
-            "num_heads": heads,
-            "head_dim": width // heads,
-            "hidden_size": width,
-            "vocab_size": config["vocab_size"],
-        },
-        source={
-            "path": str(source.resolve()),
-            "revision": None,
-            "sha256": weights_sha256(source),
-            "architecture": "GPT2LMHeadModel",
-        },
+        tokenizer=TokenizerSection(kind="byte-level-bpe", file=TOKENIZER_FILE),
+        generation=GenerationSection(add_bos=False),
+        model=KvDecoderModel(
+            file=MODEL_FILE,
+            **graph_io_names(layers),
+            num_layers=layers,
+            num_heads=heads,
+            head_dim=width // heads,
+            hidden_size=width,
+            vocab_size=config["vocab_size"],
+            context_length=config.get("n_positions"),
+        ),
+        source=SourceSection(path=str(source.resolve()), sha256=weights_sha256(source),
+                             architectures=("GPT2LMHeadModel",)),
         versions=_export_versions(),
     )
 
@@ -142,9 +141,9 @@ def _check_tokenizer_fits(path: Path, config: dict, manifest: Manifest) -> None:
     eos = special_token_id(tokenizer, config, "eos", EOS_TEXT)
     bos = special_token_id(tokenizer, config, "bos", EOS_TEXT)
     pad = special_token_id(tokenizer, config, "pad", None)
-    manifest.tokenizer["vocab_size"] = size
     # GPT-2 has no pad token; padded positions are masked out, so any valid id serves (eos here)
-    manifest.generation.update(eos_id=eos, bos_id=bos, pad_id=pad if pad is not None else eos)
+    manifest.tokenizer = replace(manifest.tokenizer, vocab_size=size, eos_id=eos, bos_id=bos,
+                                 pad_id=pad if pad is not None else eos)
 
 
 def _optimum_export(source: Path, folder: Path) -> Path:
@@ -157,12 +156,11 @@ def _optimum_export(source: Path, folder: Path) -> Path:
             warnings.catch_warnings(),
             contextlib.redirect_stdout(noise),
             contextlib.redirect_stderr(noise),
+            quiet_loggers("optimum", "transformers"),  # their notes are for model authors
         ):
             warnings.simplefilter(
                 "ignore"
             )  # tracer warnings on every export: expected, not for users
-            logging.getLogger("optimum").setLevel(logging.ERROR)
-            _quiet_transformers()
             main_export(
                 str(source),
                 str(folder),
@@ -171,19 +169,11 @@ def _optimum_export(source: Path, folder: Path) -> Path:
                 local_files_only=True,
             )
     except Exception as err:  # noqa: BLE001 - optimum and torch raise many types; one line for users
-        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        raise ExportError(f"{source}: the ONNX export failed ({first})") from None
+        raise ExportError(f"{source}: the ONNX export failed ({first_line(err)})") from None
     path = folder / MODEL_FILE
     if not path.is_file():
         raise ExportError(f"{source}: the ONNX export produced no {MODEL_FILE}")
     return path
-
-
-def _quiet_transformers() -> None:
-    """transformers logs deprecation notes through its own handlers; they are not for users."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
 
 
 def _move_model(onnx_path: Path, dest: Path) -> None:
@@ -221,13 +211,13 @@ def validate(source: Path, folder: Path, manifest: Manifest, fp32_path: Path) ->
     session = onnx_session(folder / MODEL_FILE, RuntimeOptions())
     decoder = KvCacheDecoder(session, manifest)
     prompts = [tokenizer.encode(p, add_special_tokens=False).ids for p in PROMPTS]
-    held_out = _held_out_ids(tokenizer, manifest.generation["context_length"])
+    held_out = _held_out_ids(tokenizer, manifest.model.context_length)
     torch_logits = _torch_logits(model, held_out)
     if manifest.quant == "none":
         cached = max(_cached_logit_diff(model, decoder, ids) for ids in prompts)
         full = max_abs_diff(_onnx_logits(session, manifest, held_out), torch_logits)
         same = sum(
-            _greedy_matches(model, decoder, ids, manifest.generation["eos_id"]) for ids in prompts
+            _greedy_matches(model, decoder, ids, manifest.tokenizer.eos_id) for ids in prompts
         )
         return [
             Check.at_most("max_abs_logit_diff_vs_torch", max(cached, full), FP32_MAX_ABS),
@@ -268,8 +258,8 @@ def _torch_logits(model, ids: list[int]) -> np.ndarray:
 def _onnx_logits(session, manifest: Manifest, ids: list[int]) -> np.ndarray:
     """Every position's logits from one call with an empty cache (teacher forcing)."""
     model = manifest.model
-    empty = np.zeros((1, model["num_heads"], 0, model["head_dim"]), np.float32)  # (B, H, 0, D)
-    feed = {name: empty for name in model["inputs"] if name.startswith("past_key_values.")}
+    empty = np.zeros((1, model.num_heads, 0, model.head_dim), np.float32)  # (B, H, 0, D)
+    feed = {name: empty for name in model.past_names}
     feed.update(
         input_ids=np.asarray([ids], np.int64),
         attention_mask=np.ones((1, len(ids)), np.int64),

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from edgelm.artifact import sha256_of
-from edgelm.errors import UnsupportedModelError
+from edgelm.errors import UnsupportedModelError, first_line
+from edgelm.paths import confined, read_source_json
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -27,18 +28,30 @@ TOKENIZER_SOURCES = (
 MAX_HEADER_BYTES = 100 << 20  # a safetensors header larger than this is a corrupt file, not a model
 
 
+def source_file(folder: Path, name: Any, what: str) -> Path:
+    """A file a source folder names, confined to it (links into its Hugging Face cache allowed)."""
+    return confined(folder, name, what, error=UnsupportedModelError, hf_cache=True)
+
+
+def config_int(config: dict[str, Any], key: str, where: Path, minimum: int = 1) -> int:
+    """An integer field of config.json, or one line naming it."""
+    value = config.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise UnsupportedModelError(f"{where}: config.json {key} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
 def weight_files(folder: Path) -> list[Path]:
     """The safetensors files holding the weights (pickled .bin checkpoints are refused)."""
-    index = folder / SAFETENSORS_INDEX
-    if index.is_file():
-        try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise UnsupportedModelError(f"{index}: not a valid safetensors index") from None
-        files = [folder / name for name in names]
+    if (folder / SAFETENSORS_INDEX).is_file():
+        index = read_source_json(folder, SAFETENSORS_INDEX, "safetensors index")
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise UnsupportedModelError(f"{folder / SAFETENSORS_INDEX}: weight_map must map tensor names to files")
+        files = [source_file(folder, name, "weight shard") for name in sorted(set(weight_map.values()))]
     else:
-        files = [folder / SAFETENSORS]
-    missing = [f.name for f in files if not f.is_file()]
+        files = [source_file(folder, SAFETENSORS, "weight file")]
+    missing = [str(f.relative_to(folder)) for f in files if not f.is_file()]
     if missing:
         pickled = (folder / "pytorch_model.bin").is_file()
         hint = (
@@ -61,25 +74,36 @@ def tensor_shapes(folder: Path) -> dict[str, list[int]]:
                 raise UnsupportedModelError(f"{path}: not a safetensors file (bad header length)")
             try:
                 header = json.loads(handle.read(size))
-            except (json.JSONDecodeError, UnicodeDecodeError):
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
                 raise UnsupportedModelError(
                     f"{path}: not a safetensors file (header is not JSON)"
                 ) from None
-        shapes.update({k: v["shape"] for k, v in header.items() if k != "__metadata__"})
+        entries = header.items() if isinstance(header, dict) else [("", None)]
+        for name, info in entries:
+            if name == "__metadata__":
+                continue
+            shape = info.get("shape") if isinstance(info, dict) else None
+            if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+                raise UnsupportedModelError(f"{path}: not a safetensors file (tensor {name!r} has no valid shape)")
+            shapes[name] = shape
     return shapes
 
 
 def weights_sha256(folder: Path) -> dict[str, str]:
     """sha256 of each weight file, recorded in the manifest as the export's provenance."""
-    return {path.name: sha256_of(path) for path in weight_files(folder)}
+    return {str(path.relative_to(folder)): sha256_of(path) for path in weight_files(folder)}
 
 
 def require_tokenizer(folder: Path) -> None:
-    """Fail early when the folder holds no tokenizer at all."""
+    """Fail early when the folder holds no tokenizer at all (or one that links outside it)."""
     if (folder / TOKENIZER_JSON).is_file():
+        source_file(folder, TOKENIZER_JSON, "tokenizer file")
         return
-    if any(all((folder / name).is_file() for name in group) for group in TOKENIZER_SOURCES):
-        return
+    for group in TOKENIZER_SOURCES:
+        if all((folder / name).is_file() for name in group):
+            for name in group:
+                source_file(folder, name, "tokenizer file")
+            return
     raise UnsupportedModelError(
         f"{folder}: no tokenizer files (expected {TOKENIZER_JSON}, or vocab.json + merges.txt)"
     )
@@ -88,17 +112,17 @@ def require_tokenizer(folder: Path) -> None:
 def write_tokenizer_json(folder: Path, dest: Path) -> None:
     """Copy tokenizer.json, or have transformers build it from the older vocabulary files."""
     if (folder / TOKENIZER_JSON).is_file():
-        dest.write_bytes((folder / TOKENIZER_JSON).read_bytes())
+        dest.write_bytes(source_file(folder, TOKENIZER_JSON, "tokenizer file").read_bytes())
         return
+    require_tokenizer(folder)  # transformers reads these files: each must lie inside the folder
     from transformers import AutoTokenizer
 
     try:
         fast = AutoTokenizer.from_pretrained(str(folder), use_fast=True)
         text = fast.backend_tokenizer.to_str()
     except Exception as err:  # noqa: BLE001 - transformers raises many types for broken folders
-        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
         raise UnsupportedModelError(
-            f"{folder}: tokenizer files could not be read ({first})"
+            f"{folder}: tokenizer files could not be read ({first_line(err, limit=160)})"
         ) from None
     dest.write_text(text)
 

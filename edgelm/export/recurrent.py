@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from edgelm.artifact import Check, Manifest, sha256_of, write_artifact
-from edgelm.errors import UnsupportedModelError
+from edgelm.contract import GenerationSection, RecurrentModel, SourceSection, TokenizerSection
+from edgelm.errors import UnsupportedModelError, first_line
 from edgelm.export.checks import max_abs_diff, top1_agreement, validate_into
 from edgelm.export.onnx_quantize import quantize_int8
 from edgelm.export.options import ExportOptions
@@ -32,8 +33,7 @@ def export_recurrent(source: Path, config: dict, out: Path, options: ExportOptio
     try:
         model = load_model(source, config)
     except (RuntimeError, ValueError, TypeError) as err:
-        first = str(err).strip().splitlines()[0]
-        raise UnsupportedModelError(f"{source}: weights do not fit config.json ({first})") from None
+        raise UnsupportedModelError(f"{source}: weights do not fit config.json ({first_line(err)})") from None
     manifest = _manifest(source, config, model, options)
     with write_artifact(out, manifest) as tmp, tempfile.TemporaryDirectory() as scratch:
         options.progress("export", 0, 3)
@@ -62,25 +62,23 @@ def _manifest(source: Path, config: dict, model: RecurrentLM, options: ExportOpt
         task="text-generation",
         format="onnx",
         quant=options.quant or "none",
-        tokenizer={
-            "kind": config.get("tokenizer_kind", "unknown"),
-            "file": TOKENIZER_NAME,
-            "vocab_size": tokenizer.get_vocab_size(),
-            "unk_id": tokenizer.token_to_id("<unk>"),
-        },
+        tokenizer=TokenizerSection(
+            file=TOKENIZER_NAME, kind=config.get("tokenizer_kind"),
+            vocab_size=tokenizer.get_vocab_size(), unk_id=tokenizer.token_to_id("<unk>"),
+        ),
         # trained on running text: no end-of-text token is ever predicted, so no eos stop
-        generation={"bos_id": None, "eos_id": None, "pad_id": None, "context_length": None,
-                    "chat_template": None, "stop": []},
-        model={
-            "file": MODEL_FILE,
-            "inputs": ["input_ids", *inputs],
-            "outputs": ["logits", *outputs],
-            "num_layers": model.config.num_layers,
-            "hidden_size": model.config.hidden_size,
-            "vocab_size": model.config.vocab_size,
-        },
-        source={"path": str(source.resolve()), "revision": None,
-                "sha256": sha256_of(source / WEIGHTS_NAME), "training": config.get("training")},
+        generation=GenerationSection(),
+        model=RecurrentModel(
+            file=MODEL_FILE,
+            inputs=("input_ids", *inputs),
+            outputs=("logits", *outputs),
+            num_layers=model.config.num_layers,
+            hidden_size=model.config.hidden_size,
+            vocab_size=model.config.vocab_size,
+            context_length=None,  # the state carries any length
+        ),
+        source=SourceSection(path=str(source.resolve()), sha256={WEIGHTS_NAME: sha256_of(source / WEIGHTS_NAME)},
+                             training=config.get("training")),
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from edgelm.contract import GenerationSection
 from edgelm.errors import ContextOverflowError, InputError
 from edgelm.runtime.chat_template import check_messages, render_chat
 from edgelm.runtime.generator import Completion, TextGenerator, TextStream
@@ -16,9 +17,9 @@ class ChatGenerator(TextGenerator):
 
     def __init__(self, decoder, tokenizer, manifest: Any = None, defaults: GenerationParams | None = None):
         super().__init__(decoder, tokenizer, manifest, defaults)
-        generation = getattr(manifest, "generation", {}) or {}
-        self.chat_template: str = generation.get("chat_template") or ""
-        self.end_ids |= set(generation.get("stop_ids") or ())  # the exporter's end-of-turn ids
+        generation = manifest.generation if manifest is not None else GenerationSection()
+        self.chat_template: str = generation.chat_template or ""
+        self.end_ids |= set(generation.stop_ids)  # the exporter's end-of-turn ids
         if hasattr(tokenizer, "end_of_generation_ids"):
             self.end_ids |= tokenizer.end_of_generation_ids()
         self.bos_text = self._special_text(self.bos_id)

@@ -17,10 +17,12 @@ import numpy as np
 
 from edgelm.artifact import Manifest
 from edgelm.errors import ArtifactError, InputError
-from edgelm.runtime.device import RuntimeOptions, onnx_session
-from edgelm.runtime.tokenizer import load_tokenizer
+from edgelm.runtime.device import RuntimeOptions
+from edgelm.runtime.loading import check_dim, manifest_where, node_named, open_onnx, static_dim
+from edgelm.safe_text import check_text
 
 KNOWN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+POOLING_MODES = ("cls", "max", "mean", "mean_sqrt_len")
 Progress = Callable[[int, int], None]  # (texts done, texts in all)
 
 
@@ -52,28 +54,36 @@ class EncoderTask:
     task = ""
     default_batch_size = 32
 
-    def __init__(self, session: Any, tokenizer: Any, manifest: Manifest):
+    output_width = "hidden_size"  # the model field the graph output's last axis must equal
+
+    def __init__(self, session: Any, tokenizer: Any, manifest: Manifest, where: str = "manifest"):
         self.session = session
         self.tokenizer = tokenizer
         self.manifest = manifest
-        self.max_length = int(manifest.tokenizer["max_length"])
-        self.lowercase = bool(manifest.tokenizer.get("lowercase", False))
-        self.pad_id = int(manifest.tokenizer.get("pad_id") or 0)
+        self.max_length = manifest.model.context_length
+        self.lowercase = manifest.tokenizer.lowercase
+        self.pad_id = manifest.tokenizer.pad_id or 0  # padded positions are masked: any valid id serves
         tokenizer.no_padding()  # padding happens per batch, after sorting by length
         tokenizer.enable_truncation(self.max_length)
         self.input_names = [i.name for i in session.get_inputs()]
         unknown = [n for n in self.input_names if n not in KNOWN_INPUTS]
         if unknown or "input_ids" not in self.input_names:
             raise ArtifactError(f"encoder graph has inputs {self.input_names}; expected some of {list(KNOWN_INPUTS)}")
-        self.output_name = session.get_outputs()[0].name
+        # schema 1 artifacts name no outputs: the graph's first one is the encoder's output
+        self.output_name = (manifest.model.outputs or [session.get_outputs()[0].name])[0]
+        output = node_named(session.get_outputs(), self.output_name)
+        check_dim(where, f"model.{self.output_width}", self._width(), static_dim(output, -1), "output width")
+
+    def _width(self) -> int | None:
+        return getattr(self.manifest.model, self.output_width)
 
     # -- shared machinery ---------------------------------------------------------------------
     def _as_texts(self, texts: str | Sequence[str]) -> list[str]:
         if isinstance(texts, str):
-            return [texts]
+            texts = [texts]
         if not isinstance(texts, Sequence) or not all(isinstance(t, str) for t in texts):
             raise InputError("texts must be a string or a list of strings")
-        return list(texts)
+        return [check_text(t, f"text {i}") for i, t in enumerate(texts)]  # lone surrogates: not UTF-8
 
     def _encode(self, texts: list[str]) -> list[Any]:
         if self.lowercase:  # sentence-transformers lower-cases before tokenising when configured to
@@ -165,11 +175,18 @@ def pool(hidden: np.ndarray, mask: np.ndarray, modes: Sequence[str]) -> np.ndarr
 class Embedder(EncoderTask):
     task = "embed"
 
-    def __init__(self, session: Any, tokenizer: Any, manifest: Manifest):
-        super().__init__(session, tokenizer, manifest)
-        self.pooling = list(manifest.model["pooling"])
-        self.normalize = bool(manifest.model.get("normalize", False))
-        self.dim = int(manifest.model["dim"])
+    def __init__(self, session: Any, tokenizer: Any, manifest: Manifest, where: str = "manifest"):
+        super().__init__(session, tokenizer, manifest, where)
+        self.pooling = list(manifest.model.pooling)
+        unknown = [mode for mode in self.pooling if mode not in POOLING_MODES]
+        if unknown:
+            raise ArtifactError(f"{where}: model.pooling {unknown[0]!r} is not one of {', '.join(POOLING_MODES)}")
+        self.normalize = manifest.model.normalize
+        self.dim = manifest.model.dim
+        hidden = manifest.model.hidden_size
+        if hidden is not None and self.dim != hidden * len(self.pooling):
+            raise ArtifactError(f"{where}: model.dim {self.dim} is not model.hidden_size {hidden} "
+                                f"x {len(self.pooling)} pooling modes")
 
     def embed(self, texts: str | Sequence[str], *, batch_size: int | None = None, normalize: bool | None = None,
               progress: Progress | None = None) -> Embeddings:
@@ -194,10 +211,12 @@ class MaskFiller(EncoderTask):
     task = "fill-mask"
     default_batch_size = 8  # the output is (B, T, vocab): large batches cost a lot of memory
 
-    def __init__(self, session: Any, tokenizer: Any, manifest: Manifest):
-        super().__init__(session, tokenizer, manifest)
-        self.mask_token = manifest.tokenizer["mask_token"]
-        self.mask_id = int(manifest.tokenizer["mask_id"])
+    output_width = "vocab_size"
+
+    def __init__(self, session: Any, tokenizer: Any, manifest: Manifest, where: str = "manifest"):
+        super().__init__(session, tokenizer, manifest, where)
+        self.mask_token = manifest.tokenizer.mask_token
+        self.mask_id = manifest.tokenizer.mask_id
 
     def mask_logits(self, texts: str | Sequence[str], *, batch_size: int | None = None) -> np.ndarray:
         """Logits (n, vocab) at each text's mask token; an error unless every text has exactly one."""
@@ -216,6 +235,7 @@ class MaskFiller(EncoderTask):
         """The top_k most likely tokens for the mask in `text`, with their probabilities."""
         if not isinstance(text, str):
             raise InputError("fill_mask takes one text (a string)")
+        check_text(text, "the text")
         if not isinstance(top_k, int) or top_k < 1:
             raise InputError(f"top_k must be a positive integer, got {top_k!r}")
         truncated = self._check_one_mask(text)
@@ -243,12 +263,19 @@ class MaskFiller(EncoderTask):
 
 class Classifier(EncoderTask):
     task = "classify"
+    output_width = "id2label"
 
-    def __init__(self, session: Any, tokenizer: Any, manifest: Manifest):
-        super().__init__(session, tokenizer, manifest)
-        labels = manifest.model["id2label"]
+    def __init__(self, session: Any, tokenizer: Any, manifest: Manifest, where: str = "manifest"):
+        labels = manifest.model.id2label
+        missing = next((i for i in range(len(labels)) if str(i) not in labels), None)
+        if missing is not None:
+            raise ArtifactError(f"{where}: model.id2label has no label for class {missing}")
         self.labels = [labels[str(i)] for i in range(len(labels))]
-        self.multi_label = manifest.model.get("problem_type") == "multi_label_classification"
+        super().__init__(session, tokenizer, manifest, where)
+        self.multi_label = manifest.model.problem_type == "multi_label_classification"
+
+    def _width(self) -> int | None:
+        return len(self.labels)
 
     def logits(self, texts: str | Sequence[str], *, batch_size: int | None = None) -> np.ndarray:
         """Raw class logits (n, labels)."""
@@ -280,6 +307,5 @@ def load_encoder(folder: Path, manifest: Manifest, options: RuntimeOptions) -> E
     task_class = TASK_CLASSES.get(manifest.task)
     if task_class is None:
         raise ArtifactError(f"{folder}: unknown encoder task {manifest.task!r}; known: {', '.join(TASK_CLASSES)}")
-    session = onnx_session(folder / manifest.model["file"], options)
-    tokenizer = load_tokenizer(folder / manifest.tokenizer["file"])
-    return task_class(session, tokenizer, manifest)
+    session, tokenizer = open_onnx(folder, manifest, options)
+    return task_class(session, tokenizer, manifest, manifest_where(folder))

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from edgelm.contract import GenerationSection, TokenizerSection
 from edgelm.errors import ContextOverflowError, InputError
 from edgelm.runtime.params import GenerationParams
 from edgelm.runtime.sampler import Sampler
@@ -72,14 +73,15 @@ class TextGenerator:
         self.decoder = decoder
         self.tokenizer = tokenizer
         self.manifest = manifest
-        generation = getattr(manifest, "generation", {}) or {}
-        self.eos_id: int | None = generation.get("eos_id")
-        self.bos_id: int | None = generation.get("bos_id")
-        self.add_bos: bool = bool(generation.get("add_bos", False))
+        generation = manifest.generation if manifest is not None else GenerationSection()
+        special = manifest.tokenizer if manifest is not None else TokenizerSection()
+        self.eos_id: int | None = special.eos_id
+        self.bos_id: int | None = special.bos_id
+        self.add_bos: bool = generation.add_bos
         # further ids that end a generation like eos (a chat model's end-of-turn); backends add them
         self.end_ids: set[int] = set()
         self.closed = False
-        stops = tuple(generation.get("stop", ()))
+        stops = generation.stop
         self.defaults = defaults or GenerationParams(stop=stops)
 
     # -- public API -------------------------------------------------------------------------

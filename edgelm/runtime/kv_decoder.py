@@ -17,42 +17,30 @@ from typing import Any
 import numpy as np
 
 from edgelm.artifact import Manifest
+from edgelm.contract import KvDecoderModel
 from edgelm.errors import ArtifactError, InputError
-from edgelm.runtime.device import RuntimeOptions, onnx_session
+from edgelm.runtime.constraints import pop_constraint
+from edgelm.runtime.device import RuntimeOptions
 from edgelm.runtime.generator import Completion, Continuation, Decoder, TextGenerator
+from edgelm.runtime.loading import check_dim, check_graph_io, manifest_where, node_named, open_onnx, static_dim
 from edgelm.runtime.params import GenerationParams
-from edgelm.runtime.tokenizer import load_tokenizer
 
-
-def check_graph_io(session, manifest: Manifest) -> None:
-    """The graph's inputs and outputs must be exactly the names the manifest promises."""
-    for kind, actual in (("inputs", session.get_inputs()), ("outputs", session.get_outputs())):
-        names = [node.name for node in actual]
-        expected = list(manifest.model.get(kind, []))
-        if sorted(names) != sorted(expected):
-            raise ArtifactError(
-                f"model {kind} {names} do not match the manifest {expected}; the model file was replaced or edited"
-            )
+ROLE_INPUTS = ("input_ids", "attention_mask", "position_ids")  # the decoder-with-past interface
 
 
 class KvCacheDecoder(Decoder):
     """Holds the attention mask, positions and key/value cache of a batch between calls."""
 
-    def __init__(self, session, manifest: Manifest, io_binding: bool = True):
-        check_graph_io(session, manifest)
-        self.session = session
+    def __init__(self, session, manifest: Manifest, io_binding: bool = True, where: str = "manifest"):
         model = manifest.model
-        self.context_length = int(manifest.generation["context_length"])
-        self.past_names = [
-            f"past_key_values.{i}.{kv}"
-            for i in range(model["num_layers"])
-            for kv in ("key", "value")
-        ]
-        self.present_names = [
-            f"present.{i}.{kv}" for i in range(model["num_layers"]) for kv in ("key", "value")
-        ]
-        self.cache_shape = (model["num_heads"], model["head_dim"])
-        self.pad_id = int(manifest.generation.get("pad_id") or 0)
+        check_graph_io(session, model, where)
+        _check_cache_geometry(session, model, where)
+        self.session = session
+        self.context_length = model.context_length
+        self.past_names = list(model.past_names)  # key, value per layer; fed from the presents
+        self.present_names = list(model.present_names)
+        self.cache_shape = (model.num_heads, model.head_dim)
+        self.pad_id = manifest.tokenizer.pad_id or 0  # padded positions are masked: any valid id serves
         self.io_binding = io_binding
         self.reset(1)
 
@@ -138,8 +126,9 @@ class KvTextGenerator(TextGenerator):
         self._check_open()
         if isinstance(prompts, str) or not prompts:
             raise InputError("complete_batch needs a non-empty list of prompts")
+        constraint = pop_constraint(params)  # each row gets its own grammar state
         resolved = GenerationParams.from_kwargs(self.defaults, **params)
-        rows = [Continuation(self, *self._prompt_ids(p, resolved), resolved) for p in prompts]
+        rows = [Continuation(self, *self._prompt_ids(p, resolved), resolved, constraint) for p in prompts]
         started = time.perf_counter()
         logits = self.decoder.prefill_batch([r.ids for r in rows])  # (B, vocab)
         prefill_s = time.perf_counter() - started
@@ -149,6 +138,7 @@ class KvTextGenerator(TextGenerator):
                 r.accept(logits[b])[0] if not r.done else self.decoder.pad_id
                 for b, r in enumerate(rows)
             ]
+            tokens = [self.decoder.pad_id if t is None else t for t in tokens]  # a row its grammar ended
             if all(r.done for r in rows):
                 break
             logits = self.decoder.step_batch(np.asarray(tokens, np.int64))
@@ -161,7 +151,23 @@ class KvTextGenerator(TextGenerator):
         return [c.text for c in self.complete_batch(prompts, **params)]
 
 
+def _check_cache_geometry(session, model: KvDecoderModel, where: str) -> None:
+    """Pasts and presents pair up, one key and one value per layer, (B, heads, T, head_dim) each."""
+    if len(model.past_names) != 2 * model.num_layers or len(model.present_names) != len(model.past_names):
+        raise ArtifactError(f"{where}: model.past_names and model.present_names must hold a key and a value "
+                            f"per layer (model.num_layers {model.num_layers})")
+    missing = [n for n in (*ROLE_INPUTS, *model.past_names) if n not in model.inputs]
+    missing += [n for n in ("logits", *model.present_names) if n not in model.outputs]
+    if missing:
+        raise ArtifactError(f"{where}: model.inputs/outputs lack {missing[0]!r}")
+    for name in model.past_names:
+        node = node_named(session.get_inputs(), name)
+        check_dim(where, "model.num_heads", model.num_heads, static_dim(node, 1), f"{name} shape")
+        check_dim(where, "model.head_dim", model.head_dim, static_dim(node, 3), f"{name} shape")
+    logits = node_named(session.get_outputs(), "logits")
+    check_dim(where, "model.vocab_size", model.vocab_size, static_dim(logits, -1), "logits width")
+
+
 def load_gpt2(folder: Path, manifest: Manifest, options: RuntimeOptions) -> KvTextGenerator:
-    session = onnx_session(folder / manifest.model["file"], options)
-    tokenizer = load_tokenizer(folder / manifest.tokenizer["file"])
-    return KvTextGenerator(KvCacheDecoder(session, manifest), tokenizer, manifest)
+    session, tokenizer = open_onnx(folder, manifest, options)
+    return KvTextGenerator(KvCacheDecoder(session, manifest, where=manifest_where(folder)), tokenizer, manifest)

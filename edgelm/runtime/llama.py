@@ -15,12 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
-from edgelm.artifact import Manifest
+from edgelm.artifact import Manifest, artifact_file
 from edgelm.errors import ArtifactError, ContextOverflowError, ProviderError, UsageError, first_line
 from edgelm.runtime.device import RuntimeOptions, thread_count
 from edgelm.runtime.generator import Decoder
 from edgelm.runtime.gguf_file import read_gguf_header
 from edgelm.runtime.llama_log import GGML_LOG_ERROR, captured_llama_log, log_lines
+from edgelm.runtime.loading import check_gguf, manifest_where
 from edgelm.runtime.memory import check_fits
 from edgelm.runtime.params import check_token_ids
 
@@ -208,9 +209,9 @@ def load_llama(folder: Path, manifest: Manifest, options: RuntimeOptions):
     """The runtime entry the llama family registers for format "gguf"."""
     from edgelm.runtime.chat import ChatGenerator
 
-    name = manifest.model.get("file", "model.gguf")
-    if Path(name).name != name:
-        raise ArtifactError(f"{folder}: manifest names a model file outside the artifact: {name!r}")
-    llm, n_ctx = open_llama(Path(folder) / name, options, manifest.generation.get("context_length"))
+    path = artifact_file(folder, manifest, manifest.model.file, "model.file")
+    where = str(path) if manifest.source.bare_gguf else manifest_where(folder)
+    check_gguf(read_gguf_header(path), manifest, where)
+    llm, n_ctx = open_llama(path, options, manifest.model.context_length)
     tokenizer = LlamaCppTokenizer(llm._model.vocab)
     return ChatGenerator(LlamaCppDecoder(llm, n_ctx), tokenizer, manifest)

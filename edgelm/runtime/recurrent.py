@@ -9,9 +9,9 @@ import numpy as np
 
 from edgelm.artifact import Manifest
 from edgelm.errors import ArtifactError
-from edgelm.runtime.device import RuntimeOptions, onnx_session
+from edgelm.runtime.device import RuntimeOptions
 from edgelm.runtime.generator import Decoder, TextGenerator
-from edgelm.runtime.tokenizer import load_tokenizer
+from edgelm.runtime.loading import check_dim, manifest_where, node_named, open_onnx, static_dim
 
 
 class RecurrentDecoder(Decoder):
@@ -19,14 +19,20 @@ class RecurrentDecoder(Decoder):
 
     context_length = None
 
-    def __init__(self, session, manifest: Manifest):
+    def __init__(self, session, manifest: Manifest, where: str = "manifest"):
         self.session = session
-        self.input_names = list(manifest.model["inputs"])
-        self.output_names = list(manifest.model["outputs"])
-        actual = [i.name for i in session.get_inputs()]
-        if actual != self.input_names:
-            raise ArtifactError(f"model inputs {actual} do not match the manifest {self.input_names}")
-        shape = (manifest.model["num_layers"], 1, manifest.model["hidden_size"])  # (L, B, H)
+        model = manifest.model
+        self.input_names = list(model.inputs)  # input_ids, then the state; outputs: logits, then the state
+        self.output_names = list(model.outputs)
+        if len(self.input_names) < 2 or len(self.input_names) != len(self.output_names):
+            raise ArtifactError(f"{where}: model.inputs and model.outputs must be ids/logits plus one entry per state")
+        for name in self.input_names[1:]:  # each state input is (L, B, H) with L and H fixed in the graph
+            node = node_named(session.get_inputs(), name)
+            check_dim(where, "model.num_layers", model.num_layers, static_dim(node, 0), f"{name} shape")
+            check_dim(where, "model.hidden_size", model.hidden_size, static_dim(node, 2), f"{name} shape")
+        logits = node_named(session.get_outputs(), self.output_names[0])
+        check_dim(where, "model.vocab_size", model.vocab_size, static_dim(logits, -1), "logits width")
+        shape = (model.num_layers, 1, model.hidden_size)  # (L, B, H)
         self.zero_state = [np.zeros(shape, np.float32) for _ in self.input_names[1:]]
         self.state = self.zero_state
         self.step_ids = np.zeros((1, 1), np.int64)  # reused for every single-token step
@@ -48,6 +54,5 @@ class RecurrentDecoder(Decoder):
 
 
 def load_recurrent(folder: Path, manifest: Manifest, options: RuntimeOptions) -> TextGenerator:
-    session = onnx_session(folder / manifest.model["file"], options)
-    tokenizer = load_tokenizer(folder / manifest.tokenizer["file"])
-    return TextGenerator(RecurrentDecoder(session, manifest), tokenizer, manifest)
+    session, tokenizer = open_onnx(folder, manifest, options)
+    return TextGenerator(RecurrentDecoder(session, manifest, manifest_where(folder)), tokenizer, manifest)

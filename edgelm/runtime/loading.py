@@ -1,0 +1,126 @@
+"""Opening an artifact's files and checking them against its manifest before anything runs.
+
+The manifest is typed and range-checked when it is read; here it meets the files themselves:
+the graph's inputs and outputs and the geometry they imply, the tokenizer's size and the special
+ids, the logits' width. A mismatch is an ArtifactError naming the manifest field, so a replaced
+or edited model file fails at load, not with a shape error (or a crash) mid-generation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from edgelm.artifact import MANIFEST_NAME, Manifest, artifact_file
+from edgelm.contract import ModelSection
+from edgelm.errors import ArtifactError
+from edgelm.runtime.device import RuntimeOptions, onnx_session
+from edgelm.runtime.tokenizer import load_tokenizer
+
+
+def manifest_where(folder: str | Path) -> str:
+    return str(Path(folder) / MANIFEST_NAME)
+
+
+def open_onnx(folder: Path, manifest: Manifest, options: RuntimeOptions) -> tuple[Any, Any]:
+    """The onnxruntime session and tokenizer of an ONNX artifact, both checked against the manifest."""
+    model_path = artifact_file(folder, manifest, manifest.model.file, "model.file")
+    tokenizer_path = artifact_file(folder, manifest, manifest.tokenizer.file, "tokenizer.file")
+    check_external_data(folder, manifest, model_path)
+    session = onnx_session(model_path, options)
+    tokenizer = load_tokenizer(tokenizer_path)
+    # a tokenizer.json can carry padding and truncation settings; batching and lengths are the
+    # runtime's decisions, so a file never drives them
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    where = manifest_where(folder)
+    if manifest.model.inputs or manifest.model.outputs:  # schema 1 encoders named none
+        check_graph_io(session, manifest.model, where)
+    check_tokenizer(tokenizer.get_vocab_size(), manifest, where)
+    return session, tokenizer
+
+
+def check_external_data(folder: Path, manifest: Manifest, model_path: Path) -> None:
+    """Every external-data file the ONNX graph names must be one the manifest lists."""
+    from edgelm.runtime.onnx_refs import external_data_locations
+
+    for location in external_data_locations(model_path):
+        if location not in manifest.files:
+            raise ArtifactError(f"{model_path}: the graph reads external data from {location!r}, "
+                                "which is not a file the manifest lists")
+        artifact_file(folder, manifest, location, "external data of model.file")
+
+
+def check_graph_io(session: Any, model: ModelSection, where: str) -> None:
+    """The graph's input and output names must be exactly those the manifest promises."""
+    for kind, nodes, expected in (("inputs", session.get_inputs(), model.inputs),
+                                  ("outputs", session.get_outputs(), model.outputs)):
+        names = [node.name for node in nodes]
+        if sorted(names) != sorted(expected):
+            raise ArtifactError(f"{where}: model.{kind} {list(expected)} do not match the graph's {names}; "
+                                "the model file was replaced or edited")
+
+
+def static_dim(node: Any, axis: int) -> int | None:
+    """A graph input/output's size along `axis` when fixed in the file (None when symbolic)."""
+    shape = node.shape or []
+    size = shape[axis] if -len(shape) <= axis < len(shape) else None
+    return size if isinstance(size, int) and size > 0 else None
+
+
+def check_dim(where: str, field: str, promised: int | None, actual: int | None, what: str) -> None:
+    if promised is not None and actual is not None and promised != actual:
+        raise ArtifactError(f"{where}: {field} is {promised}, but the graph's {what} says {actual}")
+
+
+def node_named(nodes: Iterable[Any], name: str) -> Any:
+    return next(n for n in nodes if n.name == name)
+
+
+def check_tokenizer(tokenizer_size: int, manifest: Manifest, where: str) -> None:
+    """Vocabulary size and special ids against the tokenizer file and the model's logits."""
+    section, model = manifest.tokenizer, manifest.model
+    if section.vocab_size is not None and section.vocab_size != tokenizer_size:
+        raise ArtifactError(f"{where}: tokenizer.vocab_size is {section.vocab_size}, "
+                            f"but the tokenizer file has {tokenizer_size} tokens")
+    if model.vocab_size is not None and tokenizer_size > model.vocab_size:
+        raise ArtifactError(f"{where}: the tokenizer has {tokenizer_size} tokens, more than model.vocab_size "
+                            f"{model.vocab_size}; its ids beyond that would index past the embedding")
+    check_ids(manifest, tokenizer_size, where)
+
+
+def check_ids(manifest: Manifest, vocab_size: int, where: str) -> None:
+    """Every special and stop id must be a token of the vocabulary (and a row of the logits)."""
+    limit = min(vocab_size, manifest.model.vocab_size or vocab_size)
+    named = {f"tokenizer.{k}": v for k, v in manifest.tokenizer.special_ids().items()}
+    named.update({f"generation.stop_ids[{i}]": v for i, v in enumerate(manifest.generation.stop_ids)})
+    for field, value in named.items():
+        if value >= limit:
+            raise ArtifactError(f"{where}: {field} {value} is outside the vocabulary of {limit} tokens")
+
+
+def check_gguf(header: Any, manifest: Manifest, where: str) -> None:
+    """Architecture, layer count, context length, vocabulary and special ids against the GGUF header."""
+    from edgelm.runtime.gguf_file import ArrayValue
+
+    model = manifest.model
+    arch = header.get("general.architecture")
+    if getattr(model, "architecture", None) is not None and arch != model.architecture:
+        raise ArtifactError(f"{where}: model.architecture is {model.architecture!r}, but the GGUF says {arch!r}")
+    layers = header.get(f"{arch}.block_count")
+    check_dim(where, "model.num_layers", model.num_layers, layers if _is_count(layers) else None, "block_count")
+    trained = header.get(f"{arch}.context_length")
+    if model.context_length is not None and _is_count(trained) and model.context_length > trained:
+        raise ArtifactError(f"{where}: model.context_length {model.context_length} exceeds the GGUF's "
+                            f"context_length {trained}")
+    tokens = header.get("tokenizer.ggml.tokens")
+    if isinstance(tokens, ArrayValue):
+        size = manifest.tokenizer.vocab_size
+        if size is not None and size != tokens.length:
+            raise ArtifactError(f"{where}: tokenizer.vocab_size is {size}, but the GGUF holds {tokens.length} tokens")
+        check_ids(manifest, tokens.length, where)
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
