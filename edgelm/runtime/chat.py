@@ -3,13 +3,22 @@ to the context by dropping whole old turns, then run the shared generation loop.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from edgelm.contract import GenerationSection
-from edgelm.errors import ContextOverflowError, InputError
+from edgelm.errors import ContextOverflowError, InputError, UsageError
 from edgelm.runtime.chat_template import check_messages, render_chat
+from edgelm.runtime.constraints import pop_constraint
 from edgelm.runtime.generator import Completion, TextGenerator, TextStream
 from edgelm.runtime.params import GenerationParams
+from edgelm.runtime.tools import (
+    assistant_message,
+    check_tools,
+    messages_for_template,
+    parse_tool_calls,
+    tool_constraint,
+)
 
 
 class ChatGenerator(TextGenerator):
@@ -31,26 +40,30 @@ class ChatGenerator(TextGenerator):
         return self.tokenizer.token_text(token_id)
 
     # -- prompts ----------------------------------------------------------------------------
-    def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """The prompt text the model's chat template makes of `messages`."""
-        return render_chat(self.chat_template, messages, bos_token=self.bos_text, eos_token=self.eos_text,
-                           add_generation_prompt=add_generation_prompt)
+    def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True,
+                    tools: list[dict] | None = None) -> str:
+        """The prompt text the model's chat template makes of `messages` (and `tools`, passed to
+        the template as `tools`, the way Hugging Face templates expect them)."""
+        extra = {"tools": check_tools(tools)} if tools is not None else {}
+        return render_chat(self.chat_template, messages_for_template(messages), bos_token=self.bos_text,
+                           eos_token=self.eos_text, add_generation_prompt=add_generation_prompt, **extra)
 
-    def chat_ids(self, messages: list[dict]) -> list[int]:
-        ids = self.tokenizer.encode(self.chat_prompt(messages), add_special_tokens=False).ids
+    def chat_ids(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        ids = self.tokenizer.encode(self.chat_prompt(messages, tools=tools), add_special_tokens=False).ids
         # most templates write the BOS text themselves; add it only where they did not
         if self.add_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
             ids = [self.bos_id, *ids]
         return ids
 
-    def fit_messages(self, messages: list[dict], max_tokens: int) -> tuple[list[dict], int, list[int]]:
+    def fit_messages(self, messages: list[dict], max_tokens: int,
+                     tools: list[dict] | None = None) -> tuple[list[dict], int, list[int]]:
         """Drop the oldest turns (never the system message, never the last user message) until
         the prompt plus `max_tokens` fits the context; return (messages, dropped messages, ids)."""
-        kept = check_messages(messages)
+        kept = check_messages(messages_for_template(messages))
         limit = self.decoder.context_length
         dropped = 0
         while True:
-            ids = self.chat_ids(kept)
+            ids = self.chat_ids(kept, tools)
             if limit is None or len(ids) + max_tokens <= limit:
                 return kept, dropped, ids
             cut = _oldest_turn(kept)
@@ -64,9 +77,18 @@ class ChatGenerator(TextGenerator):
             kept = kept[:start] + kept[end:]
 
     # -- public API -------------------------------------------------------------------------
-    def chat(self, messages: list[dict], **params: Any) -> str:
-        """The assistant's reply to a conversation (a list of {"role", "content"} dicts)."""
-        return self.chat_complete(messages, **params).text
+    def chat(self, messages: list[dict], *, tools: list[dict] | None = None, tool_choice: Any = None,
+             return_message: bool = False, **params: Any) -> str | dict[str, Any]:
+        """The assistant's reply to a conversation (a list of {"role", "content"} dicts).
+
+        With `tools` (OpenAI's [{"type": "function", "function": {...}}]) the reply may be a
+        tool call, constrained to valid arguments; `tool_choice` is "auto" (default), "none",
+        "required" or {"type": "function", "function": {"name": ...}}. `return_message=True`
+        returns the OpenAI-shaped assistant message {"role", "content", "tool_calls"?}."""
+        completion = self.chat_complete(messages, tools=tools, tool_choice=tool_choice, **params)
+        if return_message:
+            return assistant_message(completion.text, completion.tool_calls)
+        return completion.text
 
     def chat_complete(self, messages: list[dict], **params: Any) -> Completion:
         stream = self.chat_stream(messages, **params)
@@ -75,24 +97,53 @@ class ChatGenerator(TextGenerator):
         assert stream.completion is not None
         return stream.completion
 
-    def chat_stream(self, messages: list[dict], **params: Any) -> TextStream:
+    def chat_stream(self, messages: list[dict], *, tools: list[dict] | None = None, tool_choice: Any = None,
+                    **params: Any) -> TextStream:
         """Stream the reply. With truncate=True whole old turns are dropped to fit the context
         (the completion's truncated_prompt_tokens says how many tokens went); otherwise a
-        conversation that does not fit raises ContextOverflowError."""
+        conversation that does not fit raises ContextOverflowError. With tools, a reply that
+        is a tool call streams as its JSON text and the completion's tool_calls holds it."""
         self._check_open()
+        tools, constraint = self._reply_constraint(tools, tool_choice, params)
         resolved = GenerationParams.from_kwargs(self.defaults, **params)
         if not self.chat_template:
             raise InputError("this model has no chat template; use generate() with a plain prompt")
-        full = self.chat_ids(check_messages(messages))
+        full = self.chat_ids(check_messages(messages_for_template(messages)), tools)
         limit = self.decoder.context_length
         if limit is not None and len(full) + resolved.max_tokens > limit and not resolved.truncate:
             raise ContextOverflowError(
                 f"the conversation of {len(full)} tokens plus max_tokens {resolved.max_tokens} exceeds the "
                 f"context length {limit}; drop old turns, lower max_tokens, or pass truncate"
             )
-        _, _, ids = self.fit_messages(messages, resolved.max_tokens)
+        _, _, ids = self.fit_messages(messages, resolved.max_tokens, tools)
         holder: dict[str, Completion] = {}
-        return TextStream(self._run(ids, len(full) - len(ids), resolved, holder), holder)
+        pieces = self._run(ids, len(full) - len(ids), resolved, holder, constraint)
+        if constraint is not None and constraint.kind == "tools":
+            pieces = _reading_tool_calls(pieces, holder)
+        return TextStream(pieces, holder)
+
+    def _reply_constraint(self, tools: Any, tool_choice: Any, params: dict) -> tuple[list | None, Any]:
+        """(checked tools, the constraint on the reply): the one given in `params` (taken out of
+        it), or the tool call that `tool_choice` asks for; never both."""
+        constraint = pop_constraint(params)
+        if tools is None:
+            if tool_choice is not None:
+                raise UsageError("tool_choice needs tools")
+            return None, constraint
+        tools = check_tools(tools)
+        calls = tool_constraint(tools, tool_choice)
+        if calls is not None and constraint is not None:
+            raise UsageError(f'a {constraint.kind} constraint and tools cannot both shape a reply; '
+                             'pass tool_choice="none" to use the constraint')
+        return tools, constraint or calls
+
+
+def _reading_tool_calls(pieces: Iterator[str], holder: dict[str, Completion]) -> Iterator[str]:
+    """Pass the pieces on; once the reply is complete, read the tool call it makes (if any)."""
+    yield from pieces
+    completion = holder["completion"]
+    if not completion.constraint_incomplete:
+        completion.tool_calls = parse_tool_calls(completion.text)
 
 
 def _oldest_turn(messages: list[dict]) -> tuple[int, int] | None:

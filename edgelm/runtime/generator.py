@@ -12,6 +12,8 @@ import numpy as np
 
 from edgelm.contract import GenerationSection, TokenizerSection
 from edgelm.errors import ContextOverflowError, InputError
+from edgelm.runtime.constraint_vocab import llg_tokenizer
+from edgelm.runtime.constraints import Constraint, GrammarMask, pop_constraint
 from edgelm.runtime.params import GenerationParams
 from edgelm.runtime.sampler import Sampler
 from edgelm.runtime.text import IncrementalDetokenizer, StopMatcher
@@ -24,9 +26,13 @@ class Completion:
     text: str
     prompt_tokens: int
     completion_tokens: int
-    finish_reason: str  # "stop" (stop string), "eos", or "length"
+    finish_reason: str  # "stop" (stop string, or the constraint complete), "eos", or "length"
     truncated_prompt_tokens: int = 0  # >0 when truncate=True dropped the start of the prompt
     timings: dict[str, float] = field(default_factory=dict)
+    # with a constraint: True when the text is not a complete match (max_tokens or a stop string came first)
+    constraint_incomplete: bool = False
+    # chat with tools: the calls the reply makes, OpenAI-shaped ({"id", "type", "function"}); None otherwise
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class TextStream:
@@ -96,11 +102,14 @@ class TextGenerator:
         return stream.completion
 
     def stream(self, prompt: str, **params: Any) -> TextStream:
+        """Stream the continuation of `prompt`. Besides the sampling parameters, at most one of
+        json_schema=, regex=, grammar= (Lark) or json_object=True constrains the output."""
         self._check_open()
+        constraint = pop_constraint(params)
         resolved = GenerationParams.from_kwargs(self.defaults, **params)
         ids, dropped = self._prompt_ids(prompt, resolved)
         holder: dict[str, Completion] = {}
-        return TextStream(self._run(ids, dropped, resolved, holder), holder)
+        return TextStream(self._run(ids, dropped, resolved, holder, constraint), holder)
 
     def encode(self, text: str) -> list[int]:
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
@@ -140,8 +149,9 @@ class TextGenerator:
             )
         return ids[-room:], len(ids) - room
 
-    def _run(self, ids: list[int], dropped: int, params: GenerationParams, holder: dict) -> Iterator[str]:
-        sequence = Continuation(self, ids, dropped, params)
+    def _run(self, ids: list[int], dropped: int, params: GenerationParams, holder: dict,
+             constraint: Constraint | None = None) -> Iterator[str]:
+        sequence = Continuation(self, ids, dropped, params, constraint)
         started = time.perf_counter()
         logits = self.decoder.prefill(ids)
         prefill_s = time.perf_counter() - started
@@ -160,32 +170,47 @@ class TextGenerator:
 
 
 class Continuation:
-    """One sequence being generated: its sampler, detokeniser, stop matcher and counts.
+    """One sequence being generated: its sampler, detokeniser, stop matcher, grammar mask and counts.
 
     The single-prompt loop and batch generation both drive these, so a batch row means
     exactly what a lone generation means.
     """
 
-    def __init__(self, generator: TextGenerator, ids: list[int], dropped: int, params: GenerationParams):
+    def __init__(self, generator: TextGenerator, ids: list[int], dropped: int, params: GenerationParams,
+                 constraint: Constraint | None = None):
         self.ids, self.dropped, self.params = ids, dropped, params
         self.end_ids = {generator.eos_id, *generator.end_ids} - {None}
         self.sampler = Sampler(params)
         self.detok = IncrementalDetokenizer(generator.tokenizer, ids)
         self.stops = StopMatcher(params.stop)
+        self.grammar = None
+        if constraint is not None:
+            self.grammar = GrammarMask(constraint, lambda width: llg_tokenizer(generator, width))
         self.seen, self.pieces = list(ids), []
         self.generated, self.reason, self.done = 0, "length", False
 
-    def accept(self, logits: np.ndarray) -> tuple[int, str]:
-        """Sample the next token from `logits`; return it and the text that is now safe to emit."""
+    def accept(self, logits: np.ndarray) -> tuple[int | None, str]:
+        """Sample the next token from `logits`; return it and the text that is now safe to emit.
+        The token is None when the constraint ended the text without one (a model with no end token)."""
+        if self.grammar is not None:
+            logits = self.grammar.apply(logits)  # forbidden tokens at -inf, before any sampling step
+            if logits is None:
+                self.reason, self.done = "stop", True
+                return None, ""
         token = self.sampler(logits, self.seen)
         self.generated += 1
         if token in self.end_ids:
-            self.reason, self.done = "eos", True
+            # under a constraint an end token is only allowed once the grammar is satisfied
+            self.reason, self.done = ("stop" if self.grammar is not None else "eos"), True
             return token, ""
+        if self.grammar is not None:
+            self.grammar.consume(token)
         self.seen.append(token)
         piece = self.stops.feed(self.detok.push(token))
         self.pieces.append(piece)
         if self.stops.stopped:
+            self.reason, self.done = "stop", True
+        elif self.grammar is not None and self.grammar.stopped:
             self.reason, self.done = "stop", True
         elif self.generated >= self.params.max_tokens:
             self.done = True
@@ -205,4 +230,9 @@ class Continuation:
             finish_reason=self.reason,
             truncated_prompt_tokens=self.dropped,
             timings=timings,
+            constraint_incomplete=self.grammar is not None and not self._constraint_met(),
         )
+
+    def _constraint_met(self) -> bool:
+        """The text is a whole match: the grammar accepts it and no stop string cut it short."""
+        return not self.stops.stopped and self.grammar.accepting

@@ -1,0 +1,165 @@
+"""The model's vocabulary as llguidance sees it: every token's bytes, end ids and an encoder.
+
+llguidance works on bytes; edgelm's tokenizers speak strings. The bytes of each token come
+from the tokenizer's own vocabulary: for byte-level BPE (GPT-2, trained BPE) the printable
+alphabet GPT-2 maps bytes to is mapped back; for SentencePiece-style vocabularies "▁" is a
+space and "<0xAB>" a byte; for character vocabularies a piece is its UTF-8. llama.cpp models
+use llama.cpp's own pieces, read from the loaded vocabulary. Special tokens
+get llguidance's 0xFF prefix, so no grammar can produce them as text.
+
+Building this takes up to a second for a large vocabulary, so it is done once per loaded model
+and logits width, and kept beside the model (a weak reference: it goes with the model).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import weakref
+from typing import Any
+
+SPECIAL_PREFIX = b"\xff"  # llguidance's mark for a token that is not text
+VIRTUAL_END = b"\xff<|edgelm-end|>"  # the end token of a model without one (see `_with_end`)
+_BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def llg_tokenizer(generator: Any, width: int):
+    """The llguidance tokenizer for `generator`'s vocabulary and logits of `width` entries."""
+    by_width = _CACHE.setdefault(generator, {})
+    if width not in by_width:
+        by_width[width] = _build(generator, width)
+    return by_width[width]
+
+
+def _build(generator: Any, width: int):
+    from edgelm.runtime.llama import LlamaCppTokenizer
+
+    end_ids = sorted(i for i in {generator.eos_id, *generator.end_ids} - {None} if i < width)
+    if isinstance(generator.tokenizer, LlamaCppTokenizer):
+        return _llama_tokenizer(generator.tokenizer.vocab, width, end_ids)
+    tokens, specials = token_bytes(generator.tokenizer)
+    return _with_end(tokens, specials, width, end_ids, generator.tokenizer)
+
+
+def _llama_tokenizer(vocab, width: int, end_ids: list[int]):
+    """llama.cpp's pieces, and llama.cpp's own tokenize function called natively by llguidance
+    (which knows to keep SentencePiece's dummy-prefix space off the text it encodes)."""
+    import ctypes
+
+    import llama_cpp
+    import llguidance
+
+    tokens, _ = llama_token_bytes(vocab)
+    tokens = (tokens + [b""] * width)[: max(width, len(tokens))]
+    tokenize = ctypes.cast(llama_cpp.llama_cpp._lib.llama_tokenize, ctypes.c_void_p).value
+    return llguidance.LLTokenizer.from_llamacpp(tokens=tokens, vocab_ptr=vocab, tokenize_fptr=tokenize,
+                                                eos_token=end_ids or llama_cpp.llama_vocab_eos(vocab), slices=None)
+
+
+def _with_end(tokens: list[bytes], specials: set[int], width: int, end_ids: list[int], tokenizer):
+    """An LLTokenizer over `width` logits. The logits may be wider than the vocabulary (padded
+    embeddings: those ids get no bytes, so they are never allowed). A model without an end
+    token gets a virtual one just past the logits: when the grammar allows only it, generation
+    ends, since no real token can follow."""
+    import llguidance
+
+    tokens = (tokens + [b""] * width)[: max(width, len(tokens))]
+    if not end_ids:
+        tokens = [*tokens, VIRTUAL_END]
+        end_ids = [len(tokens) - 1]
+        specials = {*specials, end_ids[0]}
+    wrapper = llguidance.TokenizerWrapper(_Vocabulary(tokens, end_ids[0], sorted(specials), tokenizer))
+    return llguidance.LLTokenizer(wrapper, n_vocab=len(tokens), eos_token=end_ids)
+
+
+class _Vocabulary:
+    """The object llguidance's TokenizerWrapper reads: token bytes, special ids and encode()."""
+
+    def __init__(self, tokens: list[bytes], eos: int, specials: list[int], tokenizer):
+        self.tokens = tokens
+        self.eos_token_id = eos
+        self.bos_token_id = None
+        self.special_token_ids = specials
+        self._tokenizer = tokenizer
+
+    def __call__(self, text: str) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError("text, not bytes")  # tells the wrapper to pass strings
+        return list(self._tokenizer.encode(text, add_special_tokens=False).ids)
+
+
+def token_bytes(tokenizer) -> tuple[list[bytes], set[int]]:
+    """(bytes of every id, the special ids) of a `tokenizers.Tokenizer`."""
+    spec = json.loads(tokenizer.to_str())
+    decoders = _decoder_types(spec.get("decoder"))
+    added = tokenizer.get_added_tokens_decoder()
+    specials = {i for i, token in added.items() if token.special}
+    vocab = tokenizer.get_vocab(with_added_tokens=True)
+    tokens = [b""] * (max(vocab.values(), default=-1) + 1)
+    for piece, i in vocab.items():
+        if i in specials:
+            tokens[i] = SPECIAL_PREFIX + piece.encode("utf-8")
+        elif i in added:  # added text tokens are stored as plain text, never byte-mapped
+            tokens[i] = piece.encode("utf-8")
+        else:
+            tokens[i] = _piece_bytes(piece, decoders)
+    return tokens, specials
+
+
+def llama_token_bytes(vocab) -> tuple[list[bytes], set[int]]:
+    """(bytes of every id, the special ids) of a llama.cpp vocabulary: each token's piece as
+    llama.cpp writes it (a byte token is its byte, "▁" already a space); control tokens, and
+    user-defined ones written like "<...>", are special."""
+    import ctypes
+
+    import llama_cpp
+
+    buffer = ctypes.create_string_buffer(1024)
+    tokens, specials = [], set()
+    for i in range(llama_cpp.llama_vocab_n_tokens(vocab)):
+        n = llama_cpp.llama_token_to_piece(vocab, i, buffer, len(buffer), 0, True)
+        piece = buffer.raw[: max(n, 0)]  # a piece longer than the buffer (n < 0) is no text a grammar needs
+        attr = llama_cpp.llama_vocab_get_attr(vocab, i)
+        control = attr & llama_cpp.LLAMA_TOKEN_ATTR_CONTROL
+        tagged = attr & llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED and piece.startswith(b"<") and piece.endswith(b">")
+        if control or tagged:
+            specials.add(i)
+            piece = SPECIAL_PREFIX + piece
+        tokens.append(piece)
+    return tokens, specials
+
+
+def _decoder_types(decoder: dict | None) -> set[str]:
+    if not decoder:
+        return set()
+    if decoder.get("type") == "Sequence":
+        return {t for d in decoder.get("decoders", []) for t in _decoder_types(d)}
+    return {decoder.get("type", "")}
+
+
+def _piece_bytes(piece: str, decoders: set[str]) -> bytes:
+    if "ByteLevel" in decoders:
+        to_byte = _unicode_to_byte()
+        if all(ch in to_byte for ch in piece):
+            return bytes(to_byte[ch] for ch in piece)
+        return piece.encode("utf-8")
+    if "ByteFallback" in decoders and (match := _BYTE_PIECE.match(piece)):
+        return bytes([int(match.group(1), 16)])
+    if "Metaspace" in decoders or "Replace" in decoders:
+        piece = piece.replace("\u2581", " ")
+    return piece.encode("utf-8")
+
+
+_BYTE_ALPHABET: dict[str, int] = {}
+
+
+def _unicode_to_byte() -> dict[str, int]:
+    """Byte-level BPE writes each byte as a printable character: bytes that are printable in
+    Latin-1 stand for themselves, the others take the characters from U+0100 on, in order."""
+    if not _BYTE_ALPHABET:
+        printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+        shifted = (b for b in range(256) if b not in printable)
+        _BYTE_ALPHABET.update({chr(b): b for b in printable})
+        _BYTE_ALPHABET.update({chr(256 + n): b for n, b in enumerate(shifted)})
+    return _BYTE_ALPHABET

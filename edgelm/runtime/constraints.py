@@ -1,0 +1,167 @@
+"""Constrained generation: a token mask, computed by llguidance, applied before sampling.
+
+A constraint (a JSON Schema, a regex, a Lark grammar, "any JSON object", or a tool call) is
+compiled once per call into llguidance's grammar form and checked before any decoding. Each
+sequence then gets its own `GrammarMask`, which `Continuation` consults on every token: the
+logits of tokens the grammar forbids become -inf before the sampler sees them, so greedy,
+temperature, top-k/top-p/min-p, repetition penalty and stop strings keep their meaning on top.
+The same mask serves every decoder (RNN, LSTM, GPT-2, LLaMA), since edgelm owns the sampler.
+
+llguidance needs every token's bytes; `vocabulary.py`'s adapter builds them once per model.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from edgelm.errors import InputError, UsageError
+
+CONSTRAINT_PARAMS = ("json_schema", "regex", "grammar", "json_object")
+# Compact JSON (no optional whitespace): a model cannot pad its output with endless blanks, and
+# the text is what json.dumps(separators=(",", ":")) writes. A schema's "x-guidance" overrides it.
+JSON_DEFAULTS = {"whitespace_flexible": False}
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """A grammar in llguidance's serialised form, checked to compile; `kind` names its source."""
+
+    grammar: str
+    kind: str  # "json_schema", "regex", "grammar", "json_object" or "tools"
+
+
+def pop_constraint(params: dict[str, Any]) -> Constraint | None:
+    """Take the constraint keyword arguments out of `params` and compile the one given."""
+    given = {name: params.pop(name) for name in CONSTRAINT_PARAMS if name in params}
+    given = {name: value for name, value in given.items() if value is not None and value is not False}
+    if len(given) > 1:
+        raise UsageError(f"give at most one constraint per call, got {', '.join(sorted(given))}")
+    if not given:
+        return None
+    (name, value), = given.items()
+    if name == "json_object":
+        if value is not True:
+            raise UsageError(f"json_object must be True or False, got {value!r}")
+        return json_schema_constraint({"type": "object"}, kind="json_object")
+    if name == "json_schema":
+        return json_schema_constraint(value)
+    if name == "regex":
+        return regex_constraint(value)
+    return lark_constraint(value)
+
+
+def json_schema_constraint(schema: Mapping[str, Any] | str | bool, kind: str = "json_schema") -> Constraint:
+    """A JSON Schema (a dict or its JSON text) as a constraint; an InputError if it does not compile."""
+    from llguidance import LLMatcher
+
+    if isinstance(schema, (str, bytes)):
+        try:
+            schema = json.loads(schema)
+        except ValueError as err:
+            raise InputError(f"json_schema is not valid JSON ({err})") from None
+    if not isinstance(schema, (Mapping, bool)):
+        raise InputError(f"json_schema must be a JSON object (a dict), got {type(schema).__name__}")
+    try:
+        grammar = LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=JSON_DEFAULTS)
+    except (ValueError, TypeError) as err:
+        raise InputError(f"json_schema cannot be used: {_one_line(str(err))}") from None
+    return _checked(grammar, kind, "json_schema")
+
+
+def regex_constraint(pattern: str) -> Constraint:
+    from llguidance import LLMatcher
+
+    if not isinstance(pattern, str) or not pattern:
+        raise InputError("regex must be a non-empty string")
+    return _checked(LLMatcher.grammar_from_regex(pattern), "regex", "regex")
+
+
+def lark_constraint(text: str) -> Constraint:
+    from llguidance import LLMatcher
+
+    if not isinstance(text, str) or not text.strip():
+        raise InputError("grammar must be a non-empty Lark grammar string")
+    return _checked(LLMatcher.grammar_from_lark(text), "grammar", "grammar")
+
+
+def _checked(grammar: str, kind: str, what: str) -> Constraint:
+    """llguidance reports problems as text rather than raising; make them one-line InputErrors."""
+    from llguidance import LLMatcher
+
+    problem = LLMatcher.validate_grammar(grammar)
+    if problem:
+        raise InputError(f"{what} cannot be used: {_one_line(problem)}")
+    return Constraint(grammar, kind)
+
+
+def _one_line(message: str) -> str:
+    """llguidance's messages echo the grammar with a caret under the fault; keep the words."""
+    lines = [line.strip() for line in message.splitlines()]
+    words = [line for line in lines if line and not set(line) <= {"^", " "} and "|" not in line[:6]]
+    return " ".join(words)[:300] or "rejected by llguidance"
+
+
+class GrammarMask:
+    """One sequence's position in a grammar: which tokens may come next, and whether it is done.
+
+    `tokenizer` is the model's llguidance tokenizer for the logits' width (see vocabulary.py),
+    built on the first call of `allowed`, when the width is known.
+    """
+
+    def __init__(self, constraint: Constraint, tokenizer_for: Callable[[int], Any]):
+        self.constraint = constraint
+        self.tokenizer_for = tokenizer_for
+        self.matcher = None
+        self.bitmask: np.ndarray | None = None  # (words,) int32, 32 tokens per word
+        self.complete = False  # the grammar was satisfied and generation ended because of it
+
+    def _start(self, width: int) -> None:
+        from llguidance import LLMatcher
+
+        tokenizer = self.tokenizer_for(width)
+        self.matcher = LLMatcher(tokenizer, self.constraint.grammar, log_level=0)
+        self._check_error()
+        self.bitmask = np.zeros(((tokenizer.vocab_size + 31) // 32,), np.int32)
+
+    def allowed(self, width: int) -> np.ndarray:
+        """A boolean (width,) array: the tokens the grammar allows next."""
+        if self.matcher is None:
+            self._start(width)
+        self.matcher.unsafe_compute_mask_ptr(self.bitmask.ctypes.data, self.bitmask.nbytes)
+        self._check_error()
+        bits = np.unpackbits(self.bitmask.view(np.uint8), bitorder="little")  # token i is bit i
+        return bits[:width].astype(bool)
+
+    def apply(self, logits: np.ndarray) -> np.ndarray | None:
+        """A copy of `logits` with every forbidden token at -inf; None when no token is allowed,
+        which happens when only the end of the text may follow and the model has no end token."""
+        allowed = self.allowed(logits.shape[-1])
+        if not allowed.any():
+            if self.accepting:
+                return None
+            raise InputError(f"the {self.constraint.kind} constraint cannot be continued with this model's "
+                             "vocabulary (no token it allows exists)")
+        return np.where(allowed, logits, np.float32(-np.inf))
+
+    def consume(self, token: int) -> None:
+        self.matcher.consume_token(token)
+        self._check_error()
+
+    @property
+    def accepting(self) -> bool:
+        return self.matcher is not None and self.matcher.is_accepting()
+
+    @property
+    def stopped(self) -> bool:
+        """No further text is possible: the grammar is finished."""
+        return self.matcher is not None and self.matcher.is_stopped()
+
+    def _check_error(self) -> None:
+        if self.matcher.is_error():
+            raise InputError(f"the {self.constraint.kind} constraint failed: {_one_line(self.matcher.get_error())}")
+
