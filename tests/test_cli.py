@@ -109,9 +109,17 @@ def test_bad_quant_and_bad_train_value(lstm_model, tmp_path):
     assert_one_line_error(invoke("train", "lstm", "--out", tmp_path / "m", "--steps", 0), 2, "steps must be")
 
 
-def test_debug_shows_the_traceback(tmp_path):
+def test_debug_reraises_the_typed_error_and_without_it_there_is_one_line(tmp_path):
+    from edgelm.errors import ArtifactError
+
+    # CliRunner keeps what escaped the command: with --debug the ArtifactError itself (a traceback
+    # in a terminal; tests/test_cli_limits.py checks that in a real process), without it a clean exit
     result = invoke("--debug", "run", tmp_path / "nope", "hi")
-    assert result.exit_code != 0 and result.exception is not None
+    assert isinstance(result.exception, ArtifactError) and result.exc_info[2] is not None
+    assert "no such artifact" in str(result.exception)
+    quiet = invoke("run", tmp_path / "nope", "hi")
+    assert isinstance(quiet.exception, SystemExit) and quiet.exit_code == 1
+    assert_one_line_error(quiet, 1, "no such artifact")
 
 
 @pytest.mark.parametrize("args", [["--help"], ["run", "--help"], ["export", "--help"], ["train", "--help"]])
