@@ -17,6 +17,7 @@ from edgelm.runtime.constraints import Constraint, GrammarMask, pop_constraint
 from edgelm.runtime.params import GenerationParams
 from edgelm.runtime.sampler import Sampler
 from edgelm.runtime.text import IncrementalDetokenizer, StopMatcher
+from edgelm.safe_text import check_text
 
 
 @dataclass
@@ -135,6 +136,7 @@ class TextGenerator:
     def _prompt_ids(self, prompt: str, params: GenerationParams) -> tuple[list[int], int]:
         if not isinstance(prompt, str):
             raise InputError(f"prompt must be a string, got {type(prompt).__name__}")
+        check_text(prompt, "the prompt")  # lone surrogates: bytes that were never UTF-8
         ids = self.encode(prompt)
         if not ids:
             raise InputError("the prompt is empty after tokenising; give at least one character")
