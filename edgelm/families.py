@@ -169,6 +169,10 @@ FAMILIES: dict[str, Family] = {
         )),
         Family("llama", "LLaMA-family causal LM (LlamaForCausalLM, Mistral) to GGUF, run by llama.cpp",
                ("llama", "mistral"), (_gguf_decoder("llama"),)),
+        Family("qwen2", "Qwen2 / Qwen2.5 causal LM (Qwen2ForCausalLM) to GGUF, run by llama.cpp",
+               ("qwen2",), (_gguf_decoder("qwen2"),)),
+        Family("phi3", "Phi-3 causal LM (Phi3ForCausalLM) to GGUF, run by llama.cpp",
+               ("phi3",), (_gguf_decoder("phi3"),)),
         Family("bert", "BERT encoders: sentence embeddings, fill-mask, sequence classification", ("bert",), (
             ExportSpec("onnx", "edgelm.export.bert:export_bert", "edgelm.runtime.encoders:load_encoder",
                        ("embed", "fill-mask", "classify"), (

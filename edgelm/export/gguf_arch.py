@@ -181,8 +181,58 @@ GPT2 = ArchSpec(
 )
 
 
-ARCHS = {spec.name: spec for spec in (LLAMA, GPT2)}
-MODEL_TYPES = {"llama": LLAMA, "mistral": LLAMA, "gpt2": GPT2}
+# ---- Qwen2 / Qwen2.5 and Phi-3 (NEOX rotary: no row reordering) ------------------------------
+
+def _refuse_rope_scaling(source: Path, config: dict, example: str) -> None:
+    """A file that loads but rotates positions differently from torch would answer wrong: refuse."""
+    if _rope_kind(config) is not None:
+        raise UnsupportedModelError(f"{source}: rope scaling {_rope_kind(config)!r} is not converted for "
+                                    f"{config.get('model_type')} ({example}); only unscaled rope is")
+
+
+def _check_qwen2(source: Path, config: dict) -> None:
+    _refuse_archs(source, config, ("Qwen2ForCausalLM",), "a Qwen2 causal LM (Qwen2ForCausalLM)")
+    _refuse_activation(source, config, "hidden_act", "silu", "silu")
+    _refuse_rope_scaling(source, config, "e.g. YaRN for long contexts")
+    if config.get("use_sliding_window"):
+        raise UnsupportedModelError(f"{source}: use_sliding_window is on; llama.cpp has no sliding window for Qwen2")
+
+
+def _check_phi3(source: Path, config: dict) -> None:
+    _refuse_archs(source, config, ("Phi3ForCausalLM",), "a Phi-3 causal LM (Phi3ForCausalLM)")
+    _refuse_activation(source, config, "hidden_act", "silu", "silu")
+    _refuse_rope_scaling(source, config, "e.g. longrope of the 128k models")
+
+
+def _phi3_keys(writer, config: dict, shape: Shape) -> None:
+    _rms_rope_keys(writer, config, shape)
+    # Phi-3 may rotate only part of each head (partial_rotary_factor)
+    writer.add_rope_dimension_count(int(shape.head_dim * float(config.get("partial_rotary_factor") or 1.0)))
+
+
+QWEN2 = ArchSpec(
+    name="qwen2", family="qwen2", model_arch="QWEN2", architectures=("Qwen2ForCausalLM",),
+    shape=_llama_like_shape, check=_check_qwen2, write_keys=_rms_rope_keys,
+    top_tensors=("token_embd.weight", "output_norm.weight"),
+    layer_tensors=(*(f"{p}.weight" for p in LLAMA_BLOCK), "attn_q.bias", "attn_k.bias", "attn_v.bias"),
+    skipped=("rotary_emb.inv_freq",),
+)
+
+PHI3_BLOCK = ("attn_norm", "attn_qkv", "attn_output", "ffn_norm", "ffn_up", "ffn_down")
+
+PHI3 = ArchSpec(
+    # fused qkv_proj stays attn_qkv (q|k|v rows), fused gate_up_proj is llama.cpp's ffn_up of
+    # 2 x intermediate rows (gate first, as Phi-3 splits it); llama.cpp splits both itself
+    name="phi3", family="phi3", model_arch="PHI3", architectures=("Phi3ForCausalLM",),
+    shape=_llama_like_shape, check=_check_phi3, write_keys=_phi3_keys,
+    top_tensors=("token_embd.weight", "output_norm.weight"),
+    layer_tensors=tuple(f"{p}.weight" for p in PHI3_BLOCK),
+    skipped=("rotary_emb.inv_freq",),
+)
+
+
+ARCHS = {spec.name: spec for spec in (LLAMA, GPT2, QWEN2, PHI3)}
+MODEL_TYPES = {"llama": LLAMA, "mistral": LLAMA, "gpt2": GPT2, "qwen2": QWEN2, "phi3": PHI3}
 
 
 def arch_for_config(source: Path, config: dict) -> ArchSpec:
