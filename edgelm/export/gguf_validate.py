@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from edgelm.artifact import Check, Manifest
-from edgelm.errors import ExportError
+from edgelm.errors import ExportError, first_line
 from edgelm.export.checks import max_abs_diff, top1_agreement
 from edgelm.export.options import ExportOptions
 from edgelm.families import QuantType, family_named
@@ -96,14 +96,14 @@ def open_llama_for_logits(path: Path, n_ctx: int):
     """llama.cpp with every position's logits and an F32 KV cache (type 0 = GGML_TYPE_F32)."""
     import llama_cpp
 
-    from edgelm.export.gguf_quantize import captured_llama_log
+    from edgelm.runtime.llama_log import captured_llama_log, log_lines
 
     with captured_llama_log() as log:
         try:
             return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
                                    logits_all=True, type_k=0, type_v=0, verbose=False)
         except (ValueError, RuntimeError) as err:
-            reason = next((line.strip() for line in log if "error" in line.lower()), str(err))
+            reason = next((line for line in log_lines(log) if "error" in line.lower()), first_line(err))
             raise ExportError(f"{path}: llama.cpp could not load the exported file ({reason})") from None
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgelm.errors import UnsupportedModelError
+from edgelm.errors import UnsupportedModelError, first_line
 from edgelm.export.hf_source import source_file
 from edgelm.paths import read_source_json
 
@@ -78,7 +78,8 @@ def _sentencepiece_vocab(source: Path) -> Vocab:
     try:
         proto.ParseFromString(source_file(source, "tokenizer.model", "tokenizer file").read_bytes())
     except Exception as err:  # protobuf raises its own DecodeError
-        raise UnsupportedModelError(f"{source / 'tokenizer.model'}: not a SentencePiece model ({err})") from None
+        where = source / "tokenizer.model"
+        raise UnsupportedModelError(f"{where}: not a SentencePiece model ({first_line(err)})") from None
     if proto.trainer_spec.model_type != sentencepiece_model_pb2.TrainerSpec.BPE:
         raise UnsupportedModelError(
             f"{source / 'tokenizer.model'}: SentencePiece "
