@@ -148,3 +148,25 @@ def test_onnx_stays_the_default_format_for_gpt2():
     gpt2 = FAMILIES["gpt2"]
     assert gpt2.formats == ("onnx", "gguf")
     assert gpt2.spec("gguf").quant("q8_0").ftype == 7 and gpt2.spec("onnx").quant(None).name == "none"
+
+
+def test_a_bare_gpt2_gguf_is_labelled_by_its_header_and_runs(gpt2_gguf_f32, tmp_path):
+    import edgelm
+    from edgelm.runtime import info
+
+    bare = tmp_path / "downloaded.gguf"
+    shutil.copy(gpt2_gguf_f32 / "model.gguf", bare)
+    manifest = info(bare)
+    assert (manifest.family, manifest.quant, manifest.model.architecture) == ("gpt2", "f32", "gpt2")
+    with edgelm.load(bare, threads=1) as model, edgelm.load(gpt2_gguf_f32, threads=1) as exported:
+        assert model.generate("The function", max_tokens=6, temperature=0) == \
+            exported.generate("The function", max_tokens=6, temperature=0)
+
+
+def test_an_architecture_edgelm_does_not_export_keeps_its_own_name(tmp_path):
+    from edgelm.runtime.gguf_file import GgufHeader, manifest_from_header
+
+    header = GgufHeader(version=3, metadata={"general.architecture": "gemma2", "general.file_type": 15,
+                                             "gemma2.context_length": 8192})
+    manifest = manifest_from_header(tmp_path / "m.gguf", header)
+    assert (manifest.family, manifest.quant, manifest.model.architecture) == ("gemma2", "q4_k_m", "gemma2")
