@@ -10,6 +10,26 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+# Property-based fuzzing: a short "ci" profile by default, EDGELM_FUZZ=long for thousands of
+# examples. Deadlines are per example inside the tests that need one (a shared machine's timing
+# is too noisy for hypothesis's own).
+try:
+    from hypothesis import HealthCheck, settings
+
+    settings.register_profile("ci", max_examples=100, deadline=None, derandomize=True,
+                              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    settings.register_profile("long", max_examples=2000, deadline=None,
+                              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    settings.load_profile(os.environ.get("EDGELM_FUZZ", "ci"))
+except ImportError:  # hypothesis is in the dev extra; without it only the fuzz tests are skipped
+    pass
+
+
+def fuzz_examples(ci: int, long: int = 2000) -> int:
+    """How many examples a fuzz test runs under the profile chosen by EDGELM_FUZZ."""
+    return long if os.environ.get("EDGELM_FUZZ") == "long" else ci
+
+
 TINY = dict(hidden=32, layers=2, steps=40, seq_len=32, batch_size=8, lr=1e-2, seed=0)
 
 

@@ -37,6 +37,7 @@ MAX_LAYERS = 512  # LLAMA_MAX_LAYERS
 MAX_EXPERTS = 1024  # LLAMA_MAX_EXPERTS
 MAX_CONTEXT = (1 << 31) - 1  # positions are int32 in llama.cpp
 ROPE_SCALING_TYPES = ("none", "linear", "yarn", "longrope")
+TOKENIZER_MODELS = ("llama", "gpt2")  # SentencePiece and byte-level BPE: what edgelm's text generators use
 
 # "<arch>." keys llama.cpp reads, and the one type it reads each as
 ARCH_KEY_TYPES = {
@@ -87,6 +88,11 @@ def _check_types(header: GgufHeader, arch: str | None) -> None:
 
 def _check_vocabulary(header: GgufHeader) -> int | None:
     """The number of tokens, and every special id inside it."""
+    model = header.get("tokenizer.ggml.model")
+    if model is not None and model not in TOKENIZER_MODELS:
+        # llama.cpp's other tokenizers (bert, t5, rwkv, ...) abort on a vocabulary they do not expect
+        raise MalformedGguf(f"tokenizer.ggml.model {model[:40]!r} is not a text-generation tokenizer edgelm runs "
+                            f"({', '.join(TOKENIZER_MODELS)})")
     tokens = header.get("tokenizer.ggml.tokens")
     if tokens is None:
         return None

@@ -197,7 +197,9 @@ def open_llama(path: Path, options: RuntimeOptions, n_ctx: int | None = None):
                 n_threads_batch=threads, n_gpu_layers=options.n_gpu_layers, use_mmap=True,
                 logits_all=False, verbose=False,
             )
-        except (ValueError, RuntimeError) as err:
+        except Exception as err:  # noqa: BLE001
+            # llama.cpp fails with ValueError/RuntimeError; llama-cpp-python's own Python also compiles
+            # every chat template in the metadata (a jinja2 TemplateSyntaxError on a broken one)
             # the first error is the cause ("key not found in model: llama.block_count"); later
             # ones only say that loading failed. Drop the C function names in front of it.
             reason = re.sub(r"^\w+: ", "", next(iter(log_lines(log)), "") or first_line(err))

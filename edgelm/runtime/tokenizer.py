@@ -33,7 +33,8 @@ def load_tokenizer(path: Path, vocab_size: int | None = None):
         tokenizer = Tokenizer.from_file(str(path))
         tokenizer.no_padding()
         tokenizer.no_truncation()
-        largest = max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1)
+        vocab = tokenizer.get_vocab(with_added_tokens=True)
+        largest = max(vocab.values(), default=-1)
         # some broken files load but panic on their first use (a merge of a missing token, a bad
         # regex): one probe through every stage finds them here rather than mid-generation
         tokenizer.decode(tokenizer.encode(PROBE_TEXT).ids)
@@ -43,6 +44,8 @@ def load_tokenizer(path: Path, vocab_size: int | None = None):
         raise ArtifactError(f"{path}: not a valid tokenizer.json ({first_line(err, 120)})") from None
     if largest < 0:
         raise ArtifactError(f"{path}: the tokenizer has an empty vocabulary")
+    if largest >= len(vocab):  # ids are 0..n-1 in every real tokenizer; a gap is a hostile id (2**32-1)
+        raise ArtifactError(f"{path}: the tokenizer has token id {largest} in a vocabulary of {len(vocab)} tokens")
     if vocab_size is not None and largest >= vocab_size:
         raise ArtifactError(f"{path}: the tokenizer has token id {largest}, but the model has only "
                             f"{vocab_size} token ids")
