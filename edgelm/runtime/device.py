@@ -29,11 +29,14 @@ class RuntimeOptions:
     def __post_init__(self) -> None:
         if self.threads is not None:
             thread_count(self.threads)  # refuse a bad count at load, before any backend sees it
-        for name, value, low in (("n_gpu_layers", self.n_gpu_layers, -1), ("n_ctx", self.n_ctx, 1)):
-            if value is None and name == "n_ctx":
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise UsageError(f"{name} must be an integer >= {low}, got {value!r:.40}")
+        if not _integer_at_least(self.n_gpu_layers, -1):  # -1: every layer, as llama.cpp counts
+            raise UsageError(f"n_gpu_layers must be an integer >= -1, got {self.n_gpu_layers!r:.40}")
+        if self.n_ctx is not None and not _integer_at_least(self.n_ctx, 1):
+            raise UsageError(f"n_ctx must be a positive integer, got {self.n_ctx!r:.40}")
+
+
+def _integer_at_least(value: object, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
 
 def physical_cores() -> int:
