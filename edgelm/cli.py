@@ -174,12 +174,28 @@ def sampling_options(fn):
     return fn
 
 
+def constraint_options(fn):
+    """The output constraints shared by `run` and `chat` (at most one per call)."""
+    options = [
+        click.option("--json-schema", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),
+                     help="Constrain the output to JSON valid against the JSON Schema in FILE."),
+        click.option("--regex", default=None, help="Constrain the output to a full match of RE."),
+        click.option("--grammar", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),
+                     help="Constrain the output to the Lark grammar in FILE."),
+        click.option("--json-object", is_flag=True, default=None, help="Constrain the output to a JSON object."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
 @main.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.argument("prompt", required=False)
 @click.option("--prompt-file", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),
               help="Read the prompt from a UTF-8 file (- for stdin) instead of PROMPT.")
 @sampling_options
+@constraint_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming.")
 def run(artifact, prompt, prompt_file, as_json, threads, provider, n_gpu_layers, n_ctx, verify, **sampling):
     """Generate a continuation of PROMPT, streamed to the terminal."""
@@ -216,6 +232,7 @@ def demo(family, workdir, steps):
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--system", default=None, help="A system message that opens the conversation.")
 @sampling_options
+@constraint_options
 def chat(artifact, system, threads, provider, n_gpu_layers, n_ctx, verify, **sampling):
     """Chat with a model in the terminal (/reset starts over, /exit quits)."""
     from edgelm.commands.chat import run_chat

@@ -18,7 +18,9 @@ HELP = "type a message; /reset starts over, /exit (or Ctrl-D) quits"
 
 
 def run_chat(artifact: Path, system: str | None, device: dict, sampling: dict) -> None:
+    from edgelm.commands.run import constraint_flags
     from edgelm.runtime import load
+    from edgelm.runtime.constraints import pop_constraint
     from edgelm.runtime.params import GenerationParams
 
     sampling = {k: v for k, v in sampling.items() if v is not None and v != ()}
@@ -26,7 +28,10 @@ def run_chat(artifact: Path, system: str | None, device: dict, sampling: dict) -
     with load(artifact, **device) as model:
         if not getattr(model, "chat_template", ""):
             raise UsageError(f"{artifact} has no chat template; use `edgelm run` with a plain prompt")
+        constraint = constraint_flags(sampling)
+        pop_constraint(dict(constraint))  # a schema or grammar that does not compile fails before the prompt
         params = GenerationParams.from_kwargs(model.defaults, **sampling)  # bad flags fail before the prompt
+        sampling = {**sampling, **constraint}  # every reply is constrained
         click.echo(f"chat with {artifact} (context {model.decoder.context_length} tokens); {HELP}", err=True)
         start = [{"role": "system", "content": system}] if system else []
         messages = list(start)
