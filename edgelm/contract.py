@@ -254,11 +254,12 @@ def parse_section(cls: type, data: Any, name: str, where: str = "manifest", requ
     values = {}
     for f in dataclasses.fields(cls):
         dotted = f"{name}.{f.name}" if name else f.name
-        if data.get(f.name) is None:
-            if required and f.metadata.get("required"):
-                raise ArtifactError(f"{where}: {dotted} is missing")
-            if f.name not in data:
-                continue
+        needed = required and f.metadata.get("required")
+        no_default = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if (f.name not in data and (needed or no_default)) or (needed and data.get(f.name) is None):
+            raise ArtifactError(f"{where}: {dotted} is missing")
+        if f.name not in data:
+            continue
         try:
             values[f.name] = _check(data[f.name], hints[f.name], dotted, f.metadata.get("minimum", 0))
         except FieldError as err:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -125,3 +126,71 @@ def test_invalid_json_and_missing_manifest(tmp_path):
     out.mkdir()
     with pytest.raises(ArtifactError, match="not an edgelm artifact"):
         read_manifest(out)
+
+
+# -- writes that own what they replace ------------------------------------------------------------
+def test_reexport_replaces_an_artifact_holding_only_its_own_files(tmp_path):
+    out = _write(tmp_path / "a", b"old")
+    _write(out, b"new!")
+    assert (out / "model.onnx").read_bytes() == b"new!" and read_manifest(out, verify=True)
+
+
+@pytest.mark.parametrize("foreign", ["notes.txt", "model.onnx_data", ".hidden"])
+def test_reexport_refuses_an_artifact_folder_holding_a_foreign_file(tmp_path, foreign):
+    out = _write(tmp_path / "a")
+    (out / foreign).write_text("mine")
+    with pytest.raises(ExportError, match=rf"a/{re.escape(foreign)}: not a file of the artifact it sits in"):
+        _write(out, b"new!")
+    assert (out / foreign).read_text() == "mine" and (out / "model.onnx").read_bytes() == b"weights"
+
+
+def test_reexport_refuses_a_foreign_subfolder_and_an_unreadable_manifest(tmp_path):
+    out = _write(tmp_path / "a")
+    (out / "photos").mkdir()
+    with pytest.raises(ExportError, match="photos: not a file of the artifact"):
+        _write(out)
+    (out / "photos").rmdir()
+    (out / MANIFEST_NAME).write_text("[1, 2")
+    with pytest.raises(ExportError, match="unreadable manifest"):
+        _write(out)
+
+
+def test_a_second_export_to_the_same_output_fails_at_once(tmp_path):
+    from edgelm.artifact import export_lock
+
+    out = tmp_path / "a"
+    with export_lock(out) as lock:
+        assert lock.name == ".a.lock" and lock.exists()
+        with pytest.raises(ExportError, match=r"^.*a: another export to it is running \(lock .*\.a\.lock\)$"):
+            _write(out)
+    assert not (tmp_path / ".a.lock").exists()  # released and removed
+    _write(out)
+    assert read_manifest(out)
+
+
+def test_the_lock_is_released_when_an_export_fails(tmp_path):
+    out = tmp_path / "a"
+    with pytest.raises(KeyboardInterrupt):
+        with write_artifact(out, _manifest()):
+            raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []  # no lock file, no partial folder
+    _write(out)
+
+
+def test_a_lock_held_by_another_process_is_refused_and_dies_with_it(tmp_path):
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from edgelm.artifact import export_lock\n"
+        f"with export_lock(Path({str(tmp_path / 'a')!r})):\n print('held', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ExportError, match="another export to it is running"):
+            _write(tmp_path / "a")
+    finally:
+        holder.kill()  # a hard kill: the kernel drops the lock with the process
+        holder.wait()
+    _write(tmp_path / "a")
+    assert read_manifest(tmp_path / "a")

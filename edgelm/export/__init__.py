@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 import types
 from pathlib import Path
@@ -12,16 +11,14 @@ from edgelm.artifact import Manifest
 from edgelm.errors import UnsupportedModelError, UsageError
 from edgelm.export.options import ExportOptions
 from edgelm.families import family_for_config
+from edgelm.paths import read_source_json
 
 
 def read_source_config(source: Path) -> dict:
     path = source / "config.json"
     if not path.is_file():
         raise UnsupportedModelError(f"{source}: no config.json, so the model family cannot be told")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise UnsupportedModelError(f"{path}: not valid JSON ({err.msg})") from None
+    return read_source_json(source, "config.json")  # confined, size-limited, UTF-8, an object
 
 
 def resolve_source(source: str | Path) -> Path:

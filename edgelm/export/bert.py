@@ -16,7 +16,7 @@ from edgelm.artifact import Manifest, sha256_of, write_artifact
 from edgelm.contract import EncoderModel, SourceSection, TokenizerSection
 from edgelm.errors import ExportError, UnsupportedModelError, UsageError, first_line
 from edgelm.export.checks import validate_into
-from edgelm.export.hf_source import config_int, require_tokenizer, source_file, weight_files
+from edgelm.export.hf_source import check_source_links, config_int, require_tokenizer, source_file, weight_files
 from edgelm.export.options import ExportOptions
 from edgelm.export.quiet import quiet_loggers, quiet_root_calls
 from edgelm.paths import MAX_SOURCE_JSON_BYTES, confined, read_source_json
@@ -37,6 +37,7 @@ def export_bert(source: Path, config: dict, out: Path, options: ExportOptions) -
     task = infer_task(source, config, options.task)
     if not ((source / TOKENIZER_FILE).is_file() or (source / "vocab.txt").is_file()):
         raise UnsupportedModelError(f"{source}: missing vocab.txt or tokenizer.json, so it cannot be tokenised")
+    check_source_links(source)  # transformers and optimum read the folder themselves
     require_tokenizer(source)  # every tokenizer file must lie inside the folder
     manifest = _manifest(source, config, task, options)
     with write_artifact(out, manifest) as tmp, tempfile.TemporaryDirectory() as scratch:

@@ -27,6 +27,7 @@ from edgelm.export.gguf_tensors import (
     weight_files,
 )
 from edgelm.export.gguf_vocab import Vocab, end_of_turn_ids, read_vocab, special_vocab, write_vocab
+from edgelm.export.hf_source import check_source_links
 from edgelm.export.options import ExportOptions
 from edgelm.families import LLAMA_FTYPES
 
@@ -35,6 +36,7 @@ FLOAT_SCRATCH = "float.gguf.part"  # the float file a quantized export starts fr
 
 
 def export_gguf(source: Path, config: dict, out: Path, options: ExportOptions) -> Manifest:
+    check_source_links(source)  # every file read below, by edgelm or gguf's SpecialVocab, stays inside
     spec = arch_for_config(source, config)
     shape = _shape(spec, config)
     quant = options.quant or "f16"

@@ -22,6 +22,7 @@ from edgelm.contract import GenerationSection, KvDecoderModel, SourceSection, To
 from edgelm.errors import ExportError, UnsupportedModelError, first_line
 from edgelm.export.checks import max_abs_diff, top1_agreement, validate_into
 from edgelm.export.hf_source import (
+    check_source_links,
     config_int,
     require_tokenizer,
     special_token_id,
@@ -69,6 +70,7 @@ def check_source(source: Path, config: dict) -> None:
     if config["n_embd"] % config["n_head"]:
         raise UnsupportedModelError(
             f"{source}: n_embd {config['n_embd']} is not a multiple of n_head {config['n_head']}")
+    check_source_links(source)
     require_tokenizer(source)
     shapes = tensor_shapes(source)
     embedding = next((shapes[n] for n in EMBEDDING_NAMES if n in shapes), None)

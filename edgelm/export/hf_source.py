@@ -7,6 +7,7 @@ line before torch is even imported. Nothing here is specific to one architecture
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,23 @@ MAX_HEADER_BYTES = 100 << 20  # a safetensors header larger than this is a corru
 def source_file(folder: Path, name: Any, what: str) -> Path:
     """A file a source folder names, confined to it (links into its Hugging Face cache allowed)."""
     return confined(folder, name, what, error=UnsupportedModelError, hf_cache=True)
+
+
+def check_source_links(folder: Path, max_entries: int = 10_000) -> None:
+    """Every link in a source folder must stay inside it (or its Hugging Face cache's blobs).
+
+    transformers, optimum and tokenizers open files of the folder themselves, by names edgelm
+    never sees; checking every link up front confines those reads too.
+    """
+    seen = 0
+    for top, dirs, files in os.walk(folder):  # links to folders are listed, never followed
+        for name in sorted(dirs + files):
+            seen += 1
+            if seen > max_entries:
+                raise UnsupportedModelError(f"{folder}: more than {max_entries} files; not a model folder")
+            path = Path(top) / name
+            if path.is_symlink():
+                source_file(folder, str(path.relative_to(folder)), "linked file")
 
 
 def config_int(config: dict[str, Any], key: str, where: Path, minimum: int = 1) -> int:

@@ -12,6 +12,7 @@ from edgelm.artifact import Check, Manifest, sha256_of, write_artifact
 from edgelm.contract import GenerationSection, RecurrentModel, SourceSection, TokenizerSection
 from edgelm.errors import UnsupportedModelError, first_line
 from edgelm.export.checks import max_abs_diff, top1_agreement, validate_into
+from edgelm.export.hf_source import check_source_links, source_file
 from edgelm.export.onnx_quantize import quantize_int8
 from edgelm.export.options import ExportOptions
 from edgelm.models.recurrent import TOKENIZER_NAME, WEIGHTS_NAME, RecurrentLM, load_model
@@ -27,8 +28,9 @@ def state_names(cell: str) -> tuple[list[str], list[str]]:
 
 
 def export_recurrent(source: Path, config: dict, out: Path, options: ExportOptions) -> Manifest:
+    check_source_links(source)
     for name in (WEIGHTS_NAME, TOKENIZER_NAME):
-        if not (source / name).is_file():
+        if not source_file(source, name, "model file").is_file():
             raise UnsupportedModelError(f"{source}: missing {name}")
     try:
         model = load_model(source, config)
