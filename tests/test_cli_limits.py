@@ -113,3 +113,15 @@ def test_train_out_over_a_foreign_folder_is_refused(tmp_path):
     result = invoke("train", "rnn", "--out", foreign, "--steps", 1)
     assert_one_line_error(result, 2, "not a model edgelm trained")
     assert (foreign / "model.safetensors").read_bytes() == b"their weights"
+
+
+def test_chat_lines_that_are_not_utf8_are_refused_and_the_chat_goes_on(tmp_path):
+    from test_llama_runtime import write_tiny_gguf
+
+    gguf = write_tiny_gguf(tmp_path / "tiny.gguf")
+    result = CliRunner().invoke(main, ["chat", str(gguf), "--threads", "1", "--max-tokens", "2", "--temperature", "0"],
+                                input=b"caf\xe9\nhello\n/exit\n")
+    assert result.exit_code == 0, result.output
+    assert "error: that line is not valid UTF-8 (byte 0xe9 at offset 3); type it again" in result.output
+    assert "(reply cut at --max-tokens 2)" in result.output  # the next line was still read and answered
+    assert "Traceback" not in result.output

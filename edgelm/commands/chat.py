@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from edgelm.errors import ContextOverflowError, InputError, UsageError, first_line
-from edgelm.safe_text import check_text, printable
+from edgelm.safe_text import check_text, decode_utf8, printable
 
 HELP = "type a message; /reset starts over, /exit (or Ctrl-D) quits"
 
@@ -49,19 +49,27 @@ def run_chat(artifact: Path, system: str | None, device: dict, sampling: dict) -
 
 
 def _read_line() -> str | None:
-    """The next line typed (or piped), "" for one that is not valid UTF-8 (after saying so)."""
+    """The next line typed or piped; "" after saying so when it is not valid UTF-8."""
+    stdin = click.get_binary_stream("stdin")
     try:
-        line = click.prompt(">", prompt_suffix=" ", default="", show_default=False)
+        if stdin.isatty():  # a terminal: click's prompt, with line editing
+            line = click.prompt(">", prompt_suffix=" ", default="", show_default=False)
+        else:  # a pipe: read bytes, so one bad line cannot take the buffered lines after it along
+            click.echo("> ", nl=False)
+            raw = stdin.readline()
+            if not raw:
+                raise click.Abort
+            line = decode_utf8(raw.rstrip(b"\r\n"), "that line")
         return check_text(line, "that line")
     except click.Abort:  # end of input (Ctrl-D) or Ctrl-C at the prompt
         click.echo(err=True)
         return None
-    except UnicodeDecodeError as err:  # stdin decoded strictly: the bytes are gone, the line with them
+    except UnicodeDecodeError as err:  # the terminal's stream decodes strictly
         click.echo(f"error: that line is not valid UTF-8 (byte 0x{err.object[err.start]:02x}); type it again",
                    err=True)
         return ""
     except InputError as err:
-        click.echo(f"error: {err}; type it again", err=True)
+        click.echo(f"error: {first_line(err)}; type it again", err=True)
         return ""
 
 
