@@ -48,6 +48,7 @@ def _environment():
         """The sandbox, plus a clock and a size limit checked at every call, lookup and operator."""
 
         intercepted_binops = frozenset({"**", "*", "+", "%"})
+        template_class = limits.budgeted_template_class()
         guard_iter = staticmethod(limits.guard_iter)
         guard_output = staticmethod(limits.guard_output)
         guard_concat = staticmethod(limits.guard_concat)

@@ -69,10 +69,24 @@ def budget(input_chars: int) -> Iterator[Budget]:
 
 def current() -> Budget:
     spent = _BUDGET.get()
-    if spent is None:  # rendering outside render_chat: give it the defaults rather than no limit
-        spent = Budget(time.monotonic() + RENDER_SECONDS, MIN_OUTPUT_CHARS)
-        _BUDGET.set(spent)
+    if spent is None:  # BudgetedTemplate opens one for every render; this is only a backstop
+        raise TemplateLimitError("rendered without a budget")
     return spent
+
+
+def budgeted_template_class():
+    """A jinja2 Template whose every render runs under a budget (the default one unless the
+    caller opened a larger one for a long conversation)."""
+    from jinja2 import Template
+
+    class BudgetedTemplate(Template):
+        def render(self, *args: Any, **kwargs: Any) -> str:
+            if _BUDGET.get() is not None:
+                return super().render(*args, **kwargs)
+            with budget(0):
+                return super().render(*args, **kwargs)
+
+    return BudgetedTemplate
 
 
 def size_of(value: Any) -> int:
