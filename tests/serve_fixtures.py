@@ -10,6 +10,8 @@ import time
 
 import uvicorn
 
+from edgelm.serve.runner import uvicorn_config
+
 
 @contextlib.contextmanager
 def running(app, host: str = "127.0.0.1"):
@@ -18,7 +20,7 @@ def running(app, host: str = "127.0.0.1"):
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.bind((host, 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    server = uvicorn.Server(uvicorn_config(app, log_level="warning", timeout_graceful_shutdown=2))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import socket
 import subprocess
 import sys
 import threading
@@ -210,6 +211,25 @@ def test_oversized_body_is_413_before_it_is_read(base_url):
                          headers={"content-type": "application/json"})  # no length given: counted while read
     assert_error(chunked, 413, "limit")
 
+
+def raw_exchange(base_url: str, data: bytes) -> bytes:
+    address = urlparse(base_url)
+    with socket.create_connection((address.hostname, address.port), timeout=10) as sock:
+        sock.sendall(data)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+        return received
+
+
+def test_malformed_http_is_a_json_400(base_url):
+    for data in (b"GARBAGE\r\n\r\n",
+                 b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\nContent-Length: 7\r\n\r\n{}",
+                 b"GET /health HTTP/1.1\r\nHost: localhost\r\nHost: evil.example\r\n\r\n"):
+        head, _, body = raw_exchange(base_url, data).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400") and b"application/json" in head
+        assert json.loads(body)["error"]["code"] == "bad_http_request"
+    assert httpx.get(f"{base_url}/health").status_code == 200
 
 def test_prompt_over_the_context_names_both_numbers(client, base_url):
     long_prompt = "the cat sat on the mat " * 40

@@ -67,6 +67,7 @@ def run_serve(artifacts: Sequence[Path], names: Sequence[str], host: str, port: 
         import uvicorn
 
         from edgelm.serve.app import create_app
+        from edgelm.serve.runner import uvicorn_config
     except ImportError as err:
         raise UsageError(f"{err.name} is not installed; serving needs `pip install edgelm[serve]`") from None
 
@@ -90,8 +91,6 @@ def run_serve(artifacts: Sequence[Path], names: Sequence[str], host: str, port: 
             click.echo(f"serving {model_id!r} ({', '.join(served.endpoints[:-2]) or 'tokenize only'})", err=True)
         click.echo(f"OpenAI base URL: http://{shown}:{bound_port}/v1" + (" (API key required)" if api_key else ""),
                    err=True)
-        config = uvicorn.Config(app, log_level="debug" if debug else "info", server_header=False,
-                                timeout_graceful_shutdown=5)
-        uvicorn.Server(config).run(sockets=[sock])
+        uvicorn.Server(uvicorn_config(app, log_level="debug" if debug else "info")).run(sockets=[sock])
     finally:
         sock.close()
