@@ -1,6 +1,6 @@
 """Constrained generation on random-weight models: only the mask can make their output valid.
 
-Every backend edgelm runs is covered: a tiny LSTM (ONNX, character vocabulary, no end token),
+Every generator edgelm runs is covered: a tiny RNN and LSTM (ONNX, character vocabulary, no end token),
 a tiny GPT-2 (ONNX, byte-level BPE) and a tiny LLaMA (GGUF through llama.cpp, SentencePiece
 with byte fallback). Each constraint runs over 20 seeds with sampling and over several prompts
 greedily; every output that finished must parse and validate, and most must finish.
@@ -16,6 +16,7 @@ import pytest
 from test_gpt2 import gpt2_fp32, gpt2_source  # noqa: F401 - session fixtures reused here
 from test_llama_runtime import write_tiny_gguf
 
+from conftest import export_to, train_tiny
 from edgelm.errors import InputError, UsageError
 from edgelm.runtime import load
 
@@ -68,13 +69,19 @@ def gguf_model(tmp_path_factory):
         yield model
 
 
-@pytest.fixture(scope="module", params=["lstm", "gpt2", "llama"])
-def model(request, lstm_artifact, gguf_model):
+@pytest.fixture(scope="module")
+def rnn_artifact(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("rnn")
+    return export_to(train_tiny(folder / "model", "rnn"), folder / "rnn-fp32")
+
+
+@pytest.fixture(scope="module", params=["rnn", "lstm", "gpt2", "llama"])
+def model(request, gguf_model):
     if request.param == "llama":
         yield gguf_model
         return
-    folder = lstm_artifact if request.param == "lstm" else request.getfixturevalue("gpt2_fp32")
-    with load(folder, threads=1) as loaded:
+    fixture = {"rnn": "rnn_artifact", "lstm": "lstm_artifact", "gpt2": "gpt2_fp32"}[request.param]
+    with load(request.getfixturevalue(fixture), threads=1) as loaded:
         yield loaded
 
 
