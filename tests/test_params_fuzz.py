@@ -13,12 +13,16 @@ import sys
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
-from edgelm.errors import ArtifactError, UsageError
-from edgelm.runtime.params import GenerationParams
-from edgelm.runtime.sampler import Sampler, filtered_probs
+hypothesis = pytest.importorskip("hypothesis")
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from conftest import fuzz_examples  # noqa: E402
+from edgelm.errors import ArtifactError, UsageError  # noqa: E402
+from edgelm.runtime.params import GenerationParams  # noqa: E402
+from edgelm.runtime.sampler import Sampler, filtered_probs  # noqa: E402
 
 SUBNORMAL = 5e-324
 FLOATS = st.floats(allow_nan=True, allow_infinity=True, allow_subnormal=True)
@@ -32,8 +36,9 @@ FIELDS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_pe
 LOGIT = st.one_of(st.floats(width=32, allow_nan=False, allow_infinity=False),
                   st.sampled_from([float("-inf"), float("inf"), float("nan"), 3.4e38, -3.4e38, 0.0]))
 
-# each example is a dictionary build plus one small sampling run: cheap, so many examples fit
-FAST = settings(max_examples=400, deadline=500, suppress_health_check=[HealthCheck.too_slow])
+# each example is a dictionary build plus one small sampling run: cheap, so many examples fit in CI
+# (EDGELM_FUZZ=long runs 2000 each; the profiles are in conftest.py)
+FAST = settings(max_examples=fuzz_examples(ci=400))
 
 
 def logits_row(draw_values: list[float], vocab: int) -> np.ndarray:
@@ -126,6 +131,12 @@ def test_the_sampler_survives_extreme_logits_and_tiny_temperatures():
     picks = {Sampler(GenerationParams(seed=s))(certain) for s in range(20)}
     assert picks == {1, 3}  # +inf is certain; two of them share the mass
     assert Sampler(GenerationParams(temperature=0))(np.array([np.nan, 1.0, 2.0], dtype=np.float32)) == 2
+    # found by the fuzzer: a huge penalty on a row of seen negative logits must not leave nothing to pick
+    only_seen = np.array([-1.4e9], dtype=np.float32)
+    for temperature in (0.0, 1.0):
+        assert Sampler(GenerationParams(temperature=temperature, repetition_penalty=1.26e299))(only_seen, [0]) == 0
+    masked = np.array([-np.inf, -5.0], dtype=np.float32)  # a masked token stays masked under any penalty
+    assert Sampler(GenerationParams(temperature=1.0, repetition_penalty=1e-300, seed=0))(masked, [0, 1]) == 1
 
 
 def test_a_row_without_any_finite_logit_is_one_line():

@@ -14,6 +14,8 @@ import numpy as np
 from edgelm.errors import ArtifactError
 from edgelm.runtime.params import GenerationParams
 
+FLOAT64_MAX = float(np.finfo(np.float64).max)
+
 
 def apply_repetition_penalty(logits: np.ndarray, seen: Sequence[int], penalty: float) -> np.ndarray:
     """Make already-seen tokens less likely: positive logits are divided, negative multiplied."""
@@ -24,7 +26,10 @@ def apply_repetition_penalty(logits: np.ndarray, seen: Sequence[int], penalty: f
     ids = ids[(ids >= 0) & (ids < logits.size)]  # ids beyond this row's vocabulary have no logit
     picked = logits[ids]
     with np.errstate(over="ignore"):
-        logits[ids] = np.where(picked > 0, picked / penalty, picked * penalty)
+        penalized = np.where(picked > 0, picked / penalty, picked * penalty)
+    # a finite logit stays finite however large the penalty: -inf would make it impossible, and a
+    # row of only seen tokens would have nothing left to sample; masked (-inf) logits stay masked
+    logits[ids] = np.where(np.isfinite(picked), np.clip(penalized, -FLOAT64_MAX, FLOAT64_MAX), penalized)
     return logits
 
 
