@@ -1,0 +1,231 @@
+"""Serving speed: `edgelm serve` against in-process streaming, and against llama-cpp-python's server.
+
+1. Overhead, one client: time to first token and decode tokens/s of a streamed /v1/completions
+   request through `edgelm serve`, against `model.stream()` in-process on the same GGUF file and
+   thread count (targets: at most 10 ms added to the first token, at most 5% off decode speed).
+   The two alternate, order swapped every repetition; medians are shown.
+2. Aggregate tokens/s with 1, 4 and 8 concurrent clients (non-streamed greedy requests, distinct
+   prompts), `edgelm serve` against `python -m llama_cpp.server` on the same file (targets: at
+   least equal at 1 client, at least 2x at 4 where batching decode steps pays).
+
+Only one server runs at a time, in its own process; the client is this process.
+
+    .venv/bin/python benchmarks/bench_serve.py [--gguf FILE] [--threads 2] [--tokens 64] [--reps 5]
+
+Without --gguf it builds bench_llama.py's random 300M LLaMA in Q4_K_M (in bench_llama's workdir).
+The machines this runs on are shared and noisy: read the ratios, not the absolute numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+MODEL_ID = "bench"
+
+
+def prompt(index: int) -> str:
+    """Distinct prompts, so no request reuses another's cached prefix beyond a word or two."""
+    return f"Report {index}: the results of experiment {index * 7919 % 1000} were"
+
+
+# -- servers ----------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until_up(url: str, process: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited with {process.returncode}")
+        try:
+            if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError("the server did not come up")
+
+
+def start_edgelm(gguf: Path, threads: int) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "edgelm.cli", "serve", "--name", f"{MODEL_ID}={gguf}",
+                                "--port", str(port), "--threads", str(threads)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    wait_until_up(url, process)
+    return process, url
+
+
+def start_llama_cpp(gguf: Path, threads: int, n_ctx: int) -> tuple[subprocess.Popen, str] | None:
+    try:
+        import llama_cpp.server  # noqa: F401
+    except ImportError as err:
+        print(f"llama_cpp.server is not installed ({err.name}); pip install 'llama-cpp-python[server]'")
+        return None
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias",
+                                MODEL_ID, "--n_threads", str(threads), "--n_threads_batch", str(threads),
+                                "--n_ctx", str(n_ctx), "--port", str(port), "--interrupt_requests", "False"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    wait_until_up(url, process)
+    return process, url
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.send_signal(2)
+    try:
+        process.wait(20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+# -- one client ---------------------------------------------------------------------------------
+def timing(first: float, last: float, started: float, tokens: int) -> dict[str, float]:
+    return {"ttft_ms": (first - started) * 1000, "tg": (tokens - 1) / (last - first) if last > first else 0.0,
+            "tokens": tokens}
+
+
+def streamed_over_http(client: httpx.Client, url: str, index: int, tokens: int) -> dict[str, float]:
+    body = {"model": MODEL_ID, "prompt": prompt(index), "max_tokens": tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    first = last = 0.0
+    count = 0
+    started = time.perf_counter()
+    with client.stream("POST", f"{url}/v1/completions", json=body) as response:
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk["choices"] and chunk["choices"][0]["text"]:
+                last = time.perf_counter()
+                first = first or last
+            if chunk.get("usage"):
+                count = chunk["usage"]["completion_tokens"]
+    return timing(first, last, started, count)
+
+
+def streamed_in_process(model, index: int, tokens: int) -> dict[str, float]:
+    first = last = 0.0
+    started = time.perf_counter()
+    stream = model.stream(prompt(index), max_tokens=tokens, temperature=0)
+    for piece in stream:
+        if piece:
+            last = time.perf_counter()
+            first = first or last
+    return timing(first, last, started, stream.completion.completion_tokens)
+
+
+def overhead(gguf: Path, url: str, threads: int, tokens: int, reps: int) -> dict[str, dict[str, float]]:
+    import edgelm
+
+    model = edgelm.load(gguf, threads=threads)
+    runs: dict[str, list[dict]] = {"in-process": [], "edgelm serve": []}
+    with httpx.Client(timeout=600) as client:
+        for rep in range(reps + 1):  # the first round warms both up
+            pair = [("in-process", lambda i: streamed_in_process(model, i, tokens)),
+                    ("edgelm serve", lambda i: streamed_over_http(client, url, i, tokens))]
+            for name, run in pair if rep % 2 else pair[::-1]:
+                result = run(1000 + rep)  # the same prompt for both within a round
+                if rep:
+                    runs[name].append(result)
+    model.close()
+    return {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()}
+
+
+# -- many clients -------------------------------------------------------------------------------
+def aggregate(url: str, clients: int, per_client: int, tokens: int) -> tuple[float, int]:
+    """Completion tokens per second of wall time with `clients` clients sending requests in turn,
+    and how many requests failed (they count no tokens)."""
+    def client_run(c: int) -> tuple[int, int]:
+        done = failed = 0
+        with httpx.Client(timeout=600) as client:
+            for r in range(per_client):
+                body = {"model": MODEL_ID, "prompt": prompt(100 * c + r), "max_tokens": tokens, "temperature": 0}
+                response = client.post(f"{url}/v1/completions", json=body)
+                if response.status_code != 200:
+                    failed += 1
+                    continue
+                done += response.json()["usage"]["completion_tokens"]
+        return done, failed
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        results = list(pool.map(client_run, range(clients)))
+    elapsed = time.perf_counter() - started
+    return sum(r[0] for r in results) / elapsed, sum(r[1] for r in results)
+
+
+def aggregates(url: str, levels: list[int], per_client: int, tokens: int) -> dict[int, tuple[float, int]]:
+    aggregate(url, 1, 1, tokens)  # warm-up
+    return {n: aggregate(url, n, per_client, tokens) for n in levels}
+
+
+# -- the run --------------------------------------------------------------------------------------
+def default_gguf() -> Path:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_llama import prepare
+
+    return prepare(Path("/tmp/edgelm-bench-llama"))["Q4_K_M"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gguf", type=Path, default=None, help="A GGUF file or artifact [default: bench_llama's].")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=64, help="Tokens generated per request.")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--clients", default="1,4,8", help="Concurrency levels for the aggregate.")
+    parser.add_argument("--per-client", type=int, default=2, help="Requests each client sends in turn.")
+    parser.add_argument("--n-ctx", type=int, default=2048, help="llama_cpp.server's context size.")
+    args = parser.parse_args()
+    gguf = args.gguf or default_gguf()
+    levels = [int(n) for n in args.clients.split(",")]
+
+    process, url = start_edgelm(gguf, args.threads)
+    try:
+        over = overhead(gguf, url, args.threads, args.tokens, args.reps)
+        ours = aggregates(url, levels, args.per_client, args.tokens)
+    finally:
+        stop(process)
+    theirs: dict[int, tuple[float, int]] = {}
+    started = start_llama_cpp(gguf, args.threads, args.n_ctx)
+    if started is not None:
+        process, url = started
+        try:
+            theirs = aggregates(url, levels, args.per_client, args.tokens)
+        finally:
+            stop(process)
+
+    print(f"\n{gguf}, {args.threads} threads, {args.tokens} tokens per request, medians of {args.reps}")
+    print(f"{'one client, streamed':24} {'ttft ms':>9} {'decode tok/s':>13} {'tokens':>7}")
+    for name, row in over.items():
+        print(f"{name:24} {row['ttft_ms']:9.1f} {row['tg']:13.1f} {row['tokens']:7.0f}")
+    base, served = over["in-process"], over["edgelm serve"]
+    added = served["ttft_ms"] - base["ttft_ms"]
+    slower = 100 * (1 - served["tg"] / base["tg"]) if base["tg"] else float("nan")
+    print(f"added to the first token: {added:+.1f} ms (target <= 10); decode slower by {slower:.1f}% (target <= 5)")
+    print(f"\n{'clients':>7} {'edgelm tok/s':>13} {'failed':>6} {'llama_cpp.server':>17} {'failed':>6} {'ratio':>6}"
+          "   (target: >= 1 at 1, >= 2 at 4)")
+    for n in levels:
+        rate, failed = ours[n]
+        other, other_failed = theirs.get(n, (float("nan"), 0))
+        ratio = rate / other if other == other and other > 0 else float("nan")
+        print(f"{n:7} {rate:13.1f} {failed:6} {other:17.1f} {other_failed:6} {ratio:6.2f}")
+
+if __name__ == "__main__":
+    main()
