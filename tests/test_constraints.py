@@ -12,6 +12,7 @@ import json
 import re
 
 import jsonschema
+import numpy as np
 import pytest
 from test_gpt2 import gpt2_fp32, gpt2_source  # noqa: F401 - session fixtures reused here
 from test_llama_runtime import write_tiny_gguf
@@ -201,3 +202,41 @@ def test_batch_rows_are_each_constrained(gpt2_fp32):  # noqa: F811
             validates(SCHEMAS["nested"])(row.text)
     # same seed, same prompt: a batch row draws what the lone generation draws (up to float ties)
     assert sum(r.text == a.text for r, a in zip(rows, alone)) >= 3
+
+
+class PaddedLogits:
+    """A decoder whose logits are wider than the vocabulary, as with embeddings padded to a
+    multiple of 64; the padded ids get the highest logits, so only the mask keeps them out."""
+
+    def __init__(self, inner, extra: int = 37):
+        self.inner, self.extra = inner, extra
+        self.context_length = inner.context_length
+
+    def _pad(self, logits):
+        return np.concatenate([logits, np.full(self.extra, 1e4, logits.dtype)])
+
+    def prefill(self, ids):
+        return self._pad(self.inner.prefill(ids))
+
+    def step(self, token_id):
+        return self._pad(self.inner.step(token_id))
+
+    def close(self):
+        self.inner.close()
+
+
+def test_logits_wider_than_the_vocabulary_are_masked(lstm_artifact):
+    with load(lstm_artifact, threads=1) as lstm:
+        lstm.decoder = PaddedLogits(lstm.decoder)
+        width = lstm.tokenizer.get_vocab_size()
+        for seed in range(5):
+            done = lstm.complete("The ", max_tokens=48, temperature=1.0, seed=seed, json_schema=SCHEMAS["enum"])
+            assert not done.constraint_incomplete
+            validates(SCHEMAS["enum"])(done.text)
+        assert lstm.decoder.extra and width < len(lstm.decoder.prefill([1]))
+
+
+def test_a_constraint_the_vocabulary_cannot_spell_is_an_error(lstm_artifact):
+    with load(lstm_artifact, threads=1) as lstm:
+        with pytest.raises(InputError, match="cannot be continued with this model's vocabulary"):
+            lstm.complete("The ", max_tokens=8, regex="\u20ac\u20ac+")  # the training text has no euro sign

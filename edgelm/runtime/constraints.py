@@ -149,8 +149,12 @@ class GrammarMask:
         return np.where(allowed, logits, np.float32(-np.inf))
 
     def consume(self, token: int) -> None:
-        self.matcher.consume_token(token)
-        self._check_error()
+        if not self.matcher.consume_token(token):
+            # the mask allowed this token, so the grammar needs text the vocabulary cannot spell (an
+            # unknown-character token stood in for it)
+            reason = self.matcher.get_error().split("<state>")[0]
+            raise InputError(f"the {self.constraint.kind} constraint cannot be continued with this model's "
+                             f"vocabulary ({_one_line(reason)})")
 
     @property
     def accepting(self) -> bool:
