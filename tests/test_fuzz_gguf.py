@@ -161,7 +161,7 @@ def mutate_fields(draw, g: Gguf) -> None:
         kv.type_id = draw(st.one_of(st.integers(0, 12), ints))
         kv.value, kv.element_type = value_of_type(draw, kv.type_id)
     elif kind == "value" and kv is not None:
-        if kv.type_id == ARRAY and kv.value:
+        if kv.type_id == ARRAY and isinstance(kv.value, list) and kv.value:
             edit = draw(st.sampled_from(["drop", "cut", "repeat", "replace"]))
             i = draw(st.integers(0, len(kv.value) - 1))
             if edit == "drop":
@@ -240,8 +240,8 @@ def mutate_known_key(draw, g: Gguf) -> None:
 
 def mutate_tokens(draw, g: Gguf) -> None:
     tokens = g.find("tokenizer.ggml.tokens")
-    if tokens is None or not tokens.value:
-        return
+    if tokens is None or not isinstance(tokens.value, list) or not tokens.value:
+        return  # an earlier mutation changed its type
     i = draw(st.integers(0, len(tokens.value) - 1))
     edit = draw(st.sampled_from(["repeat", "empty", "drop_last", "append", "bytes", "all_arrays"]))
     if edit == "repeat":
@@ -257,7 +257,7 @@ def mutate_tokens(draw, g: Gguf) -> None:
     else:
         for key in ("tokenizer.ggml.scores", "tokenizer.ggml.token_type"):
             kv = g.find(key)
-            if kv is not None:
+            if kv is not None and isinstance(kv.value, list):
                 del kv.value[draw(st.integers(0, len(kv.value))):]
 
 

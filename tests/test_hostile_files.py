@@ -51,6 +51,13 @@ def _repeat_token(g):
     tokens[-1] = tokens[-2]
 
 
+def _aligned_to(alignment):
+    def change(g):
+        g.set("general.alignment", UINT32, alignment)
+        g.alignment = alignment  # the data section starts at the next multiple of 16, not of 32
+    return change
+
+
 def _one_more_token(g):
     g.find("tokenizer.ggml.tokens").value.append(b"extra")
     g.find("tokenizer.ggml.scores").value.append(0.0)
@@ -88,6 +95,7 @@ HOSTILE_GGUF = {  # name: (change to the seed, words the refusal must contain)
     "empty tensor dimension": (_tensor("output_norm.weight", dims=[0]), "empty dimension"),
     "tensor name of 64 bytes": (_tensor("output_norm.weight", name=b"n" * 64), "at most 63"),
     "alignment as uint64": (_set("general.alignment", 10, 32), "not a uint32"),
+    "alignment 16, tensors off ggml's boundary": (_aligned_to(16), "32-byte boundary"),
     "scores shorter than tokens": (lambda g: g.find("tokenizer.ggml.scores").value.pop(), "entries for"),
 }
 
@@ -104,7 +112,8 @@ def test_hostile_gguf_is_refused_in_one_line(seed, tmp_path, case):
     assert words in str(err.value) and "\n" not in str(err.value)
 
 
-ABORTS_LLAMA_CPP = ["a repeated token", "block_count 0", "unknown rope scaling", "experts used > experts"]
+ABORTS_LLAMA_CPP = ["a repeated token", "block_count 0", "unknown rope scaling", "experts used > experts",
+                    "alignment 16, tensors off ggml's boundary", "a bert vocabulary on a llama"]
 
 
 @pytest.mark.parametrize("case", ABORTS_LLAMA_CPP)

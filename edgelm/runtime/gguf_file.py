@@ -25,6 +25,7 @@ SUPPORTED_VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4  # GGML_MAX_DIMS
 MAX_NAME = 64  # GGML_MAX_NAME: a tensor name and its NUL must fit
+MAPPED_ALIGNMENT = 32  # ggml's TENSOR_ALIGNMENT: tensors are used in place from the memory-mapped file
 SHORT_ARRAY = 1024  # numeric arrays up to this length are read (per-layer values), longer ones skipped
 VOCABULARY_KEY = "tokenizer.ggml.tokens"  # its strings must be unique: llama.cpp asserts it
 
@@ -221,6 +222,10 @@ def _check_tensor_data(header: GgufHeader, alignment: int) -> None:
     for tensor in header.tensors:
         if tensor.offset % alignment:
             raise MalformedGguf(f"tensor {tensor.name!r} offset {tensor.offset} is not aligned to {alignment}")
+        if (header.data_offset + tensor.offset) % MAPPED_ALIGNMENT:  # ggml aborts on a misaligned mapping
+            where = header.data_offset + tensor.offset
+            raise MalformedGguf(f"tensor {tensor.name!r} lies at byte {where} of the file, not on the "
+                                f"{MAPPED_ALIGNMENT}-byte boundary llama.cpp maps tensors at")
         if tensor.offset + tensor.nbytes > room:
             raise MalformedGguf(
                 f"truncated: tensor {tensor.name!r} needs bytes up to "
