@@ -251,8 +251,10 @@ def test_chat_on_a_model_without_template_is_400(base_url):
     assert_error(post(base_url, "/v1/chat/completions", bad_role), 400, "messages[0].role")
     image = {"model": "chat", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}
     assert_error(post(base_url, "/v1/chat/completions", image), 400, "messages[0].content[0]")
-    json_mode = {"model": "chat", "messages": CHAT, "response_format": {"type": "json_object"}}
-    assert_error(post(base_url, "/v1/chat/completions", json_mode), 400, "response_format")
+    json_mode = {"model": "chat", "messages": CHAT, "response_format": {"type": "xml"}}
+    assert_error(post(base_url, "/v1/chat/completions", json_mode), 400, "response_format.type")
+    no_tools = {"model": "chat", "messages": CHAT, "tool_choice": "auto"}
+    assert_error(post(base_url, "/v1/chat/completions", no_tools), 400, "'tool_choice' needs 'tools'")
 
 
 def test_text_parts_are_joined_like_a_string(client):
@@ -261,6 +263,50 @@ def test_text_parts_are_joined_like_a_string(client):
     as_string = client.chat.completions.create(model="chat", messages=[CHAT[1]], **GREEDY)
     assert as_parts.choices[0].message.content == as_string.choices[0].message.content
 
+
+# -- constrained output -----------------------------------------------------------------------
+SCHEMA = {"type": "object", "properties": {"a": {"type": "integer", "maximum": 99}}, "required": ["a"],
+          "additionalProperties": False}
+WEATHER = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}}, "required": ["city"],
+    "additionalProperties": False}}}]
+
+
+def test_response_format_json_schema_matches_in_process(client, models):
+    fmt = {"type": "json_schema", "json_schema": {"name": "numbers", "schema": SCHEMA, "strict": True}}
+    reply = client.chat.completions.create(model="chat", messages=CHAT, response_format=fmt, max_tokens=40,
+                                           temperature=0)
+    expected = models["chat"].chat_complete(CHAT, json_schema=SCHEMA, max_tokens=40, temperature=0)
+    assert reply.choices[0].message.content == expected.text and reply.choices[0].finish_reason == "stop"
+    assert set(json.loads(expected.text)) == {"a"}
+    as_object = client.chat.completions.create(model="chat", messages=CHAT, response_format={"type": "json_object"},
+                                               max_tokens=40, temperature=0)
+    text = as_object.choices[0].message.content
+    assert text == models["chat"].chat(CHAT, json_object=True, max_tokens=40, temperature=0) and text.startswith("{")
+    completed = client.completions.create(model="lstm", prompt="The ", max_tokens=40, temperature=0,
+                                          extra_body={"response_format": fmt})
+    assert completed.choices[0].text == models["lstm"].generate("The ", json_schema=SCHEMA, max_tokens=40,
+                                                                temperature=0)
+
+
+def test_tool_calls_whole_and_streamed(client):
+    whole = client.chat.completions.create(model="chat", messages=CHAT, tools=WEATHER, tool_choice="required",
+                                           max_tokens=90, temperature=0)
+    choice = whole.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    call = choice.message.tool_calls[0]
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments)["city"] in ("Paris", "Rome")
+    chunks = list(client.chat.completions.create(model="chat", messages=CHAT, tools=WEATHER, tool_choice="required",
+                                                 max_tokens=90, temperature=0, stream=True))
+    streamed = [t for c in chunks if c.choices and c.choices[0].delta.tool_calls for t in c.choices[0].delta.tool_calls]
+    assert [(t.function.name, t.function.arguments) for t in streamed] == [("get_weather", call.function.arguments)]
+    assert not any(c.choices[0].delta.content for c in chunks if c.choices)
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    answered = [*CHAT, {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                {"role": "tool", "tool_call_id": call.id, "content": "sunny"}]
+    after = client.chat.completions.create(model="chat", messages=answered, tools=WEATHER, tool_choice="none",
+                                           max_tokens=5, temperature=0)
+    assert after.choices[0].message.tool_calls is None and after.choices[0].message.content
 
 # -- security -----------------------------------------------------------------------------------
 def test_host_header_key_and_cors(models, gguf_path):

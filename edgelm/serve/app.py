@@ -119,22 +119,29 @@ class Server:
         return JSONResponse(self.model(request.path_params["model_id"]).describe())
 
     async def completions(self, request: Request):
-        req = completion_request(await read_json(request, self.max_body_bytes))
+        body = await read_json(request, self.max_body_bytes)
+        served = self._named(body, "/v1/completions")
+        req = completion_request(body, constrained.completion_fields(served.task) if served else None)
         served = self.model(req.model, "/v1/completions")
         self._check_params(served, req)
-        return self._generation(served, req, lambda: served.task.stream(req.prompt, **req.params), chat=False)
+        options = constrained.options(req.extra)
+        return self._generation(served, req, lambda: served.task.stream(req.prompt, **req.params, **options),
+                                chat=False)
 
     async def chat_completions(self, request: Request):
         body = await read_json(request, self.max_body_bytes)
-        named = body.get("model")
-        # the model first: which constrained-generation fields a body may carry depends on it
-        served = self.model(named, "/v1/chat/completions") if isinstance(named, str) and named else None
+        served = self._named(body, "/v1/chat/completions")
         req = chat_request(body, constrained.chat_fields(served.task) if served else None)
         served = self.model(req.model, "/v1/chat/completions")
         self._check_params(served, req)
-        options = constrained.chat_options(req.extra)
+        options = constrained.options(req.extra)
         return self._generation(served, req, lambda: served.task.chat_stream(req.messages, **req.params, **options),
-                                chat=True)
+                                chat=True, tools="tools" in options)
+
+    def _named(self, body: dict, endpoint: str) -> ServedModel | None:
+        """The model a body names, looked up first: the fields a body may carry depend on it."""
+        named = body.get("model")
+        return self.model(named, endpoint) if isinstance(named, str) and named else None
 
     async def embeddings(self, request: Request):
         req = embedding_request(await read_json(request, self.max_body_bytes))
@@ -201,11 +208,12 @@ class Server:
         except UsageError as err:
             raise from_edgelm(err) from None
 
-    def _generation(self, served: ServedModel, req: GenerationRequest, start, chat: bool) -> JobResponse:
+    def _generation(self, served: ServedModel, req: GenerationRequest, start, chat: bool,
+                    tools: bool = False) -> JobResponse:
         shaper = Shaper(served.id, chat, req.include_usage)
         job = Job(_generation_job(served.task, start, req.stream))
         if req.stream:
-            return JobResponse(served.worker, job, lambda job, send: _render_stream(job, send, shaper))
+            return JobResponse(served.worker, job, lambda job, send: _render_stream(job, send, shaper, tools))
         return JobResponse(served.worker, job, lambda job, send: render_result(job, send, shaper.whole))
 
 
@@ -246,30 +254,40 @@ def _generation_job(task: Any, start, send_pieces: bool):
 
     `start()` tokenises and checks the prompt; its errors (a prompt over the context, say) are
     reported before the answer has begun, so they keep their 400 status even when streaming.
+    The result is reported only once the model is back to its own decoder, so a client that has
+    its answer finds the model as it was.
     """
     def run(job: Job) -> None:
         try:
             with cancel_checks(task, job.cancelled):
-                stream = start()
-                job.emit("started")
-                pieces = iter(stream)
-                try:
-                    for piece in pieces:
-                        if send_pieces:
-                            job.emit("piece", piece)
-                        if job.cancelled.is_set():
-                            return
-                finally:
-                    close = getattr(pieces, "close", None)
-                    if close is not None:
-                        close()  # leaves the generator's loop now, not whenever it is collected
-                job.emit("done", stream.completion)
+                completion = _drain(job, start, send_pieces)
         except Exception as err:
             _reported(job, err)
+            return
+        if completion is not None:
+            job.emit("done", completion)
     return run
 
 
-async def _render_stream(job: Job, send, shaper: Shaper) -> None:
+def _drain(job: Job, start, send_pieces: bool):
+    """Run the stream to its end (or until the job is cancelled); its Completion, or None."""
+    stream = start()
+    job.emit("started")
+    pieces = iter(stream)
+    try:
+        for piece in pieces:
+            if send_pieces:
+                job.emit("piece", piece)
+            if job.cancelled.is_set():
+                return None
+    finally:
+        close = getattr(pieces, "close", None)
+        if close is not None:
+            close()  # leaves the generator's loop now, not whenever it is collected
+    return stream.completion
+
+
+async def _render_stream(job: Job, send, shaper: Shaper, tools: bool = False) -> None:
     kind, value = await job.next_event()
     if kind == "error":
         await value.send(send)  # nothing sent yet: the error keeps its status
@@ -278,15 +296,23 @@ async def _render_stream(job: Job, send, shaper: Shaper) -> None:
         return
     events = EventStream(send)
     await events.open()
+    held = ToolCallHold() if tools else None
     try:
         if shaper.chat:
             await events.event(shaper.chunk(role=True))
         while True:
             kind, value = await job.next_event()
             if kind == "piece":
-                await events.event(shaper.chunk(value))
+                text = held.feed(value) if held else value
+                if text:
+                    await events.event(shaper.chunk(text))
             elif kind == "done":
-                await events.event(shaper.chunk(None if shaper.chat else "", finish=value.finish_reason))
+                if held is not None:
+                    if value.tool_calls:
+                        await events.event(shaper.tool_calls_chunk(value.tool_calls))
+                    elif held.text:  # a call cut short (max_tokens): what there is, as text
+                        await events.event(shaper.chunk(held.text))
+                await events.event(shaper.chunk(None if shaper.chat else "", finish=_finish(value)))
                 if shaper.include_usage:
                     await events.event(shaper.usage_chunk(value))
                 await events.event("[DONE]")
@@ -299,6 +325,31 @@ async def _render_stream(job: Job, send, shaper: Shaper) -> None:
     finally:
         with contextlib.suppress(OSError):
             await events.close()
+
+
+def _finish(completion) -> str:
+    return "tool_calls" if getattr(completion, "tool_calls", None) else completion.finish_reason
+
+
+class ToolCallHold:
+    """With tools, a reply whose first non-blank character is "{" is a tool call: its text is held
+    back and sent as `tool_calls` once complete. Plain text streams as usual."""
+
+    def __init__(self):
+        self.text = ""  # what is held back
+        self.call: bool | None = None  # None: not known yet (nothing but blanks so far)
+
+    def feed(self, piece: str) -> str:
+        """The text that may be sent now."""
+        if self.call is False:
+            return piece
+        self.text += piece
+        if self.call is None and self.text.strip():
+            self.call = self.text.lstrip().startswith("{")
+            if not self.call:
+                out, self.text = self.text, ""
+                return out
+        return ""
 
 
 def json_error(err: ApiError) -> dict[str, Any]:

@@ -215,18 +215,22 @@ def _generation(body: dict, fields: dict[str, Check]) -> tuple[dict, GenerationR
     return values, request
 
 
-def completion_request(body: dict) -> GenerationRequest:
+def completion_request(body: dict, extra_fields: dict[str, Check] | None = None) -> GenerationRequest:
+    """A completions body; `extra_fields` adds `response_format` where the runtime can constrain output."""
     fields = {**SAMPLING, "prompt": one_or_many(text(), 1),
-              **unsupported(COMMON_UNSUPPORTED + ("best_of", "echo", "suffix"))}
+              **unsupported(COMMON_UNSUPPORTED + ("best_of", "echo", "suffix", "response_format")),
+              **(extra_fields or {})}
     values, request = _generation(body, fields)
     if "prompt" not in values:
         raise ApiError(400, "'prompt' is required", param="prompt", code="missing_field")
     request.prompt = values["prompt"][0]
+    request.extra = {k: values[k] for k in (extra_fields or {}) if k in values}
     return request
 
 
-ROLES = ("system", "developer", "user", "assistant")
+ROLES = ("system", "developer", "user", "assistant", "tool")
 CONTENT_PART = obj({"type": text(), "text": text()})
+TOOL_CALL = obj({"id": text(256), "type": text(), "function": obj({"name": text(256), "arguments": text()})})
 
 
 def message_content(value: Any, name: str) -> str:
@@ -245,22 +249,34 @@ def message_content(value: Any, name: str) -> str:
     return "\n".join(texts)
 
 
-MESSAGE_FIELDS = {"role": text(), "content": message_content}
+def tool_calls_list(value: Any, name: str) -> list[dict]:
+    if not isinstance(value, list):
+        raise bad(name, "a list of tool calls")
+    return [TOOL_CALL(call, f"{name}[{i}]") for i, call in enumerate(value)]
 
 
-def messages_list(value: Any, name: str) -> list[dict[str, str]]:
+MESSAGE_FIELDS = {"role": text(), "content": message_content, "tool_calls": tool_calls_list,
+                  "tool_call_id": text(256)}
+
+
+def messages_list(value: Any, name: str) -> list[dict[str, Any]]:
     if not isinstance(value, list) or not value:
         raise bad(name, "a non-empty list of messages")
     out = []
     for i, item in enumerate(value):
         label = f"{name}[{i}]"
         message = obj(MESSAGE_FIELDS)(item, label)
-        if message.get("role") not in ROLES:
+        role = message.get("role")
+        if role not in ROLES:
             raise bad(f"{label}.role", f"one of {', '.join(ROLES)}")
-        if "content" not in message:
+        if "tool_calls" in message and role != "assistant":
+            raise ApiError(400, f"'{label}.tool_calls' belongs to assistant messages", param=f"{label}.tool_calls")
+        if "content" not in message and "tool_calls" not in message:
             raise ApiError(400, f"'{label}.content' is required", param=f"{label}.content", code="missing_field")
-        role = "system" if message["role"] == "developer" else message["role"]  # OpenAI's newer name for system
-        out.append({"role": role, "content": message["content"]})
+        # "developer" is OpenAI's newer name for the system message
+        checked = {"role": "system" if role == "developer" else role, "content": message.get("content")}
+        checked.update({k: message[k] for k in ("tool_calls", "tool_call_id") if k in message})
+        out.append(checked)
     return out
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from edgelm.runtime.generator import Completion
 
-FINISH = {"eos": "stop", "stop": "stop", "length": "length"}  # edgelm's reasons -> OpenAI's
+FINISH = {"eos": "stop", "stop": "stop", "length": "length", "tool_calls": "tool_calls"}  # edgelm's -> OpenAI's
 
 
 def usage(completion: Completion) -> dict[str, int]:
@@ -35,9 +35,12 @@ class Shaper:
     def whole(self, completion: Completion) -> dict[str, Any]:
         """The non-streamed answer."""
         reason = FINISH.get(completion.finish_reason, completion.finish_reason)
+        calls = getattr(completion, "tool_calls", None)
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": completion.text},
-                      "logprobs": None, "finish_reason": reason}
+            message: dict[str, Any] = {"role": "assistant", "content": completion.text}
+            if calls:
+                message, reason = {"role": "assistant", "content": None, "tool_calls": calls}, "tool_calls"
+            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": reason}
             body = self._envelope("chat.completion", [choice])
         else:
             choice = {"index": 0, "text": completion.text, "logprobs": None, "finish_reason": reason}
@@ -61,6 +64,12 @@ class Shaper:
             body = self._envelope("text_completion", [choice])
         if self.include_usage:
             body["usage"] = None  # every chunk but the last carries usage: null, as OpenAI sends
+        return body
+
+    def tool_calls_chunk(self, calls: list[dict[str, Any]]) -> dict[str, Any]:
+        """The whole tool call in one delta (its text was held back until it was complete)."""
+        body = self.chunk(None)
+        body["choices"][0]["delta"] = {"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]}
         return body
 
     def usage_chunk(self, completion: Completion) -> dict[str, Any]:
