@@ -249,7 +249,10 @@ def export_lock(out: Path) -> Iterator[Path]:
     """
     path = out.parent / f".{out.name}.lock"
     while True:
-        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+        except OSError as err:
+            raise ExportError(f"{out}: cannot create the lock file {path} ({err.strerror})") from None
         try:
             _try_lock(fd, out, path)
             if os.path.exists(path) and os.path.samestat(os.fstat(fd), os.stat(path)):
@@ -293,7 +296,10 @@ def write_artifact(out: str | Path, manifest: Manifest) -> Iterator[Path]:
     nothing but an artifact's own files.
     """
     out = Path(out).absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ExportError(f"{out.parent}: cannot create the output's folder ({err.strerror})") from None
     with export_lock(out):
         _check_replaceable(out)
         _remove_stale_partials(out)

@@ -325,3 +325,20 @@ def test_generation_commands_refuse_an_encoder_in_one_line(tiny_artifacts):
     assert result.exit_code == 2
     assert result.output.strip().splitlines() == [
         f"error: {tiny_artifacts['cls']} was exported for task classify; `run` needs text-generation"]
+
+
+
+@pytest.mark.parametrize(("name", "field", "value", "message"), [
+    ("cls", "id2label", {"0": "neg", "2": "pos"}, "model.id2label has no label for class 1"),
+    ("cls", "id2label", {"0": "a", "1": "b"}, "model.id2label is 2, but the graph's output width says 3"),
+    ("mlm", "vocab_size", 100, "model.vocab_size is 100, but the graph's output width says 91"),
+])
+def test_encoder_manifests_must_match_the_graph(tiny_artifacts, tmp_path, name, field, value, message):
+    from edgelm.errors import ArtifactError
+
+    art = shutil.copytree(tiny_artifacts[name], tmp_path / "art")
+    data = json.loads((art / "edgelm.json").read_text())
+    data["model"][field] = value
+    (art / "edgelm.json").write_text(json.dumps(data))
+    with pytest.raises(ArtifactError, match=message):
+        edgelm.load(art)

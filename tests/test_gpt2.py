@@ -291,6 +291,23 @@ def test_onnx_inputs_not_matching_the_manifest_are_refused(gpt2_fp32, tmp_path):
         edgelm.load(art)
 
 
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("num_heads", 4, "model.num_heads is 4, but the graph's past_key_values.0.key shape says 2"),
+    ("head_dim", 16, "model.head_dim is 16, but the graph's past_key_values.0.key shape says 32"),
+    ("past_names", ["past_key_values.0.key"], "model.past_names and model.present_names must hold a key and a value"),
+    ("vocab_size", 100_000, "model.vocab_size is 100000, but the graph's logits width says"),
+])
+def test_cache_geometry_in_the_manifest_must_match_the_graph(gpt2_fp32, tmp_path, field, value, message):
+    import edgelm
+
+    art = shutil.copytree(gpt2_fp32, tmp_path / "art")
+    manifest = manifest_of(art)
+    manifest["model"][field] = value
+    (art / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=message):
+        edgelm.load(art)
+
 # -- CLI ----------------------------------------------------------------------------------
 def test_cli_run_streams_the_greedy_continuation(gpt2_fp32, gpt2_source):
     from click.testing import CliRunner

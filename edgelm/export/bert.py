@@ -16,7 +16,14 @@ from edgelm.artifact import Manifest, sha256_of, write_artifact
 from edgelm.contract import EncoderModel, SourceSection, TokenizerSection
 from edgelm.errors import ExportError, UnsupportedModelError, UsageError, first_line
 from edgelm.export.checks import validate_into
-from edgelm.export.hf_source import check_source_links, config_int, require_tokenizer, source_file, weight_files
+from edgelm.export.hf_source import (
+    check_source_links,
+    config_int,
+    require_tokenizer,
+    source_file,
+    tensor_shapes,
+    weight_files,
+)
 from edgelm.export.options import ExportOptions
 from edgelm.export.quiet import quiet_loggers, quiet_root_calls
 from edgelm.paths import MAX_SOURCE_JSON_BYTES, confined, read_source_json
@@ -143,7 +150,13 @@ def _pooling_modes(source: Path, name: str) -> list[str]:
 
 def max_length_of(source: Path, config: dict, st: dict[str, Any] | None) -> int:
     """The longest input the model takes, as sentence-transformers or the tokenizer config says."""
-    positions = int(config.get("max_position_embeddings", 512))
+    positions = config_int(config, "max_position_embeddings", source) if "max_position_embeddings" in config else 512
+    table = next((shape for name, shape in tensor_shapes(source).items()
+                  if name.endswith("embeddings.position_embeddings.weight")), None)
+    if table is not None and table[:1] != [positions]:
+        # the manifest's context_length is capped by this number; the weights must have that many positions
+        raise UnsupportedModelError(f"{source}: config.json says max_position_embeddings {positions}, but the "
+                                    f"position table in the weights has {table[:1]} rows")
     if st and st.get("max_length"):
         return min(int(st["max_length"]), positions)
     tok_config = source / "tokenizer_config.json"

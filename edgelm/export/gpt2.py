@@ -38,6 +38,7 @@ MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
 EOS_TEXT = "<|endoftext|>"
 EMBEDDING_NAMES = ("transformer.wte.weight", "wte.weight")
+POSITION_NAMES = ("transformer.wpe.weight", "wpe.weight")
 FP32_MAX_ABS = 1e-4  # fp32 logits vs torch, max abs over every checked position
 GREEDY_TOKENS = 32
 INT8_MIN_TOP1 = 0.90  # int8 vs torch fp32, teacher-forced along held-out text
@@ -84,6 +85,11 @@ def check_source(source: Path, config: dict) -> None:
             f"{source}: config.json says vocab_size {vocab} x n_embd {width}, "
             f"but the embedding matrix in the weights is {embedding[0]} x {embedding[1]}"
         )
+    positions = next((shapes[n] for n in POSITION_NAMES if n in shapes), None)
+    if positions is not None and positions[:1] != [config["n_positions"]]:
+        # the manifest's context_length comes from n_positions; the position table must hold that many rows
+        raise UnsupportedModelError(f"{source}: config.json says n_positions {config['n_positions']}, but the "
+                                    f"position table in the weights has {positions[:1]} rows")
 
 
 def export_gpt2(source: Path, config: dict, out: Path, options: ExportOptions) -> Manifest:
