@@ -109,11 +109,11 @@ def decode_once(model, prompt: str, decode: int, schema) -> float:
 
 def first_mask_ms(model, width: int, schema) -> float:
     """Compile the schema, create the matcher, compute the first mask (adapter already built)."""
-    from edgelm.runtime.constraint_vocab import llg_tokenizer
+    from edgelm.runtime.constraint_vocab import llg_vocabulary
     from edgelm.runtime.constraints import GrammarMask, json_schema_constraint
 
     started = time.perf_counter()
-    mask = GrammarMask(json_schema_constraint(schema), lambda w: llg_tokenizer(model, w))
+    mask = GrammarMask(json_schema_constraint(schema), lambda: llg_vocabulary(model))
     allowed = mask.allowed(width)
     elapsed = time.perf_counter() - started
     assert allowed.any()
@@ -122,14 +122,14 @@ def first_mask_ms(model, width: int, schema) -> float:
 
 def measure(name: str, path: Path, threads: int, decode: int, reps: int) -> dict:
     import edgelm
-    from edgelm.runtime.constraint_vocab import llg_tokenizer
+    from edgelm.runtime.constraint_vocab import llg_vocabulary
 
     model = edgelm.load(path, threads=threads)
     model.eos_id, model.end_ids = None, set()  # random weights: always decode the full length
     prompt = "The answer, as JSON:"
     width = len(model.decoder.prefill(model.encode(prompt)))
     started = time.perf_counter()
-    llg_tokenizer(model, width)
+    llg_vocabulary(model)
     adapter_ms = (time.perf_counter() - started) * 1000
     for schema in MODES.values():  # warm-up
         decode_once(model, prompt, 4, schema)

@@ -7,8 +7,8 @@ space and "<0xAB>" a byte; for character vocabularies a piece is its UTF-8. llam
 use llama.cpp's own pieces, read from the loaded vocabulary. Special tokens
 get llguidance's 0xFF prefix, so no grammar can produce them as text.
 
-Building this takes up to a second for a large vocabulary, so it is done once per loaded model
-and logits width, and kept beside the model (a weak reference: it goes with the model).
+Building this takes a few hundred milliseconds for a 50k vocabulary, so it is done once per
+loaded model and kept beside it (a weak reference: it goes with the model).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import re
 import weakref
+from dataclasses import dataclass
 from typing import Any
 
 SPECIAL_PREFIX = b"\xff"  # llguidance's mark for a token that is not text
@@ -24,25 +25,37 @@ _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def llg_tokenizer(generator: Any, width: int):
-    """The llguidance tokenizer for `generator`'s vocabulary and logits of `width` entries."""
-    by_width = _CACHE.setdefault(generator, {})
-    if width not in by_width:
-        by_width[width] = _build(generator, width)
-    return by_width[width]
+@dataclass(frozen=True)
+class Vocabulary:
+    """llguidance's tokenizer for a model, and how many of its ids are the model's own: ids from
+    `size` on are a virtual end token (for a model without one) and never a logit."""
+
+    tokenizer: Any  # llguidance.LLTokenizer
+    size: int
 
 
-def _build(generator: Any, width: int):
+def llg_vocabulary(generator: Any) -> Vocabulary:
+    """The llguidance view of `generator`'s vocabulary, built on first use and kept with the model.
+    A server can call this once at load so the first constrained request does not pay for it."""
+    if generator not in _CACHE:
+        _CACHE[generator] = _build(generator)
+    return _CACHE[generator]
+
+
+def _build(generator: Any) -> Vocabulary:
     from edgelm.runtime.llama import LlamaCppTokenizer
 
-    end_ids = sorted(i for i in {generator.eos_id, *generator.end_ids} - {None} if i < width)
     if isinstance(generator.tokenizer, LlamaCppTokenizer):
-        return _llama_tokenizer(generator.tokenizer.vocab, width, end_ids)
-    tokens, specials = token_bytes(generator.tokenizer)
-    return _with_end(tokens, specials, width, end_ids, generator.tokenizer)
+        tokens, specials = llama_token_bytes(generator.tokenizer.vocab)
+    else:
+        tokens, specials = token_bytes(generator.tokenizer)
+    end_ids = sorted(i for i in {generator.eos_id, *generator.end_ids} - {None} if i < len(tokens))
+    if isinstance(generator.tokenizer, LlamaCppTokenizer):
+        return Vocabulary(_llama_tokenizer(generator.tokenizer.vocab, tokens, end_ids), len(tokens))
+    return _with_end(tokens, specials, end_ids, generator.tokenizer)
 
 
-def _llama_tokenizer(vocab, width: int, end_ids: list[int]):
+def _llama_tokenizer(vocab, tokens: list[bytes], end_ids: list[int]):
     """llama.cpp's pieces, and llama.cpp's own tokenize function called natively by llguidance
     (which knows to keep SentencePiece's dummy-prefix space off the text it encodes)."""
     import ctypes
@@ -50,27 +63,24 @@ def _llama_tokenizer(vocab, width: int, end_ids: list[int]):
     import llama_cpp
     import llguidance
 
-    tokens, _ = llama_token_bytes(vocab)
-    tokens = (tokens + [b""] * width)[: max(width, len(tokens))]
     tokenize = ctypes.cast(llama_cpp.llama_cpp._lib.llama_tokenize, ctypes.c_void_p).value
     return llguidance.LLTokenizer.from_llamacpp(tokens=tokens, vocab_ptr=vocab, tokenize_fptr=tokenize,
                                                 eos_token=end_ids or llama_cpp.llama_vocab_eos(vocab), slices=None)
 
 
-def _with_end(tokens: list[bytes], specials: set[int], width: int, end_ids: list[int], tokenizer):
-    """An LLTokenizer over `width` logits. The logits may be wider than the vocabulary (padded
-    embeddings: those ids get no bytes, so they are never allowed). A model without an end
-    token gets a virtual one just past the logits: when the grammar allows only it, generation
-    ends, since no real token can follow."""
+def _with_end(tokens: list[bytes], specials: set[int], end_ids: list[int], tokenizer) -> Vocabulary:
+    """An LLTokenizer over the vocabulary. A model without an end token gets a virtual one just
+    past its ids: when the grammar allows only that, generation ends, since no real token can
+    follow. (Logits wider than the vocabulary, from padded embeddings, are masked by GrammarMask.)"""
     import llguidance
 
-    tokens = (tokens + [b""] * width)[: max(width, len(tokens))]
+    size = len(tokens)
     if not end_ids:
         tokens = [*tokens, VIRTUAL_END]
-        end_ids = [len(tokens) - 1]
-        specials = {*specials, end_ids[0]}
+        end_ids = [size]
+        specials = {*specials, size}
     wrapper = llguidance.TokenizerWrapper(_Vocabulary(tokens, end_ids[0], sorted(specials), tokenizer))
-    return llguidance.LLTokenizer(wrapper, n_vocab=len(tokens), eos_token=end_ids)
+    return Vocabulary(llguidance.LLTokenizer(wrapper, n_vocab=len(tokens), eos_token=end_ids), size)
 
 
 class _Vocabulary:
@@ -91,8 +101,9 @@ class _Vocabulary:
 
 def token_bytes(tokenizer) -> tuple[list[bytes], set[int]]:
     """(bytes of every id, the special ids) of a `tokenizers.Tokenizer`."""
-    spec = json.loads(tokenizer.to_str())
-    decoders = _decoder_types(spec.get("decoder"))
+    # the decoder's own JSON (its pickled state): serialising the whole tokenizer costs far more
+    decoder = tokenizer.decoder
+    decoders = _decoder_types(json.loads(decoder.__getstate__()) if decoder is not None else None)
     added = tokenizer.get_added_tokens_decoder()
     specials = {i for i, token in added.items() if token.special}
     vocab = tokenizer.get_vocab(with_added_tokens=True)
@@ -140,10 +151,11 @@ def _decoder_types(decoder: dict | None) -> set[str]:
 
 def _piece_bytes(piece: str, decoders: set[str]) -> bytes:
     if "ByteLevel" in decoders:
-        to_byte = _unicode_to_byte()
-        if all(ch in to_byte for ch in piece):
-            return bytes(to_byte[ch] for ch in piece)
-        return piece.encode("utf-8")
+        # each alphabet character becomes the character of its byte's value, which latin-1 writes as that byte
+        try:
+            return piece.translate(_byte_table()).encode("latin-1")
+        except UnicodeEncodeError:  # not a byte-level piece after all
+            return piece.encode("utf-8")
     if "ByteFallback" in decoders and (match := _BYTE_PIECE.match(piece)):
         return bytes([int(match.group(1), 16)])
     if "Metaspace" in decoders or "Replace" in decoders:
@@ -151,15 +163,16 @@ def _piece_bytes(piece: str, decoders: set[str]) -> bytes:
     return piece.encode("utf-8")
 
 
-_BYTE_ALPHABET: dict[str, int] = {}
+_BYTE_TABLE: dict[int, int] = {}
 
 
-def _unicode_to_byte() -> dict[str, int]:
+def _byte_table() -> dict[int, int]:
     """Byte-level BPE writes each byte as a printable character: bytes that are printable in
-    Latin-1 stand for themselves, the others take the characters from U+0100 on, in order."""
-    if not _BYTE_ALPHABET:
+    Latin-1 stand for themselves, the others take the characters from U+0100 on, in order.
+    This maps each such character back to its byte value (a str.translate table)."""
+    if not _BYTE_TABLE:
         printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
-        shifted = (b for b in range(256) if b not in printable)
-        _BYTE_ALPHABET.update({chr(b): b for b in printable})
-        _BYTE_ALPHABET.update({chr(256 + n): b for n, b in enumerate(shifted)})
-    return _BYTE_ALPHABET
+        shifted = [b for b in range(256) if b not in printable]
+        _BYTE_TABLE.update({b: b for b in printable})
+        _BYTE_TABLE.update({256 + n: b for n, b in enumerate(shifted)})
+    return _BYTE_TABLE

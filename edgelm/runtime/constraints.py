@@ -109,33 +109,39 @@ def _one_line(message: str) -> str:
 class GrammarMask:
     """One sequence's position in a grammar: which tokens may come next, and whether it is done.
 
-    `tokenizer` is the model's llguidance tokenizer for the logits' width (see vocabulary.py),
-    built on the first call of `allowed`, when the width is known.
+    `vocabulary` gives the model's llguidance vocabulary (constraint_vocab.py); it is asked for
+    on the first call of `allowed`, so a constraint costs nothing until decoding starts.
     """
 
-    def __init__(self, constraint: Constraint, tokenizer_for: Callable[[int], Any]):
+    def __init__(self, constraint: Constraint, vocabulary: Callable[[], Any]):
         self.constraint = constraint
-        self.tokenizer_for = tokenizer_for
+        self.vocabulary = vocabulary
         self.matcher = None
+        self.size = 0  # the model's own ids; the bitmask may hold a virtual end token past them
         self.bitmask: np.ndarray | None = None  # (words,) int32, 32 tokens per word
-        self.complete = False  # the grammar was satisfied and generation ended because of it
 
-    def _start(self, width: int) -> None:
+    def _start(self) -> None:
         from llguidance import LLMatcher
 
-        tokenizer = self.tokenizer_for(width)
-        self.matcher = LLMatcher(tokenizer, self.constraint.grammar, log_level=0)
+        vocabulary = self.vocabulary()
+        self.matcher = LLMatcher(vocabulary.tokenizer, self.constraint.grammar, log_level=0)
         self._check_error()
-        self.bitmask = np.zeros(((tokenizer.vocab_size + 31) // 32,), np.int32)
+        self.size = vocabulary.size
+        self.bitmask = np.zeros(((vocabulary.tokenizer.vocab_size + 31) // 32,), np.int32)
 
     def allowed(self, width: int) -> np.ndarray:
-        """A boolean (width,) array: the tokens the grammar allows next."""
+        """A boolean (width,) array over the logits: the tokens the grammar allows next. Logits
+        past the vocabulary (padded embeddings) are never allowed."""
         if self.matcher is None:
-            self._start(width)
+            self._start()
         self.matcher.unsafe_compute_mask_ptr(self.bitmask.ctypes.data, self.bitmask.nbytes)
         self._check_error()
-        bits = np.unpackbits(self.bitmask.view(np.uint8), bitorder="little")  # token i is bit i
-        return bits[:width].astype(bool)
+        bits = np.unpackbits(self.bitmask.view(np.uint8), bitorder="little").view(bool)  # token i is bit i
+        if width <= self.size:
+            return bits[:width]
+        allowed = np.zeros(width, bool)
+        allowed[: self.size] = bits[: self.size]
+        return allowed
 
     def apply(self, logits: np.ndarray) -> np.ndarray | None:
         """A copy of `logits` with every forbidden token at -inf; None when no token is allowed,

@@ -12,7 +12,7 @@ import numpy as np
 
 from edgelm.contract import GenerationSection, TokenizerSection
 from edgelm.errors import ContextOverflowError, InputError
-from edgelm.runtime.constraint_vocab import llg_tokenizer
+from edgelm.runtime.constraint_vocab import llg_vocabulary
 from edgelm.runtime.constraints import Constraint, GrammarMask, pop_constraint
 from edgelm.runtime.params import GenerationParams
 from edgelm.runtime.sampler import Sampler
@@ -187,7 +187,7 @@ class Continuation:
         self.stops = StopMatcher(params.stop)
         self.grammar = None
         if constraint is not None:
-            self.grammar = GrammarMask(constraint, lambda width: llg_tokenizer(generator, width))
+            self.grammar = GrammarMask(constraint, lambda: llg_vocabulary(generator))
         self.seen, self.pieces = list(ids), []
         self.generated, self.reason, self.done = 0, "length", False
 
