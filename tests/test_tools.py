@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import jsonschema
+import numpy as np
 import pytest
 from test_llama_runtime import write_tiny_gguf
 
@@ -137,3 +138,37 @@ def test_a_constraint_with_tool_choice_none(chat_model):
                                     temperature=0)
     jsonschema.validate(json.loads(done.text), ADD)
     assert done.tool_calls is None
+
+
+class OpensWithBrace:
+    """A decoder that makes "{" by far the likeliest first token, so "auto" takes the call branch."""
+
+    def __init__(self, inner, brace_id: int):
+        self.inner, self.brace_id = inner, brace_id
+        self.context_length = inner.context_length
+
+    def prefill(self, ids):
+        logits = np.array(self.inner.prefill(ids))
+        logits[self.brace_id] += 1000.0
+        return logits
+
+    def step(self, token_id):
+        return self.inner.step(token_id)
+
+    def close(self):
+        self.inner.close()
+
+
+def test_auto_reads_a_reply_that_opens_with_a_brace_as_a_call(chat_model):
+    from test_llama_runtime import spm_vocab
+
+    real = chat_model.decoder
+    chat_model.decoder = OpensWithBrace(real, spm_vocab()[0].index("<0x7B>"))
+    try:
+        runs = [chat_model.chat_complete(ASK, tools=TOOLS, max_tokens=60, temperature=1.0, seed=s) for s in range(10)]
+    finally:
+        chat_model.decoder = real
+    finished = [c for c in runs if not c.constraint_incomplete]
+    assert len(finished) >= 7
+    for completion in finished:
+        check_call(completion.tool_calls[0])
