@@ -23,7 +23,7 @@ async def read_json(request, limit: int) -> dict[str, Any]:
         raise ApiError(415, "send the body as JSON with 'Content-Type: application/json'",
                        code="unsupported_media_type")
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if declared is not None and declared.isdigit() and (len(declared) > 18 or int(declared) > limit):
         raise ApiError(413, f"the request body of {declared} bytes is over the limit of {limit} bytes",
                        code="request_too_large")
     body = bytearray()
