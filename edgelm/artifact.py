@@ -26,6 +26,7 @@ from edgelm.contract import (
     SourceSection,
     TokenizerSection,
     check_task_fields,
+    key_text,
     model_class,
     parse_section,
     show_value,
@@ -131,7 +132,7 @@ class Manifest:
             data = upgrade_v1(data)
         top = parse_section(_TopLevel, data, "", where)
         checks = [parse_section(Check, c, f"validation[{i}]", where) for i, c in enumerate(top.validation)]
-        files = {name: dataclasses.asdict(parse_section(FileEntry, meta, f"files.{name}", where))
+        files = {name: dataclasses.asdict(parse_section(FileEntry, meta, f"files.{key_text(name)}", where))
                  for name, meta in top.files.items()}
         manifest = cls(family=top.family, task=top.task, format=top.format, quant=top.quant,
                        validation=checks, validation_skipped=top.validation_skipped, files=files,

@@ -107,6 +107,12 @@ class ModelSection(Section):
     hidden_size: int | None = spec(minimum=1)
     vocab_size: int | None = spec(minimum=1)  # the logits' width / embedding rows
     context_length: int | None = spec(minimum=1)  # None: unbounded (recurrent models)
+    # ONNX weight-only quantization (MatMulNBits): bits per weight, weights per scale, compute type
+    weight_bits: int | None = spec(minimum=1)
+    block_size: int | None = spec(minimum=1)
+    accuracy_level: int | None = None  # 0: fp32 compute; 4: activations to int8 per block inside the kernel
+    ort_file: str | None = None  # --target mobile: the same graph in onnxruntime's ORT format
+    ort_operators: str | None = None  # ... and the operator config a reduced onnxruntime build needs
 
 
 @dataclass(frozen=True)
@@ -131,6 +137,9 @@ class KvDecoderModel(ModelSection):
     outputs: tuple[str, ...] = spec((), required=True)
     past_names: tuple[str, ...] = spec((), required=True)  # key, value per layer, fed back from...
     present_names: tuple[str, ...] = spec((), required=True)  # ... these outputs, in the same order
+    # "optimum": the cache grows by concatenation each step; "fused-gqa": edgelm's graph, one
+    # preallocated buffer per cache tensor shared by past and present (export/gpt2_graph.py)
+    graph: str = "optimum"
 
 
 @dataclass(frozen=True)
@@ -161,6 +170,17 @@ class GgufModel(ModelSection):
     tensors: int | None = None  # bare .gguf files: tensor count from the header
 
 
+@dataclass(frozen=True)
+class GgufEncoderModel(GgufModel):
+    """A BERT embedder in GGUF: llama.cpp pools (the file's pooling_type); edgelm normalises."""
+
+    context_length: int | None = spec(minimum=1, required=True)
+    pooling: tuple[str, ...] = ()  # one mode llama.cpp implements: mean or cls
+    normalize: bool = False
+    dim: int | None = spec(minimum=1)
+    sentence_transformers: bool = False
+
+
 ENCODER_FAMILIES = ("bert",)
 RECURRENT_FAMILIES = ("rnn", "lstm")
 KV_DECODER_FAMILIES = ("gpt2",)
@@ -172,7 +192,7 @@ TASK_REQUIRES = {"embed": ("model.pooling", "model.dim"), "classify": ("model.id
 def model_class(family: str, fmt: str) -> type[ModelSection]:
     """The model section's class: by format (a GGUF file says its own geometry), then by family."""
     if fmt == "gguf":
-        return GgufModel
+        return GgufEncoderModel if family in ENCODER_FAMILIES else GgufModel
     if family in RECURRENT_FAMILIES:
         return RecurrentModel
     if family in KV_DECODER_FAMILIES:
@@ -195,6 +215,11 @@ def _hints(cls: type) -> dict[str, Any]:
 def show_value(value: Any) -> str:
     text = repr(value)  # repr escapes control characters: safe to print to a terminal
     return text if len(text) <= MAX_REPR else text[: MAX_REPR - 3] + "..."
+
+
+def key_text(key: Any) -> str:
+    """A key from a file as part of a field name: as is when printable, else escaped by repr."""
+    return key if isinstance(key, str) and key.isprintable() and key else repr(key)
 
 
 def _is_int(value: Any) -> bool:
@@ -235,7 +260,7 @@ def _check(value: Any, hint: Any, name: str, minimum: int | None) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise FieldError(f"{name} must be an object, got {show_value(value)}")
-        return {k: _check(v, args[1], f"{name}.{k}", minimum) for k, v in value.items()}
+        return {k: _check(v, args[1], f"{name}.{key_text(k)}", minimum) for k, v in value.items()}
     raise TypeError(f"unsupported field type {hint!r}")  # a bug in a declaration, not in a file
 
 

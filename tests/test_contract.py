@@ -242,3 +242,9 @@ def test_external_data_outside_the_folder_is_refused(art, tmp_path):
     edit(art, _relist(art))
     with pytest.raises(ArtifactError, match="external data from '../secret.bin'"):
         edgelm.load(art)
+
+
+def test_keys_from_the_file_are_escaped_in_field_names(art):
+    edit(art, lambda d: d["model"].__setitem__("rope", 1) or d["files"].__setitem__("\x1b[2J", []))
+    with pytest.raises(ArtifactError, match=r"files\.'\\x1b\[2J' must be an object, got \[\]"):
+        read_manifest(art)
