@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from starlette.testclient import TestClient
 from test_llama_runtime import write_tiny_gguf
 
 import edgelm
+from conftest import fuzz_examples
 from edgelm.serve import create_app
 
 ENDPOINTS = ["/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/tokenize", "/detokenize"]
@@ -112,7 +113,7 @@ def check_answer(response) -> None:
         assert "error" not in response.json()
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(max_examples=fuzz_examples(ci=300))
 @given(request=bodies(), content_type=st.sampled_from(["application/json", "application/json; charset=utf-8",
                                                         "APPLICATION/JSON"]))
 def test_hostile_bodies_get_4xx_or_200_never_500(client, request, content_type):
@@ -134,7 +135,7 @@ SAMPLING_VALUES = {
 }
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=fuzz_examples(ci=150))
 @given(params=st.fixed_dictionaries({}, optional=SAMPLING_VALUES), chat=st.booleans(),
        prompt=st.text(min_size=1, max_size=40))
 def test_extreme_but_well_typed_sampling_values(client, params, chat, prompt):
@@ -145,7 +146,7 @@ def test_extreme_but_well_typed_sampling_values(client, params, chat, prompt):
         check_answer(client.post("/v1/completions", json={"model": "tiny", "prompt": prompt, **params}))
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=fuzz_examples(ci=40, long=200))
 @given(path=st.sampled_from(["/v1/models/", "/v1/models/..", "/v1/models/%2e%2e/%2e%2e/etc/passwd",
                              "/v1/models/tiny/../../x", "/v1/./models", "//v1/models", "/v1/models?model=../x"]),
        method=st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH"]))
