@@ -9,7 +9,7 @@ process. A file that passes the check is loaded and run by llama.cpp in a child 
 answer "ok" or a one-line EdgelmError, without dying or hanging (a per-example deadline).
 
 Short profile (the default, for CI): `pytest tests/test_fuzz_gguf.py`.
-Long profile, >= 2000 byte-level and >= 2000 field-level examples (about 10 minutes, niced):
+Long profile, 2000 byte-level and 2 x 1000 field-level examples (about 2 minutes here, niced):
     EDGELM_FUZZ=long nice -n 10 .venv/bin/python -m pytest tests/test_fuzz_gguf.py -q -s
 """
 
@@ -60,6 +60,36 @@ TOKENIZER_MODELS = ["llama", "gpt2", "bert", "t5", "rwkv", "no_vocab", "none", "
 def seed(tmp_path_factory) -> bytes:
     path = write_tiny_gguf(tmp_path_factory.mktemp("seed") / "seed.gguf", hidden=HIDDEN, ff=64, layers=1)
     return path.read_bytes()
+
+
+def byte_level_alphabet() -> list[str]:
+    """GPT-2's printable stand-ins for the 256 bytes, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+                 *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    extra = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
+
+
+@pytest.fixture(scope="module")
+def bpe_seed(seed) -> bytes:
+    """The seed with a byte-level BPE vocabulary (tokenizer.ggml.model "gpt2", merges, pre-tokenizer)
+    of the same size, so its tensors stay as they are."""
+    g = parse(seed)
+    merges = [("\u0120", "t"), ("h", "e"), ("\u0120t", "he"), ("l", "l"), ("o", "r"), ("\u0120w", "or")]
+    tokens = byte_level_alphabet() + ["\u0120w"] + [a + b for a, b in merges] + ["<|begin|>", "<|end|>"]
+    tokens += [f"<|unused{i}|>" for i in range(N_VOCAB - len(tokens))]
+    g.set("tokenizer.ggml.model", STRING, b"gpt2")
+    g.set("tokenizer.ggml.pre", STRING, b"gpt-2")
+    g.set("tokenizer.ggml.tokens", ARRAY, [t.encode() for t in tokens], STRING)
+    g.set("tokenizer.ggml.token_type", ARRAY, [1] * 263 + [3] * (N_VOCAB - 263), INT32)
+    g.set("tokenizer.ggml.merges", ARRAY, [f"{a} {b}".encode() for a, b in merges], STRING)
+    g.set("tokenizer.ggml.bos_token_id", UINT32, tokens.index("<|begin|>"))
+    g.set("tokenizer.ggml.eos_token_id", UINT32, tokens.index("<|end|>"))
+    g.set("tokenizer.ggml.eot_token_id", UINT32, tokens.index("<|end|>"))
+    g.set("tokenizer.ggml.unknown_token_id", UINT32, 0)
+    g.set("tokenizer.ggml.add_bos_token", BOOL, False)
+    g.set("tokenizer.chat_template", STRING, b"{% for m in messages %}{{ m['content'] }}<|end|>{% endfor %}")
+    return write(g)
 
 
 @pytest.fixture(scope="module")
@@ -261,13 +291,15 @@ def mutate_tokens(draw, g: Gguf) -> None:
                 del kv.value[draw(st.integers(0, len(kv.value))):]
 
 
-def test_field_level_mutations_load_or_fail_in_one_line(seed, worker, tmp_path):
+@pytest.mark.parametrize("vocabulary", ["spm", "bpe"])
+def test_field_level_mutations_load_or_fail_in_one_line(seed, bpe_seed, worker, tmp_path, vocabulary):
     outcomes = Outcomes()
+    start = seed if vocabulary == "spm" else bpe_seed
 
-    @settings(max_examples=fuzz_examples(ci=150))
+    @settings(max_examples=fuzz_examples(ci=150, long=1000))
     @given(st.data())
     def run(data):
-        g = parse(seed)
+        g = parse(start)
         for _ in range(data.draw(st.integers(1, 3))):
             mutate_fields(data.draw, g)
         check_file(write(g), tmp_path / "mutated.gguf", worker, outcomes)
@@ -277,9 +309,10 @@ def test_field_level_mutations_load_or_fail_in_one_line(seed, worker, tmp_path):
     assert outcomes.refused_by_header and outcomes.ran
 
 
-def test_the_seed_and_its_rewrite_run(seed, worker, tmp_path):
-    """The fuzz tests mean something only if the unmutated file runs, and the re-writer is exact."""
+def test_the_seeds_and_their_rewrite_run(seed, bpe_seed, worker, tmp_path):
+    """The fuzz tests mean something only if the unmutated files run, and the re-writer is exact."""
     assert write(parse(seed)) == seed
     outcomes = Outcomes()
     check_file(seed, tmp_path / "seed.gguf", worker, outcomes)
-    assert outcomes.ran == 1
+    check_file(bpe_seed, tmp_path / "bpe.gguf", worker, outcomes)
+    assert outcomes.ran == 2
