@@ -143,16 +143,19 @@ class GrammarMask:
         allowed[: self.size] = bits[: self.size]
         return allowed
 
-    def apply(self, logits: np.ndarray) -> np.ndarray | None:
-        """A copy of `logits` with every forbidden token at -inf; None when no token is allowed,
-        which happens when only the end of the text may follow and the model has no end token."""
+    def apply(self, logits: np.ndarray) -> tuple[np.ndarray | None, int | None]:
+        """(a copy of `logits` with every forbidden token at -inf, the token when it is the only
+        one allowed). The logits are None when no token is allowed, which happens when only the
+        end of the text may follow and the model has no end token."""
         allowed = self.allowed(logits.shape[-1])
-        if not allowed.any():
+        count = np.count_nonzero(allowed)
+        if count == 0:
             if self.accepting:
-                return None
+                return None, None
             raise InputError(f"the {self.constraint.kind} constraint cannot be continued with this model's "
                              "vocabulary (no token it allows exists)")
-        return np.where(allowed, logits, np.float32(-np.inf))
+        forced = int(np.flatnonzero(allowed)[0]) if count == 1 else None
+        return np.where(allowed, logits, np.float32(-np.inf)), forced
 
     def consume(self, token: int) -> None:
         if not self.matcher.consume_token(token):

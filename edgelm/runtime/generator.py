@@ -194,12 +194,14 @@ class Continuation:
     def accept(self, logits: np.ndarray) -> tuple[int | None, str]:
         """Sample the next token from `logits`; return it and the text that is now safe to emit.
         The token is None when the constraint ended the text without one (a model with no end token)."""
+        forced = None
         if self.grammar is not None:
-            logits = self.grammar.apply(logits)  # forbidden tokens at -inf, before any sampling step
+            logits, forced = self.grammar.apply(logits)  # forbidden tokens at -inf, before any sampling step
             if logits is None:
                 self.reason, self.done = "stop", True
                 return None, ""
-        token = self.sampler(logits, self.seen)
+        # a token the grammar forces is what any sampler would pick; skipping the draw saves its cost
+        token = forced if forced is not None else self.sampler(logits, self.seen)
         self.generated += 1
         if token in self.end_ids:
             # under a constraint an end token is only allowed once the grammar is satisfied
