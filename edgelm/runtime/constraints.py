@@ -7,7 +7,7 @@ logits of tokens the grammar forbids become -inf before the sampler sees them, s
 temperature, top-k/top-p/min-p, repetition penalty and stop strings keep their meaning on top.
 The same mask serves every decoder (RNN, LSTM, GPT-2, LLaMA), since edgelm owns the sampler.
 
-llguidance needs every token's bytes; `vocabulary.py`'s adapter builds them once per model.
+llguidance needs every token's bytes; constraint_vocab.py builds them once per model.
 """
 
 from __future__ import annotations
