@@ -32,7 +32,7 @@ class QuantType:
     """One --quant choice of a (family, format) pair and the bounds its validation must meet."""
 
     name: str
-    method: str  # how the weights are made: "float" / "llama.cpp" (GGUF), "fp32" / "dynamic-int8" (ONNX)
+    method: str  # "float" / "llama.cpp" (GGUF); "fp32" / "dynamic-int8" / "weight-only-int8"/"-int4" (ONNX)
     bounds: dict[str, float] = field(default_factory=dict)  # check name (or parameter) -> threshold
 
     @property
@@ -162,8 +162,11 @@ FAMILIES: dict[str, Family] = {
                ("gpt2",), (
             ExportSpec("onnx", "edgelm.export.gpt2:export_gpt2", "edgelm.runtime.kv_decoder:load_gpt2", TEXT, (
                 QuantType("none", "fp32", {"max_abs_logit_diff_vs_torch": 1e-4}),
-                QuantType("int8", "dynamic-int8", {"top1_agreement_vs_torch": 0.90,
-                                                   "held_out_perplexity_ratio_int8_vs_fp32": 1.05}),
+                # weight-only MatMulNBits (block scales, int8 activation blocks inside the kernel)
+                QuantType("int8", "weight-only-int8", {"top1_agreement_vs_torch": 0.90,
+                                                       "held_out_perplexity_ratio_int8_vs_fp32": 1.05}),
+                QuantType("int4", "weight-only-int4", {"top1_agreement_vs_torch": 0.80,
+                                                       "held_out_perplexity_ratio_int4_vs_fp32": 1.08}),
             )),
             _gguf_decoder("gpt2"),
         )),

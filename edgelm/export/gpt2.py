@@ -1,8 +1,10 @@
-"""GPT-2 checkpoints to ONNX with a key/value cache (optimum-onnx), optionally int8, validated.
+"""GPT-2 checkpoints to ONNX with a key/value cache, optionally weight-only int8/int4, validated.
 
-The graph is optimum's `text-generation-with-past` export: one model.onnx serving both the
-prompt (empty past) and every later step. Validation runs the exported file through the
-runtime's own KV-cache decoder, so what is checked is what users will run.
+The graph is edgelm's own decoding graph (export/gpt2_graph.py: fused attention over a
+preallocated cache, fused LayerNorm/GELU, logits only where asked). A checkpoint whose geometry
+onnxruntime's fused attention cannot take gets optimum's `text-generation-with-past` graph instead,
+and the manifest says which (`model.graph`). Validation runs the exported file through the
+runtime's own decoder, so what is checked is what users will run.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import numpy as np
 from edgelm.artifact import Check, Manifest, write_artifact
 from edgelm.contract import GenerationSection, KvDecoderModel, SourceSection, TokenizerSection
 from edgelm.errors import ExportError, UnsupportedModelError, first_line
+from edgelm.export import gpt2_graph
 from edgelm.export.checks import max_abs_diff, top1_agreement, validate_into
 from edgelm.export.hf_source import (
     check_source_links,
@@ -27,10 +30,11 @@ from edgelm.export.hf_source import (
     require_tokenizer,
     special_token_id,
     tensor_shapes,
+    weight_files,
     weights_sha256,
     write_tokenizer_json,
 )
-from edgelm.export.onnx_quantize import quantize_int8
+from edgelm.export.onnx_quantize import WeightOnly, quantize_weight_only
 from edgelm.export.options import ExportOptions
 from edgelm.export.quiet import quiet_loggers
 
@@ -41,8 +45,7 @@ EMBEDDING_NAMES = ("transformer.wte.weight", "wte.weight")
 POSITION_NAMES = ("transformer.wpe.weight", "wpe.weight")
 FP32_MAX_ABS = 1e-4  # fp32 logits vs torch, max abs over every checked position
 GREEDY_TOKENS = 32
-INT8_MIN_TOP1 = 0.90  # int8 vs torch fp32, teacher-forced along held-out text
-INT8_PPL_RATIO = 1.05  # int8 held-out perplexity may be at most 5% above fp32
+WEIGHT_ONLY = {"int8": WeightOnly(bits=8), "int4": WeightOnly(bits=4)}  # thresholds: edgelm/families.py
 PPL_TOKENS = 512
 PROMPTS = (
     "The quick brown fox",
@@ -94,15 +97,20 @@ def check_source(source: Path, config: dict) -> None:
 
 def export_gpt2(source: Path, config: dict, out: Path, options: ExportOptions) -> Manifest:
     check_source(source, config)
-    manifest = _manifest(source, config, options)
+    fused = gpt2_graph.unsupported_reason(config) is None
+    manifest = _manifest(source, config, options, fused)
     with write_artifact(out, manifest) as tmp, tempfile.TemporaryDirectory() as scratch:
         options.progress("export", 0, 3)
         write_tokenizer_json(source, tmp / TOKENIZER_FILE)
         _check_tokenizer_fits(tmp / TOKENIZER_FILE, config, manifest)
-        fp32 = _optimum_export(source, Path(scratch) / "onnx")
+        quantized = options.quant in WEIGHT_ONLY
+        if fused:
+            fp32 = _fused_export(source, config, Path(scratch) / "onnx", separate_head=quantized)
+        else:
+            fp32 = _optimum_export(source, Path(scratch) / "onnx")
         options.progress("export", 1, 3)
-        if options.quant == "int8":
-            quantize_int8(fp32, tmp / MODEL_FILE)
+        if quantized:
+            quantize_weight_only(fp32, tmp / MODEL_FILE, WEIGHT_ONLY[options.quant])
         else:
             _move_model(fp32, tmp)
         options.progress("export", 2, 3)
@@ -111,8 +119,10 @@ def export_gpt2(source: Path, config: dict, out: Path, options: ExportOptions) -
     return manifest
 
 
-def _manifest(source: Path, config: dict, options: ExportOptions) -> Manifest:
+def _manifest(source: Path, config: dict, options: ExportOptions, fused: bool) -> Manifest:
     layers, heads, width = config["n_layer"], config["n_head"], config["n_embd"]
+    how = WEIGHT_ONLY.get(options.quant or "none")
+    io = gpt2_graph.io_names(layers) if fused else graph_io_names(layers)
     return Manifest(
         family="gpt2",
         task="text-generation",
@@ -122,7 +132,11 @@ def _manifest(source: Path, config: dict, options: ExportOptions) -> Manifest:
         generation=GenerationSection(add_bos=False),
         model=KvDecoderModel(
             file=MODEL_FILE,
-            **graph_io_names(layers),
+            **io,
+            graph=gpt2_graph.GRAPH_KIND if fused else "optimum",
+            weight_bits=how.bits if how else None,
+            block_size=how.block_size if how else None,
+            accuracy_level=how.accuracy_level if how else None,
             num_layers=layers,
             num_heads=heads,
             head_dim=width // heads,
@@ -184,6 +198,19 @@ def _optimum_export(source: Path, folder: Path) -> Path:
     return path
 
 
+def _fused_export(source: Path, config: dict, folder: Path, separate_head: bool) -> Path:
+    """edgelm's decoding graph, written straight from the safetensors weights (no tracing)."""
+    folder.mkdir(parents=True)
+    weights = gpt2_graph.load_weights(weight_files(source))
+    try:
+        graph = gpt2_graph.build_graph(config, weights, separate_head)
+    except KeyError as err:
+        raise UnsupportedModelError(f"{source}: the weights have no {err.args[0]} tensor") from None
+    path = folder / MODEL_FILE
+    gpt2_graph.save_graph(graph, path)
+    return path
+
+
 def _move_model(onnx_path: Path, dest: Path) -> None:
     """model.onnx plus any external-data file next to it (models over 2 GB keep weights outside)."""
     for item in onnx_path.parent.iterdir():
@@ -209,21 +236,21 @@ def validate(source: Path, folder: Path, manifest: Manifest, fp32_path: Path) ->
     import torch
     from transformers import GPT2LMHeadModel
 
+    from edgelm.families import family_named
     from edgelm.runtime.device import RuntimeOptions, onnx_session
-    from edgelm.runtime.kv_decoder import KvCacheDecoder
+    from edgelm.runtime.kv_decoder import make_decoder
     from edgelm.runtime.tokenizer import load_tokenizer
 
     torch.manual_seed(0)
     model = GPT2LMHeadModel.from_pretrained(str(source), use_safetensors=True).eval()
     tokenizer = load_tokenizer(folder / TOKENIZER_FILE)
-    session = onnx_session(folder / MODEL_FILE, RuntimeOptions())
-    decoder = KvCacheDecoder(session, manifest)
+    decoder = make_decoder(onnx_session(folder / MODEL_FILE, RuntimeOptions()), manifest)
     prompts = [tokenizer.encode(p, add_special_tokens=False).ids for p in PROMPTS]
     held_out = _held_out_ids(tokenizer, manifest.model.context_length)
     torch_logits = _torch_logits(model, held_out)
     if manifest.quant == "none":
         cached = max(_cached_logit_diff(model, decoder, ids) for ids in prompts)
-        full = max_abs_diff(_onnx_logits(session, manifest, held_out), torch_logits)
+        full = max_abs_diff(decoder.score(held_out), torch_logits)
         same = sum(
             _greedy_matches(model, decoder, ids, manifest.tokenizer.eos_id) for ids in prompts
         )
@@ -231,19 +258,18 @@ def validate(source: Path, folder: Path, manifest: Manifest, fp32_path: Path) ->
             Check.at_most("max_abs_logit_diff_vs_torch", max(cached, full), FP32_MAX_ABS),
             Check.at_least("greedy_32_identical_prompts", same, len(prompts)),
         ]
-    int8_logits = _onnx_logits(session, manifest, held_out)
-    fp32_logits = _onnx_logits(onnx_session(fp32_path, RuntimeOptions()), manifest, held_out)
-    ppl_int8, ppl_fp32 = _perplexity(int8_logits, held_out), _perplexity(fp32_logits, held_out)
+    quant = family_named("gpt2").spec("onnx").quant(manifest.quant)
+    ratio_name = f"held_out_perplexity_ratio_{quant.name}_vs_fp32"
+    quant_logits = decoder.score(held_out)
+    fp32_logits = make_decoder(onnx_session(fp32_path, RuntimeOptions()), manifest).score(held_out)
+    ppl_quant, ppl_fp32 = _perplexity(quant_logits, held_out), _perplexity(fp32_logits, held_out)
     return [
-        Check.at_least(
-            "top1_agreement_vs_torch", top1_agreement(int8_logits, torch_logits), INT8_MIN_TOP1
-        ),
-        Check.measured("max_abs_logit_diff_vs_torch", max_abs_diff(int8_logits, torch_logits)),
+        Check.at_least("top1_agreement_vs_torch", top1_agreement(quant_logits, torch_logits),
+                       quant.bound("top1_agreement_vs_torch")),
+        Check.measured("max_abs_logit_diff_vs_torch", max_abs_diff(quant_logits, torch_logits)),
         Check.measured("held_out_perplexity_fp32", ppl_fp32),
-        Check.measured("held_out_perplexity_int8", ppl_int8),
-        Check.at_most(
-            "held_out_perplexity_ratio_int8_vs_fp32", ppl_int8 / ppl_fp32, INT8_PPL_RATIO
-        ),
+        Check.measured(f"held_out_perplexity_{quant.name}", ppl_quant),
+        Check.at_most(ratio_name, ppl_quant / ppl_fp32, quant.bound(ratio_name)),
     ]
 
 
@@ -261,19 +287,6 @@ def _torch_logits(model, ids: list[int]) -> np.ndarray:
 
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0].numpy()  # (T, vocab)
-
-
-def _onnx_logits(session, manifest: Manifest, ids: list[int]) -> np.ndarray:
-    """Every position's logits from one call with an empty cache (teacher forcing)."""
-    model = manifest.model
-    empty = np.zeros((1, model.num_heads, 0, model.head_dim), np.float32)  # (B, H, 0, D)
-    feed = {name: empty for name in model.past_names}
-    feed.update(
-        input_ids=np.asarray([ids], np.int64),
-        attention_mask=np.ones((1, len(ids)), np.int64),
-        position_ids=np.arange(len(ids), dtype=np.int64)[None],
-    )
-    return session.run(["logits"], feed)[0][0]  # (T, vocab)
 
 
 def _cached_logit_diff(model, decoder, ids: list[int]) -> float:

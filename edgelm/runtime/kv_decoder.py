@@ -111,6 +111,14 @@ class KvCacheDecoder(Decoder):
         logits, *self.past = binding.get_outputs()
         return logits.numpy()[:, -1]  # (B, vocab)
 
+    def score(self, ids: Sequence[int]) -> np.ndarray:
+        """Every position's logits (T, vocab) from one call with an empty cache (teacher forcing)."""
+        empty = np.zeros((1, *self.cache_shape[:1], 0, self.cache_shape[1]), np.float32)  # (B, H, 0, D)
+        feed: dict[str, np.ndarray] = {name: empty for name in self.past_names}
+        feed.update(input_ids=np.asarray([ids], np.int64), attention_mask=np.ones((1, len(ids)), np.int64),
+                    position_ids=np.arange(len(ids), dtype=np.int64)[None])
+        return self.session.run(["logits"], feed)[0][0]
+
     def close(self) -> None:
         self.session = None
         self.past = []
@@ -119,7 +127,7 @@ class KvCacheDecoder(Decoder):
 class KvTextGenerator(TextGenerator):
     """TextGenerator plus batch generation: several prompts decoded together, left-padded."""
 
-    decoder: KvCacheDecoder
+    decoder: Any  # KvCacheDecoder or KvBufferDecoder: both prefill and step in batches
 
     def complete_batch(self, prompts: Sequence[str], **params: Any) -> list[Completion]:
         """One Completion per prompt, each equal to what `complete` gives for it alone."""
@@ -168,6 +176,17 @@ def _check_cache_geometry(session, model: KvDecoderModel, where: str) -> None:
     check_dim(where, "model.vocab_size", model.vocab_size, static_dim(logits, -1), "logits width")
 
 
+def make_decoder(session: Any, manifest: Manifest, where: str = "manifest") -> Decoder:
+    """The decoder for the manifest's graph kind: optimum's concatenating graph or edgelm's fused one."""
+    from edgelm.runtime.kv_buffer_decoder import KvBufferDecoder
+
+    kinds = {"optimum": KvCacheDecoder, "fused-gqa": KvBufferDecoder}
+    kind = manifest.model.graph
+    if kind not in kinds:
+        raise ArtifactError(f"{where}: model.graph {kind!r} is not one this edgelm runs ({', '.join(kinds)})")
+    return kinds[kind](session, manifest, where=where)
+
+
 def load_gpt2(folder: Path, manifest: Manifest, options: RuntimeOptions) -> KvTextGenerator:
     session, tokenizer = open_onnx(folder, manifest, options)
-    return KvTextGenerator(KvCacheDecoder(session, manifest, where=manifest_where(folder)), tokenizer, manifest)
+    return KvTextGenerator(make_decoder(session, manifest, manifest_where(folder)), tokenizer, manifest)
