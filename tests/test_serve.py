@@ -321,9 +321,11 @@ def test_host_header_key_and_cors(models, gguf_path):
         assert [m.id for m in keyed.models.list().data] == ["chat"]
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"{url}/v1", api_key="s3cre", max_retries=0).models.list()
-        for host in ("evil.example", "127.0.0.1.nip.io", "localhost.evil.example:80", "0.0.0.0", ""):
+        for host in ("evil.example", "127.0.0.1.nip.io", "localhost.evil.example:80", "0.0.0.0", "", "2130706433",
+                     "localhost:80:80", "[::1", "localhost:http"):
             assert_error(httpx.get(f"{url}/health", headers={"host": host}), 403, "localhost")
-        for host in ("localhost", "localhost:1234", "127.0.0.1", "127.5.6.7:80", "[::1]:9"):
+        for host in ("localhost", "LocalHost:1234", "localhost.", "127.0.0.1", "127.5.6.7:80", "[::1]:9",
+                     "[::ffff:127.0.0.1]"):
             assert httpx.get(f"{url}/health", headers={"host": host}).status_code == 200
         allowed = httpx.get(f"{url}/health", headers={"origin": "http://localhost:3000"})
         assert allowed.headers["access-control-allow-origin"] == "http://localhost:3000"

@@ -43,7 +43,7 @@ def is_loopback_host(value: str) -> bool:
         rest = f":{port}" if port or host.endswith(":") else ""
     if rest and not (rest.startswith(":") and rest[1:].isdigit() and len(rest) <= 6):
         return False
-    return name == "localhost" or is_loopback_address(name)
+    return name in ("localhost", "localhost.") or is_loopback_address(name)
 
 
 def _header(scope, name: bytes) -> list[str]:
