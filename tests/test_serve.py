@@ -460,3 +460,10 @@ def test_cli_serves_until_interrupted(gguf_path, tmp_path):
         assert process.wait(15) == 130
     rest = process.stderr.read()
     assert "Traceback" not in rest and rest.strip().endswith("interrupted")
+
+
+def test_serving_imports_no_torch_and_the_runtime_no_server(gguf_path):
+    code = ("import sys, edgelm; assert 'starlette' not in sys.modules and 'uvicorn' not in sys.modules; "
+            "from edgelm.serve import create_app; create_app([sys.argv[1]], threads=1); "
+            "heavy = [m for m in ('torch', 'transformers', 'optimum') if m in sys.modules]; assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code, str(gguf_path)], check=True, timeout=60)
