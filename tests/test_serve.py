@@ -442,6 +442,19 @@ def test_a_full_queue_answers_503_and_health_does_not_wait(gguf_path):
     slow.close()
 
 
+def test_shutting_down_stops_a_running_generation(gguf_path):
+    slow = slowed(edgelm.load(gguf_path, threads=1), delay=0.05)
+    app = create_app({"slow": slow})
+    with running(app) as url:  # leaving it shuts uvicorn down (2 s of grace), then the app
+        connection, response = stream_request(url, {"model": "slow", "prompt": "the cat", "max_tokens": 120,
+                                                    "temperature": 0})
+        read_events(response, 2)
+    worker = app.models["slow"].worker
+    assert not worker.thread.is_alive() and worker.active == 0
+    assert slow.decoder.steps < 100  # 120 tokens would take 6 s
+    connection.close()
+    slow.close()
+
 def test_cli_serves_until_interrupted(gguf_path, tmp_path):
     process = subprocess.Popen([sys.executable, "-m", "edgelm.cli", "serve", str(gguf_path), "--port", "0",
                                 "--threads", "1", "--name", f"tiny={gguf_path}"],

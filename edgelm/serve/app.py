@@ -446,8 +446,11 @@ def create_app(models: Mapping[str, Any] | Sequence[str | Path], *, api_key: str
 
 
 def _shut_down(served: dict[str, ServedModel]) -> None:
+    stopped = {model.id: model.worker.stop() for model in served.values()}
     for model in served.values():
-        model.worker.stop()
-    for model in served.values():
-        if model.owned:
+        if not model.owned:
+            continue
+        if stopped[model.id]:
             model.task.close()
+        else:  # closing a backend under a running decode step could crash the process
+            log.warning("model %s was still busy at shutdown; left open", model.id)

@@ -58,6 +58,7 @@ class ModelWorker:
         self.lock = threading.Condition()
         self.pending: collections.deque[Job] = collections.deque()
         self.active = 0
+        self.running: Job | None = None
         self.thread: threading.Thread | None = None
         self.stopping = False
 
@@ -89,8 +90,9 @@ class ModelWorker:
                 job.state = "dropped"
                 self.pending.remove(job)
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """Refuse new jobs, drop waiting ones, stop the running one and wait for the thread."""
+    def stop(self, timeout: float = 5.0) -> bool:
+        """Refuse new jobs, drop waiting ones, stop the running one and wait for the thread;
+        whether the thread has ended (only then may the model be closed)."""
         with self.lock:
             self.stopping = True
             for job in self.pending:
@@ -98,10 +100,14 @@ class ModelWorker:
                 job.state = "dropped"
                 job.emit("error", ApiError(503, "the server is shutting down", code="shutting_down"))
             self.pending.clear()
+            if self.running is not None:
+                self.running.cancelled.set()
             self.lock.notify()
             thread = self.thread
         if thread is not None:
             thread.join(timeout)
+            return not thread.is_alive()
+        return True
 
     def _serve(self) -> None:
         while True:
@@ -112,6 +118,7 @@ class ModelWorker:
                     return
                 job = self.pending.popleft()
                 job.state = "running"
+                self.running = job
                 self.active += 1
             try:
                 job.run(job)
@@ -121,6 +128,7 @@ class ModelWorker:
             finally:
                 with self.lock:
                     self.active -= 1
+                    self.running = None
                     job.state = "finished"
 
 
