@@ -118,7 +118,8 @@ def one_or_many(item: Check, max_items: int, min_items: int = 1) -> Check:
     def check(value: Any, name: str) -> list:
         values = value if isinstance(value, list) else [value]
         if not min_items <= len(values) <= max_items:
-            raise bad(name, f"a value or a list of {min_items} to {max_items} values")
+            raise bad(name, "one value (one request per prompt)" if max_items == 1 else
+                      f"a value or a list of {min_items} to {max_items} values")
         return [item(v, f"{name}[{i}]" if isinstance(value, list) else name) for i, v in enumerate(values)]
     return check
 
