@@ -297,7 +297,7 @@ def parse_section(cls: type, data: Any, name: str, where: str = "manifest", requ
 
 def require(section: Any, field_name: str, where: str, why: str = "") -> Any:
     """A field this artifact's task cannot do without, or an ArtifactError naming it."""
-    value = getattr(section, field_name.split(".")[-1])
+    value = getattr(section, field_name.split(".")[-1], None)  # absent from this model kind: missing too
     if value is None or value == () or value == {}:
         reason = f" ({why})" if why else ""
         raise ArtifactError(f"{where}: {field_name} is missing{reason}")
@@ -313,6 +313,7 @@ def check_task_fields(task: str, tokenizer: TokenizerSection, model: ModelSectio
 # -- schema 1 -> 2 -----------------------------------------------------------------------------
 RENAMED_V1 = {"n_layers": "num_layers", "n_heads": "num_heads", "n_kv_heads": "num_kv_heads"}
 V1_WEIGHTS = "model.safetensors"  # schema 1 kept a bare digest for this file
+MAX_V1_LAYERS = 10_000
 
 
 def upgrade_v1(data: dict[str, Any]) -> dict[str, Any]:
@@ -343,17 +344,18 @@ def upgrade_v1(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def _upgrade_model_v1(model: dict, source: Any, family: Any, fmt: Any) -> None:
-    if family in KV_DECODER_FAMILIES and fmt == "onnx" and _is_int(model.get("num_layers")):
-        # schema 1 rebuilt these names in code from optimum's convention
+    layers = model.get("num_layers")
+    if family in KV_DECODER_FAMILIES and fmt == "onnx" and _is_int(layers) and 0 < layers <= MAX_V1_LAYERS:
+        # schema 1 rebuilt these names in code from optimum's convention (bounded: the count comes from a file)
         layers = range(model["num_layers"])
         model.setdefault("past_names", [f"past_key_values.{i}.{kv}" for i in layers for kv in ("key", "value")])
         model.setdefault("present_names", [f"present.{i}.{kv}" for i in layers for kv in ("key", "value")])
     if fmt == "gguf" and isinstance(source, dict) and not source.get("bare_gguf"):
         # schema 1 wrote the source's class name here; schema 2 keeps GGUF's own architecture
-        arch = model.pop("architecture", None)
-        if isinstance(arch, str):
+        arch = model.get("architecture")
+        if isinstance(arch, str) and "For" in arch:  # a class name such as LlamaForCausalLM
             source.setdefault("architectures", [arch])
-        model["architecture"] = "llama"
+            model["architecture"] = "llama" if family == "llama" else None
 
 
 def _upgrade_source_v1(source: dict) -> None:

@@ -248,3 +248,12 @@ def test_keys_from_the_file_are_escaped_in_field_names(art):
     edit(art, lambda d: d["model"].__setitem__("rope", 1) or d["files"].__setitem__("\x1b[2J", []))
     with pytest.raises(ArtifactError, match=r"files\.'\\x1b\[2J' must be an object, got \[\]"):
         read_manifest(art)
+
+
+def test_a_schema_1_layer_count_cannot_make_the_migration_run_away():
+    data = {"schema_version": 1, "family": "gpt2", "task": "text-generation", "format": "onnx", "quant": "none",
+            "tokenizer": {"file": "tokenizer.json"}, "generation": {"context_length": 8},
+            "model": {"file": "model.onnx", "inputs": ["input_ids"], "outputs": ["logits"], "num_layers": 2**80,
+                      "num_heads": 1, "head_dim": 1}}
+    with pytest.raises(ArtifactError, match="model.past_names is missing"):
+        Manifest.from_dict(data, where="edgelm.json")

@@ -38,11 +38,13 @@ from edgelm.runtime import loading  # noqa: E402
 EXAMPLE_DEADLINE_S = 20.0  # a tiny model loads in well under a second; far more is a runaway
 HOSTILE_NAMES = ["../../etc/passwd", "/etc/passwd", "../outside.json", "..", ".", "", "model.onnx", "tokenizer.json",
                  MANIFEST_NAME, "sub/model.onnx", "C:\\outside.json", "a\x00b", "\x1b[2J", "link.json", "loop.json"]
+WORDS = ["rnn", "lstm", "gpt2", "bert", "llama", "onnx", "gguf", "text-generation", "embed", "fill-mask", "classify",
+         "mean", "cls", "input_ids", "logits", "h0", "hn", "c0", "cn"]  # values the code branches on
 INTERESTING_INTS = [0, 1, 2, 3, 31, 32, 33, 64, 127, 128, 4096, -1, 2**31, 2**63, 2**64, 2**80, -(2**63)]
 leaves = st.one_of(
     st.none(), st.booleans(), st.sampled_from(INTERESTING_INTS), st.integers(),
     st.sampled_from([0.0, -0.0, 1.5, math.nan, math.inf, -math.inf, 5e-324]), st.floats(),
-    st.sampled_from(HOSTILE_NAMES), st.text(max_size=12),
+    st.sampled_from(HOSTILE_NAMES), st.sampled_from(WORDS), st.text(max_size=12),
 )
 json_values = st.recursive(leaves, lambda inner: st.lists(inner, max_size=3)
                            | st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=8)
@@ -174,9 +176,12 @@ def test_mutated_manifests_load_or_fail_in_one_line(seed, data):
 
 @settings(max_examples=fuzz_examples(ci=300))
 @given(json_values, st.sampled_from(["tokenizer", "generation", "model", "source", "files", "validation", None]),
-       st.sampled_from([1, 2]))
-def test_any_json_in_any_section_parses_or_is_an_artifact_error(seed, value, section, version):
-    data = {**json.loads(json.dumps(seed[0])), "schema_version": version}
+       st.sampled_from([1, 2]), st.sampled_from(["lstm", "gpt2", "bert", "llama", "other"]),
+       st.sampled_from(["onnx", "gguf"]), st.sampled_from(["text-generation", "embed", "fill-mask", "classify"]))
+def test_any_json_in_any_section_parses_or_is_an_artifact_error(seed, value, section, version, family, fmt, task):
+    # every model kind's section class and every task's requirements, on the same real sections
+    data = {**json.loads(json.dumps(seed[0])), "schema_version": version, "family": family, "format": fmt,
+            "task": task}
     if section is None:
         data = value if not isinstance(value, dict) else {**value, "schema_version": version}
     else:

@@ -61,7 +61,7 @@ class ArrayValue:
 
     element_type: str
     length: int
-    values: tuple = ()  # the numbers of a short numeric array (per-layer sizes), else empty
+    values: tuple = ()  # the numbers of a short numeric array (per-layer sizes), the vocabulary's tokens
 
 
 @dataclass(frozen=True)
@@ -148,13 +148,14 @@ def _read_array(cur: _Cursor, key: str) -> ArrayValue:
     if element != STRING:
         raise MalformedGguf(f"array {key!r} has unknown element type {element}")
     cur.need(length * 8, f"array {key!r} of {length} elements")  # each holds at least a u64
-    _skip_strings(cur, length, key, unique=key == VOCABULARY_KEY)
-    return ArrayValue("string", length)
+    tokens = _skip_strings(cur, length, key, unique=key == VOCABULARY_KEY)
+    return ArrayValue("string", length, tokens)
 
 
-def _skip_strings(cur: _Cursor, count: int, key: str, unique: bool = False) -> None:
+def _skip_strings(cur: _Cursor, count: int, key: str, unique: bool = False) -> tuple[bytes, ...]:
     """Step over `count` length-prefixed strings; a tight loop, vocabularies hold 100k+ of them.
-    With `unique`, also refuse a repeated string (llama.cpp aborts on a repeated token)."""
+    With `unique`, also refuse a repeated string (llama.cpp aborts on a repeated token) and
+    return the strings (the vocabulary's tokens, which the metadata checks look into)."""
     read_length, buffer, size, pos = U64.unpack_from, cur.buffer, cur.size, cur.pos
     seen: set[bytes] = set()
     for i in range(count):  # noqa: B007  (i names the string in the error below)
@@ -172,7 +173,7 @@ def _skip_strings(cur: _Cursor, count: int, key: str, unique: bool = False) -> N
             break
     else:
         cur.pos = pos
-        return
+        return tuple(seen) if unique else ()
     raise MalformedGguf(f"truncated or corrupt: element {i} of {key!r} runs past the end of the file "
                         f"({size} bytes)")
 

@@ -99,6 +99,8 @@ def _check_vocabulary(header: GgufHeader) -> int | None:
     n_vocab = tokens.length
     if n_vocab < 1 or n_vocab > MAX_CONTEXT:
         raise MalformedGguf(f"tokenizer.ggml.tokens holds {n_vocab} tokens")
+    if model == "llama":
+        _check_byte_tokens(set(tokens.values))
     for key in ("tokenizer.ggml.scores", "tokenizer.ggml.token_type"):
         values = header.get(key)
         if values is not None and values.length != n_vocab:
@@ -109,6 +111,18 @@ def _check_vocabulary(header: GgufHeader) -> int | None:
         if value is not None and value >= n_vocab:
             raise MalformedGguf(f"{key} is {value}, outside the vocabulary of {n_vocab} tokens")
     return n_vocab
+
+
+# the bytes valid UTF-8 text can hold: 0xC0, 0xC1 and 0xF5-0xFF never appear in it
+UTF8_BYTES = [b for b in range(256) if b not in (0xC0, 0xC1) and b < 0xF5]
+
+
+def _check_byte_tokens(tokens: set[bytes]) -> None:
+    """llama.cpp's SentencePiece tokenizer spells a character it has no piece for byte by byte,
+    and looks each byte's token up unchecked: a missing one is an uncaught C++ exception (abort)."""
+    for byte in UTF8_BYTES:
+        if b"<0x%02X>" % byte not in tokens and (byte == 0 or bytes([byte]) not in tokens):
+            raise MalformedGguf(f"the SentencePiece vocabulary has no token for byte 0x{byte:02X} (<0x{byte:02X}>)")
 
 
 def _per_layer(header: GgufHeader, key: str) -> tuple[int, ...] | None:
