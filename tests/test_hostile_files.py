@@ -58,6 +58,11 @@ def _aligned_to(alignment):
     return change
 
 
+def _no_newline_byte(g):
+    tokens = g.find("tokenizer.ggml.tokens").value
+    tokens[tokens.index(b"<0x0A>")] = b"=0x0A>"  # one flipped bit
+
+
 def _one_more_token(g):
     g.find("tokenizer.ggml.tokens").value.append(b"extra")
     g.find("tokenizer.ggml.scores").value.append(0.0)
@@ -89,6 +94,7 @@ HOSTILE_GGUF = {  # name: (change to the seed, words the refusal must contain)
     "unknown rope scaling": (_set("llama.rope.scaling.type", STRING, b"sideways"), "rope.scaling.type"),
     "NaN norm epsilon": (_set("llama.attention.layer_norm_rms_epsilon", FLOAT32, float("nan")), "nan"),
     "a repeated token": (_repeat_token, "twice"),
+    "a byte token missing": (_no_newline_byte, "no token for byte 0x0A"),
     "a bert vocabulary on a llama": (_set("tokenizer.ggml.model", STRING, b"bert"), "tokenizer.ggml.model"),
     "unknown architecture": (_set("general.architecture", STRING, b"skynet"), "not an architecture llama.cpp knows"),
     "array of arrays": (_set("tokenizer.ggml.merges", ARRAY, [0, 0], ARRAY), "array of arrays"),
@@ -113,7 +119,7 @@ def test_hostile_gguf_is_refused_in_one_line(seed, tmp_path, case):
 
 
 ABORTS_LLAMA_CPP = ["a repeated token", "block_count 0", "unknown rope scaling", "experts used > experts",
-                    "alignment 16, tensors off ggml's boundary", "a bert vocabulary on a llama"]
+                    "alignment 16, tensors off ggml's boundary", "a bert vocabulary on a llama", "a byte token missing"]
 
 
 @pytest.mark.parametrize("case", ABORTS_LLAMA_CPP)
@@ -123,7 +129,8 @@ def test_llama_cpp_itself_aborts_on_what_the_check_refuses(seed, tmp_path, case)
     HOSTILE_GGUF[case][0](g)
     path = tmp_path / "hostile.gguf"
     path.write_bytes(write(g))
-    code = "import llama_cpp, sys; llama_cpp.Llama(model_path=sys.argv[1], n_ctx=64, verbose=False)"
+    code = ("import llama_cpp, sys; m = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=64, verbose=False); "
+            "m.tokenize(b'hello\\nworld')")
     done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, timeout=120,
                           env={"GGML_NO_BACKTRACE": "1", "PATH": "/usr/bin:/bin"})
     assert done.returncode < 0, done.stderr[-500:]  # a signal (SIGABRT), not an exception

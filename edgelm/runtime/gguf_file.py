@@ -155,7 +155,7 @@ def _read_array(cur: _Cursor, key: str) -> ArrayValue:
 def _skip_strings(cur: _Cursor, count: int, key: str, unique: bool = False) -> tuple[bytes, ...]:
     """Step over `count` length-prefixed strings; a tight loop, vocabularies hold 100k+ of them.
     With `unique`, also refuse a repeated string (llama.cpp aborts on a repeated token) and
-    return the strings (the vocabulary's tokens, which the metadata checks look into)."""
+    return the strings, in no order (the vocabulary's tokens, which the metadata checks look into)."""
     read_length, buffer, size, pos = U64.unpack_from, cur.buffer, cur.size, cur.pos
     seen: set[bytes] = set()
     for i in range(count):  # noqa: B007  (i names the string in the error below)
