@@ -144,3 +144,29 @@ def test_export_refuses_a_config_that_links_outside(lstm_model, tmp_path):
     (source / "config.json").symlink_to(tmp_path / "config.json")
     with pytest.raises(UnsupportedModelError, match="config.json: config.json links outside the folder"):
         edgelm.export(source, tmp_path / "out")
+
+
+def test_export_from_a_hugging_face_cache_snapshot_follows_its_blob_links(lstm_model, tmp_path):
+    import edgelm
+
+    repo = tmp_path / "hub" / "models--me--tiny"
+    snapshot = repo / "snapshots" / "abc123"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for index, path in enumerate(sorted(lstm_model.iterdir())):
+        shutil.copy(path, repo / "blobs" / f"blob{index}")
+        (snapshot / path.name).symlink_to(f"../../blobs/blob{index}")
+    manifest = edgelm.export(snapshot, tmp_path / "out", validate=False)
+    assert set(manifest.source.sha256) == {"model.safetensors"}
+    with edgelm.load(tmp_path / "out") as model:
+        assert model.generate("The ", max_tokens=3, temperature=0)
+
+
+def test_an_artifact_whose_manifest_links_outside_is_refused(lstm_artifact, tmp_path):
+    from edgelm.artifact import read_manifest
+
+    art = shutil.copytree(lstm_artifact, tmp_path / "art")
+    (art / "edgelm.json").rename(tmp_path / "elsewhere.json")
+    (art / "edgelm.json").symlink_to(tmp_path / "elsewhere.json")
+    with pytest.raises(ArtifactError, match="edgelm.json: manifest links outside the folder"):
+        read_manifest(art)
