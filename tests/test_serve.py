@@ -231,6 +231,21 @@ def test_malformed_http_is_a_json_400(base_url):
         assert json.loads(body)["error"]["code"] == "bad_http_request"
     assert httpx.get(f"{base_url}/health").status_code == 200
 
+def test_a_body_that_trickles_in_is_cut_off_with_408(base_url, monkeypatch):
+    import edgelm.serve.http
+
+    monkeypatch.setattr(edgelm.serve.http, "BODY_TIMEOUT_S", 0.5)
+    address = urlparse(base_url)
+    connection = http.client.HTTPConnection(address.hostname, address.port, timeout=10)
+    connection.putrequest("POST", "/v1/completions")
+    connection.putheader("content-type", "application/json")
+    connection.putheader("content-length", "1000")
+    connection.endheaders()
+    connection.send(b'{"model": ')  # and nothing more
+    response = connection.getresponse()
+    assert response.status == 408 and json.loads(response.read())["error"]["code"] == "request_timeout"
+    connection.close()
+
 def test_prompt_over_the_context_names_both_numbers(client, base_url):
     long_prompt = "the cat sat on the mat " * 40
     for stream in (False, True):
