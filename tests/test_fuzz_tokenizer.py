@@ -53,8 +53,10 @@ def seed() -> dict:
 
 
 def paths_of(node, prefix=()):
-    """Every (path, value) in a JSON tree."""
+    """Every (path, value) in a JSON tree, to a depth of 40 (a deeply nested mutation goes deeper)."""
     yield prefix, node
+    if len(prefix) >= 40:
+        return
     if isinstance(node, dict):
         for key, value in node.items():
             yield from paths_of(value, (*prefix, key))
