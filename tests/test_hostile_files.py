@@ -219,3 +219,16 @@ def test_unreadable_tokenizer_files_are_one_line(tmp_path, data):
     with pytest.raises(ArtifactError, match="not a valid tokenizer.json") as err:
         load_tokenizer(path)
     assert "\n" not in str(err.value)
+
+
+def test_known_architectures_are_those_of_the_installed_llama_cpp():
+    from pathlib import Path
+
+    import llama_cpp
+
+    from edgelm.runtime.gguf_metadata import KNOWN_ARCHITECTURES
+
+    library = b"".join(p.read_bytes() for p in (Path(llama_cpp.__file__).parent / "lib").glob("libllama.so*"))
+    # C string literals end in NUL (the linker may share a tail: "bert" inside "modern-bert")
+    missing = sorted(name for name in KNOWN_ARCHITECTURES if name.encode() + b"\0" not in library)
+    assert not missing, f"not in this llama.cpp build: {missing}"
