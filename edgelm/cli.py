@@ -123,12 +123,14 @@ def train(model, out, text, tokenizer, vocab_size, hidden, layers, steps, seq_le
               help=f"{quant_help()} [default: the first listed for the format].")
 @click.option("--task", default="auto", show_default=True, help="auto|embed|fill-mask|classify (BERT).")
 @click.option("--no-validate", is_flag=True, help="Skip validation (the manifest says so).")
-def export(source, out, fmt, quant, task, no_validate):
+@click.option("--target", type=click.Choice(["default", "mobile"]), default="default", show_default=True,
+              help="mobile: also write the model in onnxruntime's ORT format with its operator list (ONNX).")
+def export(source, out, fmt, quant, task, no_validate, target):
     """Export a model folder (or hub id) to a validated artifact."""
     from edgelm.export import export as run_export
     from edgelm.export.options import ExportOptions
 
-    options = ExportOptions(format=fmt, quant=quant, task=task, validate=not no_validate,
+    options = ExportOptions(format=fmt, quant=quant, task=task, validate=not no_validate, target=target,
                             progress=progress_printer())
     manifest = run_export(source, out, options)
     click.echo(f"wrote {out} ({manifest.family}, {manifest.format}, {manifest.quant})")

@@ -48,9 +48,21 @@ def export(source: str | Path, out: str | Path, options: ExportOptions | None = 
     config = read_source_config(folder)
     family = family_for_config(config, str(folder))
     spec = family.spec(options.format)  # the (family, format) pair, with its quantization table
+    _check_target(options.target, family.name, spec.format)
     # a copy: the caller's options stay as given, so one object can serve exports of several families
     resolved = dataclasses.replace(options, format=spec.format, quant=spec.quant(options.quant).name)
     return family.export_fn(spec.format)(folder, config, Path(out), resolved)
+
+
+ORT_TARGET_FAMILIES = ("gpt2", "bert")  # exporters that write the .ort file for --target mobile
+
+
+def _check_target(target: str, family: str, fmt: str) -> None:
+    if target not in ("default", "mobile"):
+        raise UsageError(f"target {target!r} is not one of: default, mobile")
+    if target == "mobile" and (fmt != "onnx" or family not in ORT_TARGET_FAMILIES):
+        raise UsageError(f"--target mobile writes ONNX for {', '.join(ORT_TARGET_FAMILIES)} only, "
+                         f"not {family} to {fmt}")
 
 
 class _CallableExportModule(types.ModuleType):

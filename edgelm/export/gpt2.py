@@ -36,6 +36,7 @@ from edgelm.export.hf_source import (
 )
 from edgelm.export.onnx_quantize import WeightOnly, quantize_weight_only
 from edgelm.export.options import ExportOptions
+from edgelm.export.ort_format import write_ort
 from edgelm.export.quiet import quiet_loggers
 
 MODEL_FILE = "model.onnx"
@@ -45,6 +46,7 @@ EMBEDDING_NAMES = ("transformer.wte.weight", "wte.weight")
 POSITION_NAMES = ("transformer.wpe.weight", "wpe.weight")
 FP32_MAX_ABS = 1e-4  # fp32 logits vs torch, max abs over every checked position
 GREEDY_TOKENS = 32
+ORT_MAX_ABS = 1e-4  # the .ort copy runs the same kernels; only fusion order may differ
 WEIGHT_ONLY = {"int8": WeightOnly(bits=8), "int4": WeightOnly(bits=4)}  # thresholds: edgelm/families.py
 PPL_TOKENS = 512
 PROMPTS = (
@@ -113,6 +115,9 @@ def export_gpt2(source: Path, config: dict, out: Path, options: ExportOptions) -
             quantize_weight_only(fp32, tmp / MODEL_FILE, WEIGHT_ONLY[options.quant])
         else:
             _move_model(fp32, tmp)
+        if options.target == "mobile":
+            ort_file, operators = write_ort(tmp / MODEL_FILE)
+            manifest.model = replace(manifest.model, ort_file=ort_file, ort_operators=operators)
         options.progress("export", 2, 3)
         validate_into(manifest, options.validate, lambda: validate(source, tmp, manifest, fp32))
         options.progress("export", 3, 3)
@@ -248,6 +253,7 @@ def validate(source: Path, folder: Path, manifest: Manifest, fp32_path: Path) ->
     prompts = [tokenizer.encode(p, add_special_tokens=False).ids for p in PROMPTS]
     held_out = _held_out_ids(tokenizer, manifest.model.context_length)
     torch_logits = _torch_logits(model, held_out)
+    ort_checks = _ort_checks(folder, manifest, decoder, prompts) if manifest.model.ort_file else []
     if manifest.quant == "none":
         cached = max(_cached_logit_diff(model, decoder, ids) for ids in prompts)
         full = max_abs_diff(decoder.score(held_out), torch_logits)
@@ -257,6 +263,7 @@ def validate(source: Path, folder: Path, manifest: Manifest, fp32_path: Path) ->
         return [
             Check.at_most("max_abs_logit_diff_vs_torch", max(cached, full), FP32_MAX_ABS),
             Check.at_least("greedy_32_identical_prompts", same, len(prompts)),
+            *ort_checks,
         ]
     quant = family_named("gpt2").spec("onnx").quant(manifest.quant)
     ratio_name = f"held_out_perplexity_ratio_{quant.name}_vs_fp32"
@@ -270,7 +277,28 @@ def validate(source: Path, folder: Path, manifest: Manifest, fp32_path: Path) ->
         Check.measured("held_out_perplexity_fp32", ppl_fp32),
         Check.measured(f"held_out_perplexity_{quant.name}", ppl_quant),
         Check.at_most(ratio_name, ppl_quant / ppl_fp32, quant.bound(ratio_name)),
+        *ort_checks,
     ]
+
+
+def _ort_checks(folder: Path, manifest: Manifest, decoder, prompts: list[list[int]]) -> list[Check]:
+    """The .ort copy must decode as the .onnx file does: same logits at every step, same greedy tokens."""
+    from edgelm.runtime.device import RuntimeOptions, onnx_session
+    from edgelm.runtime.kv_decoder import make_decoder
+
+    mobile = make_decoder(onnx_session(folder / manifest.model.ort_file, RuntimeOptions()), manifest)
+    diff, same = 0.0, 0
+    for ids in prompts:
+        ours, theirs = [decoder.prefill(ids)], [mobile.prefill(ids)]
+        tokens = [int(np.argmax(ours[0]))]
+        for _ in range(GREEDY_TOKENS - 1):
+            ours.append(decoder.step(tokens[-1]))
+            theirs.append(mobile.step(tokens[-1]))
+            tokens.append(int(np.argmax(ours[-1])))
+        diff = max(diff, max_abs_diff(np.stack(ours), np.stack(theirs)))
+        same += [int(np.argmax(t)) for t in theirs] == tokens
+    return [Check.at_most("max_abs_logit_diff_ort_vs_onnx", diff, ORT_MAX_ABS),
+            Check.at_least("greedy_32_identical_prompts_ort_vs_onnx", same, len(prompts))]
 
 
 def _held_out_ids(tokenizer, context_length: int) -> list[int]:

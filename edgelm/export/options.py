@@ -12,5 +12,6 @@ class ExportOptions:
     quant: str | None = None  # None: the first type in the (family, format) table (edgelm/families.py)
     task: str = "auto"
     validate: bool = True
+    target: str = "default"  # "mobile": also the ORT-format model and its operator list (ONNX: gpt2, bert)
     # progress(label, done, total): called as work advances, for bars in the CLI
     progress: Callable[[str, int, int], None] = field(default=lambda label, done, total: None)

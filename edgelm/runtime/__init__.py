@@ -11,14 +11,15 @@ from edgelm.runtime.device import RuntimeOptions
 
 
 def load(path: str | Path, *, threads: int | None = None, provider: str = "cpu",
-         n_gpu_layers: int = 0, n_ctx: int | None = None, verify: bool = False) -> Any:
+         n_gpu_layers: int = 0, n_ctx: int | None = None, verify: bool = False, model_format: str = "onnx") -> Any:
     """Load an artifact folder (or a bare .gguf file) and return its task object.
 
     Text generators have generate()/stream(); every task object is a context manager that
-    frees its backend session on exit.
+    frees its backend session on exit. model_format="ort" runs the ORT-format copy of an ONNX
+    artifact exported with --target mobile.
     """
     options = RuntimeOptions(threads=threads, provider=provider, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx,
-                             verify=verify)
+                             verify=verify, model_format=model_format)
     path = Path(path)
     if path.is_file() and path.suffix == ".gguf":
         from edgelm.runtime.gguf_file import load_bare_gguf

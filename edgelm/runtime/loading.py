@@ -25,9 +25,15 @@ def manifest_where(folder: str | Path) -> str:
 
 def open_onnx(folder: Path, manifest: Manifest, options: RuntimeOptions) -> tuple[Any, Any]:
     """The onnxruntime session and tokenizer of an ONNX artifact, both checked against the manifest."""
-    model_path = artifact_file(folder, manifest, manifest.model.file, "model.file")
+    if options.model_format == "ort":
+        if manifest.model.ort_file is None:
+            raise ArtifactError(f"{manifest_where(folder)}: this artifact has no ORT-format model "
+                                "(export it with --target mobile)")
+        model_path = artifact_file(folder, manifest, manifest.model.ort_file, "model.ort_file")
+    else:
+        model_path = artifact_file(folder, manifest, manifest.model.file, "model.file")
+        check_external_data(folder, manifest, model_path)
     tokenizer_path = artifact_file(folder, manifest, manifest.tokenizer.file, "tokenizer.file")
-    check_external_data(folder, manifest, model_path)
     session = onnx_session(model_path, options)
     tokenizer = load_tokenizer(tokenizer_path)
     # a tokenizer.json can carry padding and truncation settings; batching and lengths are the

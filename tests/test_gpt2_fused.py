@@ -1,0 +1,167 @@
+"""edgelm's fused GPT-2 graph: parity with torch at every cached step, the shared KV buffer,
+the context limit it enforces, weight-only int4, and the ORT-format copy for devices."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_gpt2 import PROMPTS, gpt2_fp32, gpt2_int8, gpt2_source, torch_greedy_text  # noqa: F401 - shared fixtures
+
+from conftest import export_to
+from edgelm.artifact import MANIFEST_NAME
+from edgelm.errors import ArtifactError, ContextOverflowError, UsageError
+
+
+def manifest_of(folder: Path) -> dict:
+    return json.loads((folder / MANIFEST_NAME).read_text())
+
+
+def graph_nodes(path: Path) -> list:
+    import onnx
+
+    return list(onnx.load(str(path), load_external_data=False).graph.node)
+
+
+def graph_ops(path: Path) -> set[str]:
+    return {node.op_type for node in graph_nodes(path)}
+
+
+def torch_logits(source: Path, ids: list[int]) -> np.ndarray:
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    model = GPT2LMHeadModel.from_pretrained(source).eval()
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].numpy()  # (T, vocab)
+
+
+@pytest.fixture(scope="session")
+def gpt2_int4_mobile(gpt2_source, tmp_path_factory) -> Path:  # noqa: F811
+    return export_to(gpt2_source, tmp_path_factory.mktemp("art") / "gpt2-int4-mobile", quant="int4",
+                     target="mobile")
+
+
+# -- the graph ----------------------------------------------------------------------------------
+def test_fp32_graph_is_fused_and_has_no_cache_concatenation(gpt2_fp32):  # noqa: F811
+    model = manifest_of(gpt2_fp32)["model"]
+    assert model["graph"] == "fused-gqa" and model["weight_bits"] is None
+    nodes = graph_nodes(gpt2_fp32 / "model.onnx")
+    assert {"GroupQueryAttention", "SkipLayerNormalization", "FastGelu"} <= {n.op_type for n in nodes}
+    cache_readers = {n.op_type for n in nodes for name in n.input if name.startswith("past_key_values.")}
+    assert cache_readers == {"GroupQueryAttention"}  # written in place, never concatenated
+    assert model["inputs"][:5] == ["input_ids", "position_ids", "seqlens_k", "total_sequence_length",
+                                   "logits_index"]
+
+
+def test_every_cached_step_matches_torch(gpt2_fp32, gpt2_source):  # noqa: F811
+    import edgelm
+
+    with edgelm.load(gpt2_fp32) as model:
+        ids = model.encode("Every object has an identity, a type and a value.")
+        reference = torch_logits(gpt2_source, ids)
+        stepped = [model.decoder.prefill(ids[:3])] + [model.decoder.step(t) for t in ids[3:]]
+        scored = model.decoder.score(ids)
+    np.testing.assert_allclose(np.stack(stepped), reference[2:], atol=1e-4)
+    np.testing.assert_allclose(scored, reference, atol=1e-4)
+
+
+def test_batch_rows_of_different_lengths_match_torch_at_every_step(gpt2_fp32, gpt2_source):  # noqa: F811
+    import edgelm
+
+    with edgelm.load(gpt2_fp32) as model:
+        rows = [model.encode(p) for p in PROMPTS]
+        logits = [model.decoder.prefill_batch(rows)]
+        extra = np.array([[5, 9, 11], [7, 3, 2], [1, 1, 4]])  # (steps, B): tokens fed to each row
+        logits += [model.decoder.step_batch(tokens) for tokens in extra]
+    for b, row in enumerate(rows):
+        reference = torch_logits(gpt2_source, row + extra[:, b].tolist())  # (T + 3, vocab)
+        ours = np.stack([step[b] for step in logits])  # (4, vocab)
+        np.testing.assert_allclose(ours, reference[len(row) - 1 :], atol=1e-4)
+
+
+# -- the shared buffer -------------------------------------------------------------------------
+def test_buffers_are_reused_across_generations_and_rebuilt_for_a_new_batch_size(gpt2_fp32):  # noqa: F811
+    import edgelm
+
+    with edgelm.load(gpt2_fp32) as model:
+        first = model.generate(PROMPTS[0], temperature=0, max_tokens=8)
+        buffers = [id(b) for b in model.decoder.buffers]
+        second = model.generate(PROMPTS[1], temperature=0, max_tokens=8)
+        assert [id(b) for b in model.decoder.buffers] == buffers
+        again = model.generate(PROMPTS[0], temperature=0, max_tokens=8)  # stale cache contents never leak
+        batch = model.generate_batch(PROMPTS[:2], temperature=0, max_tokens=8)
+        assert model.decoder.buffers[0].shape() == [2, 2, 128, 32]  # (B, heads, context, head_dim)
+    assert again == first and batch == [first, second]
+
+
+def test_the_buffer_ends_at_the_context_length(gpt2_fp32):  # noqa: F811
+    import edgelm
+
+    with edgelm.load(gpt2_fp32) as model:
+        decoder = model.decoder
+        decoder.prefill(list(range(5, 125)))  # 120 of 128 positions
+        for _ in range(8):
+            decoder.step(7)
+        assert decoder.lengths.tolist() == [128]
+        with pytest.raises(ContextOverflowError, match="context length 128"):
+            decoder.step(7)
+        with pytest.raises(ContextOverflowError, match="context length 128"):
+            model.complete("a, b, c. " * 60, max_tokens=10)
+
+
+# -- weight-only quantization ------------------------------------------------------------------
+def test_int8_and_int4_are_weight_only_and_record_their_blocks(gpt2_int8, gpt2_int4_mobile, gpt2_fp32):  # noqa: F811
+    for folder, bits, bound in ((gpt2_int8, 8, 1.05), (gpt2_int4_mobile, 4, 1.08)):
+        manifest = manifest_of(folder)
+        model = manifest["model"]
+        assert (model["weight_bits"], model["block_size"], model["accuracy_level"]) == (bits, 32, 4)
+        assert "MatMulNBits" in graph_ops(folder / "model.onnx")
+        checks = {c["name"]: c for c in manifest["validation"]}
+        ratio = checks[f"held_out_perplexity_ratio_{manifest['quant']}_vs_fp32"]
+        assert ratio["threshold"] == bound and ratio["value"] <= bound and manifest["validation_passed"]
+    sizes = [(f / "model.onnx").stat().st_size for f in (gpt2_int4_mobile, gpt2_int8, gpt2_fp32)]
+    assert sizes == sorted(sizes)
+
+
+def test_int4_greedy_stays_close_to_transformers(gpt2_int4_mobile, gpt2_source):  # noqa: F811
+    import edgelm
+
+    with edgelm.load(gpt2_int4_mobile) as model:
+        ours = model.generate(PROMPTS[0], temperature=0, max_tokens=6)
+    assert ours[:3] == torch_greedy_text(gpt2_source, PROMPTS[0], 6)[:3]
+
+
+# -- ORT format ---------------------------------------------------------------------------------
+def test_ort_copy_loads_and_generates_as_the_onnx_file(gpt2_int4_mobile):
+    import edgelm
+
+    manifest = manifest_of(gpt2_int4_mobile)
+    assert (manifest["model"]["ort_file"], manifest["model"]["ort_operators"]) == (
+        "model.ort", "model.required_operators.config")
+    assert {"model.ort", "model.required_operators.config"} <= set(manifest["files"])
+    config = (gpt2_int4_mobile / "model.required_operators.config").read_text()
+    assert "com.microsoft;1;" in config and "GroupQueryAttention" in config and "MatMulNBits" in config
+    assert "partial" not in config and "# - model.ort" in config  # no temporary paths from the export
+    checks = {c["name"]: c for c in manifest["validation"]}
+    assert checks["greedy_32_identical_prompts_ort_vs_onnx"]["passed"]
+    with edgelm.load(gpt2_int4_mobile) as onnx_model, edgelm.load(gpt2_int4_mobile, model_format="ort") as ort_model:
+        for prompt in PROMPTS:
+            assert ort_model.generate(prompt, max_tokens=12, temperature=0) == onnx_model.generate(
+                prompt, max_tokens=12, temperature=0)
+        assert ort_model.generate_batch(PROMPTS, max_tokens=6, temperature=0.8, seed=1) == (
+            onnx_model.generate_batch(PROMPTS, max_tokens=6, temperature=0.8, seed=1))
+
+
+def test_ort_format_is_refused_where_it_was_not_exported(gpt2_int8, gpt2_source, tmp_path):  # noqa: F811
+    import edgelm
+
+    with pytest.raises(ArtifactError, match="no ORT-format model .*--target mobile"):
+        edgelm.load(gpt2_int8, model_format="ort")
+    with pytest.raises(UsageError, match="model_format must be"):
+        edgelm.load(gpt2_int8, model_format="tflite")
+    with pytest.raises(UsageError, match="--target mobile writes ONNX"):
+        export_to(gpt2_source, tmp_path / "out", format="gguf", target="mobile")
+    assert not (tmp_path / "out").exists()
