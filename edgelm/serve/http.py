@@ -69,12 +69,13 @@ class JobResponse:
             self.worker.cancel(self.job)  # a no-op once it has finished
 
     async def _watch(self, receive) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                self.worker.cancel(self.job)
-                self.job.events.put_nowait(("disconnected", None))
-                return
+        try:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+        except Exception:  # noqa: BLE001 - a server that cannot say is treated as a client that left
+            pass
+        self.worker.cancel(self.job)
+        self.job.events.put_nowait(("disconnected", None))
 
 
 async def send_json(send, body: Any, status: int = 200) -> None:
