@@ -62,8 +62,8 @@ def confined(folder: str | Path, name: Any, what: str, *, error: type[EdgelmErro
 
 
 def read_source_json(folder: str | Path, name: str, what: str | None = None,
-                     error: type[EdgelmError] = UnsupportedModelError) -> dict[str, Any]:
-    """A source folder's JSON file as an object: confined, size-limited, UTF-8; else one line."""
+                     error: type[EdgelmError] = UnsupportedModelError, expect: type = dict) -> Any:
+    """A source folder's JSON file as an object (or `expect`): confined, size-limited, UTF-8; else one line."""
     path = confined(folder, name, what or name, error=error, hf_cache=True)
     try:
         size = path.stat().st_size
@@ -80,6 +80,7 @@ def read_source_json(folder: str | Path, name: str, what: str | None = None,
         raise error(f"{path}: not valid JSON ({err.msg}, line {err.lineno})") from None
     except RecursionError:
         raise error(f"{path}: JSON nested too deeply") from None
-    if not isinstance(data, dict):
-        raise error(f"{path}: expected a JSON object, got {type(data).__name__}")
+    if not isinstance(data, expect):
+        wanted = "a JSON object" if expect is dict else f"a JSON {expect.__name__}"
+        raise error(f"{path}: expected {wanted}, got {type(data).__name__}")
     return data

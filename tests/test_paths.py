@@ -170,3 +170,26 @@ def test_an_artifact_whose_manifest_links_outside_is_refused(lstm_artifact, tmp_
     (art / "edgelm.json").symlink_to(tmp_path / "elsewhere.json")
     with pytest.raises(ArtifactError, match="edgelm.json: manifest links outside the folder"):
         read_manifest(art)
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ('{"type": "x"}', "expected a JSON list, got dict"),
+    ('[{"type": 3}]', r"expected a list of \{type, path\} objects"),
+    ('[{"type": "sentence_transformers.models.Pooling", "path": "../../x"}]', "pooling config .* points outside"),
+])
+def test_a_hostile_modules_json_is_one_line(folder, content, message):
+    from edgelm.export.bert import sentence_transformers_facts
+
+    (folder / "modules.json").write_text(content)
+    with pytest.raises(UnsupportedModelError, match=message):
+        sentence_transformers_facts(folder)
+
+
+def test_held_out_text_that_is_not_utf8_is_one_line(lstm_model, tmp_path):
+    import edgelm
+
+    source = shutil.copytree(lstm_model, tmp_path / "src")
+    (source / "held_out.txt").write_bytes(b"fine text \xff\xfe then bytes")
+    with pytest.raises(UnsupportedModelError, match=r"held_out.txt: not UTF-8 text \(byte 10\)"):
+        edgelm.export(source, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

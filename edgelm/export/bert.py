@@ -6,7 +6,6 @@ optimum-onnx writes the graph; edgelm copies the tokenizer, records the facts th
 
 from __future__ import annotations
 
-import json
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -26,7 +25,7 @@ from edgelm.export.hf_source import (
 )
 from edgelm.export.options import ExportOptions
 from edgelm.export.quiet import quiet_loggers, quiet_root_calls
-from edgelm.paths import MAX_SOURCE_JSON_BYTES, confined, read_source_json
+from edgelm.paths import read_source_json
 
 MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
@@ -120,19 +119,13 @@ def sentence_transformers_facts(source: Path) -> dict[str, Any] | None:
 
 
 def _read_modules(source: Path) -> list[dict[str, Any]]:
-    """modules.json: a list of {type, path} objects (the guarded reader wants an object, so wrap it)."""
-    path = confined(source, "modules.json", "modules.json", error=UnsupportedModelError, hf_cache=True)
-    try:
-        if path.stat().st_size > MAX_SOURCE_JSON_BYTES:
-            raise UnsupportedModelError(f"{path}: too large for a modules.json")
-        modules = json.loads(path.read_bytes().decode("utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
-        raise UnsupportedModelError(f"{path}: cannot read it as JSON ({type(err).__name__})") from None
-    if not isinstance(modules, list) or not all(
+    """modules.json: a list of {type, path} objects."""
+    modules = read_source_json(source, "modules.json", expect=list)
+    if not all(
         isinstance(m, dict) and isinstance(m.get("type", ""), str) and isinstance(m.get("path", ""), str)
         for m in modules
     ):
-        raise UnsupportedModelError(f"{path}: expected a list of {{type, path}} objects")
+        raise UnsupportedModelError(f"{source / 'modules.json'}: expected a list of {{type, path}} objects")
     return modules
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import tempfile
 import warnings
 from pathlib import Path
@@ -156,11 +157,21 @@ def _held_out_ids(source: Path) -> np.ndarray:
 
     from edgelm.models.corpus import builtin_text, split_held_out
 
-    held_out_file = source / "held_out.txt"
-    text = held_out_file.read_text() if held_out_file.is_file() else split_held_out(builtin_text())[1]
+    held_out_file = source_file(source, "held_out.txt", "held-out text")
+    text = _read_text(held_out_file) if held_out_file.is_file() else split_held_out(builtin_text())[1]
     tokenizer = Tokenizer.from_file(str(source / TOKENIZER_NAME))
     ids = tokenizer.encode(text[: PPL_TOKENS * 8], add_special_tokens=False).ids[:PPL_TOKENS]
     return np.asarray(ids, dtype=np.int64)
+
+
+def _read_text(path: Path, limit: int = PPL_TOKENS * 64) -> str:
+    """The start of a UTF-8 text file (only the first tokens are scored), or one line naming it."""
+    with open(path, "rb") as handle:
+        data = handle.read(limit)
+    try:  # incremental: a character cut by the limit is dropped, any other bad byte is an error
+        return codecs.getincrementaldecoder("utf-8")().decode(data, final=False)
+    except UnicodeDecodeError as err:
+        raise UnsupportedModelError(f"{path}: not UTF-8 text (byte {err.start})") from None
 
 
 def _torch_perplexity(model: RecurrentLM, ids: np.ndarray) -> float:
