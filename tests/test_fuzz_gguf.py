@@ -16,7 +16,9 @@ Long profile, 2000 byte-level and 2 x 1000 field-level examples (about 2 minutes
 from __future__ import annotations
 
 import math
+import re
 import time
+from collections import Counter
 
 import pytest
 
@@ -104,6 +106,11 @@ class Outcomes:
 
     def __init__(self):
         self.refused_by_header = self.ran = self.refused_by_runtime = 0
+        self.runtime_reasons: Counter[str] = Counter()  # what stopped files that passed the header check
+
+    def __str__(self) -> str:
+        counts = {k: v for k, v in vars(self).items() if isinstance(v, int)}
+        return f"{counts}; runtime refusals: {self.runtime_reasons.most_common(6)}"
 
 
 def check_file(data: bytes, path, worker: LlamaWorker, outcomes: Outcomes) -> None:
@@ -125,6 +132,7 @@ def check_file(data: bytes, path, worker: LlamaWorker, outcomes: Outcomes) -> No
         outcomes.ran += 1
     else:
         outcomes.refused_by_runtime += 1
+        outcomes.runtime_reasons[re.sub(r"^refused \S+: |\d+", "", answer)[:110]] += 1
 
 
 # -- byte level ---------------------------------------------------------------------------------
@@ -158,7 +166,7 @@ def test_byte_level_mutations_load_or_fail_in_one_line(seed, worker, tmp_path):
         check_file(mutate_bytes(data.draw, seed, header_end), tmp_path / "mutated.gguf", worker, outcomes)
 
     run()
-    print(f"byte level: {vars(outcomes)}")
+    print(f"byte level: {outcomes}")
     assert outcomes.refused_by_header and outcomes.ran  # both ends were reached
 
 
@@ -305,7 +313,7 @@ def test_field_level_mutations_load_or_fail_in_one_line(seed, bpe_seed, worker, 
         check_file(write(g), tmp_path / "mutated.gguf", worker, outcomes)
 
     run()
-    print(f"field level: {vars(outcomes)}")
+    print(f"field level ({vocabulary}): {outcomes}")
     assert outcomes.refused_by_header and outcomes.ran
 
 
