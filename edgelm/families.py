@@ -182,6 +182,9 @@ FAMILIES: dict[str, Family] = {
                 QuantType("none", "fp32", {"min_cosine_vs_torch": 0.99999, "top1_agreement_vs_torch": 1.0}),
                 QuantType("int8", "dynamic-int8", {"min_cosine_vs_torch": 0.99, "top1_agreement_vs_torch": 0.9}),
             )),
+            # llama.cpp runs BERT for embeddings only: fill-mask and classify stay ONNX
+            ExportSpec("gguf", "edgelm.export.gguf_bert:export_gguf_bert",
+                       "edgelm.runtime.llama_embed:load_gguf_embedder", ("embed",), GGUF_EMBEDDER_QUANTS, "bert"),
         )),
     )
 }

@@ -46,26 +46,34 @@ def export_gguf(source: Path, config: dict, out: Path, options: ExportOptions) -
     special.add_special_token.setdefault("eos", False)  # written out so nobody has to guess
     manifest = _manifest(source, config, spec, shape, vocab, special, quant)
     with write_artifact(out, manifest) as tmp:
-        float_type = quant if quant in FLOAT_TYPES else _intermediate_type(config)
-        float_path = tmp / (MODEL_FILE if quant in FLOAT_TYPES else FLOAT_SCRATCH)
-        write_float_gguf(float_path, source, config, spec, shape, vocab, special, float_type, options)
-        target = tmp / MODEL_FILE
-        if quant not in FLOAT_TYPES:
-            from edgelm.export.gguf_quantize import quantize_gguf
-
-            options.progress("quantize", 0, 1)
-            report = quantize_gguf(float_path, target, quant)
-            float_path.unlink()
-            manifest.model = replace(manifest.model, fallbacks=tuple(report.fallbacks),
-                                     fallback_count=report.fallback_count)
-            if report.fallback_count:
-                _warn_fallbacks(report.fallbacks, report.fallback_count, quant)
-            options.progress("quantize", 1, 1)
-        from edgelm.export.gguf_quantize import tensor_type_counts
-
-        manifest.model = replace(manifest.model, tensor_types=tensor_type_counts(target))
+        target = write_model_file(tmp, manifest, source, config, spec, shape, vocab, special, options)
         validate_into(manifest, options.validate, lambda: _validate(target, source, manifest, options))
     return manifest
+
+
+def write_model_file(tmp: Path, manifest: Manifest, source: Path, config: dict, spec: ArchSpec, shape: Shape,
+                     vocab: Vocab, special, options: ExportOptions, extra_keys=None) -> Path:
+    """model.gguf in `tmp`: the float file, quantized by llama.cpp when asked; its types into the manifest."""
+    quant = manifest.quant
+    float_type = quant if quant in FLOAT_TYPES else _intermediate_type(config)
+    float_path = tmp / (MODEL_FILE if quant in FLOAT_TYPES else FLOAT_SCRATCH)
+    write_float_gguf(float_path, source, config, spec, shape, vocab, special, float_type, options, extra_keys)
+    target = tmp / MODEL_FILE
+    if quant not in FLOAT_TYPES:
+        from edgelm.export.gguf_quantize import quantize_gguf
+
+        options.progress("quantize", 0, 1)
+        report = quantize_gguf(float_path, target, quant)
+        float_path.unlink()
+        manifest.model = replace(manifest.model, fallbacks=tuple(report.fallbacks),
+                                 fallback_count=report.fallback_count)
+        if report.fallback_count:
+            _warn_fallbacks(report.fallbacks, report.fallback_count, quant)
+        options.progress("quantize", 1, 1)
+    from edgelm.export.gguf_quantize import tensor_type_counts
+
+    manifest.model = replace(manifest.model, tensor_types=tensor_type_counts(target))
+    return target
 
 
 def _validate(target: Path, source: Path, manifest: Manifest, options: ExportOptions) -> list:
@@ -99,8 +107,11 @@ def _intermediate_type(config: dict) -> str:
 
 
 def write_float_gguf(path: Path, source: Path, config: dict, spec: ArchSpec, shape: Shape, vocab: Vocab,
-                     special, float_type: str, options: ExportOptions) -> list[TensorPlan]:
-    """The whole float GGUF, tensors streamed from safetensors one at a time."""
+                     special, float_type: str, options: ExportOptions, extra_keys=None) -> list[TensorPlan]:
+    """The whole float GGUF, tensors streamed from safetensors one at a time.
+
+    `extra_keys(writer)`: keys that need more than config.json (BERT's pooling from its folder).
+    """
     import gguf
     import numpy as np
 
@@ -110,6 +121,8 @@ def write_float_gguf(path: Path, source: Path, config: dict, spec: ArchSpec, sha
     writer = gguf.GGUFWriter(path, spec.name)
     writer.add_name(source.resolve().name)
     spec.write_keys(writer, config, shape)
+    if extra_keys is not None:
+        extra_keys(writer)
     writer.add_file_type(LLAMA_FTYPES[float_type])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     write_vocab(writer, vocab)

@@ -41,6 +41,8 @@ class ArchSpec:
     top_tensors: tuple[str, ...]  # required GGUF tensors outside the blocks
     layer_tensors: tuple[str, ...]  # required per block, "blk.N." + part
     skipped: tuple[str, ...] = ()  # Hugging Face name suffixes not written (recomputed buffers)
+    skipped_prefixes: tuple[str, ...] = ()  # heads that stay out of the file (BERT's MLM, pooler)
+    strip_prefix: str = ""  # the head class's prefix ("bert.") dropped before the name lookup
     conv1d: tuple[str, ...] = ()  # block parts stored [in, out] by HF Conv1D: transposed
     rotary_interleave: bool = False  # LLaMA's rotary layout: q/k rows reordered per head
     ggml_gelu: bool = False  # GELU MLP: llama.cpp's GELU rounds through an F16 table (gguf_validate.py)
@@ -231,8 +233,51 @@ PHI3 = ArchSpec(
 )
 
 
-ARCHS = {spec.name: spec for spec in (LLAMA, GPT2, QWEN2, PHI3)}
-MODEL_TYPES = {"llama": LLAMA, "mistral": LLAMA, "gpt2": GPT2, "qwen2": QWEN2, "phi3": PHI3}
+# ---- BERT (embeddings) ------------------------------------------------------------------------
+
+def _bert_shape(config: dict) -> Shape:
+    heads, hidden = _int(config, "num_attention_heads"), _int(config, "hidden_size")
+    return Shape(
+        n_layers=_int(config, "num_hidden_layers"), n_heads=heads, n_kv_heads=heads, hidden=hidden,
+        head_dim=hidden // heads, vocab_size=_int(config, "vocab_size"), ffn=_int(config, "intermediate_size"),
+        context=_int(config, "max_position_embeddings", default=512),
+    )
+
+
+def _check_bert(source: Path, config: dict) -> None:
+    archs = config.get("architectures") or ["BertModel"]
+    if not all(str(a).startswith("Bert") for a in archs):
+        raise UnsupportedModelError(f"{source}: architecture {archs[0]} is not a BERT encoder")
+    if config.get("position_embedding_type", "absolute") != "absolute":
+        raise UnsupportedModelError(f"{source}: position_embedding_type {config['position_embedding_type']!r}; "
+                                    "llama.cpp's BERT graph has absolute positions")
+    if config.get("hidden_act", "gelu") not in ("gelu", "gelu_new"):
+        raise UnsupportedModelError(f"{source}: hidden_act {config.get('hidden_act')!r}; llama.cpp's BERT uses GELU")
+
+
+def _bert_keys(writer, config: dict, shape: Shape) -> None:
+    _decoder_keys(writer, config, shape)
+    writer.add_layer_norm_eps(float(config.get("layer_norm_eps", 1e-12)))
+    writer.add_causal_attention(False)
+    writer.add_token_type_count(_int(config, "type_vocab_size", default=2))
+
+
+BERT_BLOCK = ("attn_q", "attn_k", "attn_v", "attn_output", "attn_output_norm", "ffn_up", "ffn_down",
+              "layer_output_norm")
+
+BERT = ArchSpec(
+    name="bert", family="bert", model_arch="BERT", architectures=("BertModel",),
+    shape=_bert_shape, check=_check_bert, write_keys=_bert_keys,
+    top_tensors=("token_embd.weight", "token_types.weight", "position_embd.weight",
+                 "token_embd_norm.weight", "token_embd_norm.bias"),
+    layer_tensors=tuple(f"{p}.{w}" for p in BERT_BLOCK for w in ("weight", "bias")),
+    skipped=("position_ids",), skipped_prefixes=("pooler.", "cls.", "classifier."), strip_prefix="bert.",
+    ggml_gelu=True,
+)
+
+
+ARCHS = {spec.name: spec for spec in (LLAMA, GPT2, QWEN2, PHI3, BERT)}
+MODEL_TYPES = {"llama": LLAMA, "mistral": LLAMA, "gpt2": GPT2, "qwen2": QWEN2, "phi3": PHI3, "bert": BERT}
 
 
 def arch_for_config(source: Path, config: dict) -> ArchSpec:

@@ -56,9 +56,10 @@ def plan_tensors(source: Path, spec: ArchSpec, shape: Shape, float_type: str) ->
     for file in weight_files(source):
         with safe_open(file, framework="pt") as handle:
             for hf_name in handle.keys():
-                if hf_name.endswith(spec.skipped):
+                name = hf_name.removeprefix(spec.strip_prefix) if spec.strip_prefix else hf_name
+                if name.endswith(spec.skipped) or (spec.skipped_prefixes and name.startswith(spec.skipped_prefixes)):
                     continue
-                gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+                gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
                 if gguf_name is None:
                     raise UnsupportedModelError(f"{file.name}: tensor {hf_name!r} has no GGUF name for {spec.name}")
                 dims = tuple(handle.get_slice(hf_name).get_shape())
@@ -71,9 +72,15 @@ def plan_tensors(source: Path, spec: ArchSpec, shape: Shape, float_type: str) ->
     return plans
 
 
+# matrices llama.cpp adds to F32 activations directly (BERT's token-type row): its CPU add has no
+# F32 + F16 kernel and aborts the process, so these stay F32 in every file
+ALWAYS_F32 = ("token_types.weight",)
+
+
 def _storage(gguf_name: str, dims: tuple[int, ...], float_type: str) -> str:
     # llama.cpp reads norms and other 1-D tensors as F32; only matrices take the chosen type
-    return float_type if len(dims) == 2 and not gguf_name.endswith("_norm.weight") else "f32"
+    matrix = len(dims) == 2 and not gguf_name.endswith("_norm.weight") and gguf_name not in ALWAYS_F32
+    return float_type if matrix else "f32"
 
 
 def _rotary_heads(gguf_name: str, shape: Shape) -> int:

@@ -198,7 +198,7 @@ def end_of_turn_ids(source: Path, vocab: Vocab, eos_id: int | None) -> list[int]
 
 def write_vocab(writer, vocab: Vocab) -> None:
     """Token list, types, scores and the tokenizer model/pre names, into a GGUFWriter."""
-    writer.add_tokenizer_model("llama" if vocab.kind == "spm" else "gpt2")
+    writer.add_tokenizer_model({"spm": "llama", "bpe": "gpt2", "wordpiece": "bert"}[vocab.kind])
     if vocab.pre:
         writer.add_tokenizer_pre(vocab.pre)
     writer.add_token_list(vocab.tokens)

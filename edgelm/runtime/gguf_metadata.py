@@ -38,6 +38,7 @@ MAX_EXPERTS = 1024  # LLAMA_MAX_EXPERTS
 MAX_CONTEXT = (1 << 31) - 1  # positions are int32 in llama.cpp
 ROPE_SCALING_TYPES = ("none", "linear", "yarn", "longrope")
 TOKENIZER_MODELS = ("llama", "gpt2")  # SentencePiece and byte-level BPE: what edgelm's text generators use
+ENCODER_TOKENIZERS = {"bert": "bert"}  # architecture -> the tokenizer its embedder runs (WordPiece)
 
 # "<arch>." keys llama.cpp reads, and the one type it reads each as
 ARCH_KEY_TYPES = {
@@ -89,7 +90,8 @@ def _check_types(header: GgufHeader, arch: str | None) -> None:
 def _check_vocabulary(header: GgufHeader) -> int | None:
     """The number of tokens, and every special id inside it."""
     model = header.get("tokenizer.ggml.model")
-    if model is not None and model not in TOKENIZER_MODELS:
+    if model is not None and model not in TOKENIZER_MODELS and model != ENCODER_TOKENIZERS.get(
+            header.get("general.architecture")):
         # llama.cpp's other tokenizers (bert, t5, rwkv, ...) abort on a vocabulary they do not expect
         raise MalformedGguf(f"tokenizer.ggml.model {model[:40]!r} is not a text-generation tokenizer edgelm runs "
                             f"({', '.join(TOKENIZER_MODELS)})")

@@ -173,8 +173,10 @@ def context_for(header, requested: int | None, user_n_ctx: int | None = None) ->
     return min(trained, MAX_CONTEXT)
 
 
-def open_llama(path: Path, options: RuntimeOptions, n_ctx: int | None = None):
-    """A llama_cpp.Llama for a GGUF file whose header has been checked first, and its context."""
+def open_llama(path: Path, options: RuntimeOptions, n_ctx: int | None = None, extra: dict | None = None):
+    """A llama_cpp.Llama for a GGUF file whose header has been checked first, and its context.
+
+    `extra`: further Llama arguments (the embedder's embedding=True and batch sizes)."""
     header = read_gguf_header(path)
     n_ctx = context_for(header, n_ctx, options.n_ctx)
     if options.provider != "cpu":
@@ -195,7 +197,7 @@ def open_llama(path: Path, options: RuntimeOptions, n_ctx: int | None = None):
             llm = llama_cpp.Llama(
                 model_path=str(path), n_ctx=n_ctx, n_threads=threads,
                 n_threads_batch=threads, n_gpu_layers=options.n_gpu_layers, use_mmap=True,
-                logits_all=False, verbose=False,
+                logits_all=False, verbose=False, **(extra or {}),
             )
         except Exception as err:  # noqa: BLE001
             # llama.cpp fails with ValueError/RuntimeError; llama-cpp-python's own Python also compiles
