@@ -88,7 +88,7 @@ def run_serve(artifacts: Sequence[Path], names: Sequence[str], host: str, port: 
         bound_port = sock.getsockname()[1]
         shown = f"[{host.strip('[]')}]" if ":" in host else host
         for model_id, served in app.models.items():
-            click.echo(f"serving {model_id!r} ({', '.join(served.endpoints[:-2]) or 'tokenize only'})", err=True)
+            click.echo(f"serving {model_id!r} ({', '.join(served.endpoints)})", err=True)
         click.echo(f"OpenAI base URL: http://{shown}:{bound_port}/v1" + (" (API key required)" if api_key else ""),
                    err=True)
         uvicorn.Server(uvicorn_config(app, log_level="debug" if debug else "info")).run(sockets=[sock])

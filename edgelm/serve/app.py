@@ -64,7 +64,8 @@ class ServedModel:
     def endpoints(self) -> list[str]:
         pairs = ((self.can_chat, "/v1/chat/completions"), (self.can_complete, "/v1/completions"),
                  (self.can_embed, "/v1/embeddings"))
-        return [path for ok, path in pairs if ok] + ["/tokenize", "/detokenize"]
+        tokens = ["/tokenize", "/detokenize"] if hasattr(self.task, "tokenizer") else []
+        return [path for ok, path in pairs if ok] + tokens
 
     def describe(self) -> dict[str, Any]:
         return {"id": self.id, "object": "model", "created": self.created, "owned_by": "edgelm",
@@ -104,8 +105,8 @@ class Server:
         if endpoint == "/v1/chat/completions" and served.can_complete:
             return f"model {quoted(served.id)} has no chat template; use /v1/completions with a plain prompt"
         task = getattr(served.task, "task", "unknown")
-        offered = ", ".join(p for p in served.endpoints if p.startswith("/v1/"))
-        return f"model {quoted(served.id)} is a {task} model; it serves {offered or 'tokenizing only'}"
+        offered = ", ".join(served.endpoints)
+        return f"model {quoted(served.id)} is a {task} model; it serves {offered or 'nothing'} here"
 
     # -- endpoints -----------------------------------------------------------------------------------
     async def health(self, request: Request) -> JSONResponse:
@@ -149,9 +150,7 @@ class Server:
         task = served.task
 
         def compute() -> tuple[np.ndarray, int]:
-            vectors = task.embed(req.inputs)
-            tokens = sum(len(e.ids) for e in task._encode(req.inputs))  # what the model saw, truncation included
-            return vectors, tokens
+            return task.embed(req.inputs), _embedded_tokens(task, req.inputs)
 
         def shape(result: tuple[np.ndarray, int]) -> dict[str, Any]:
             vectors, tokens = result
@@ -171,7 +170,7 @@ class Server:
 
     async def tokenize(self, request: Request) -> JSONResponse:
         req = tokenize_request(await read_json(request, self.max_body_bytes))
-        served = self.model(req.model)
+        served = self.model(req.model, "/tokenize")
         tokenizer = served.task.tokenizer
 
         def run() -> dict[str, Any]:
@@ -189,7 +188,7 @@ class Server:
 
     async def detokenize(self, request: Request) -> JSONResponse:
         req = detokenize_request(await read_json(request, self.max_body_bytes))
-        served = self.model(req.model)
+        served = self.model(req.model, "/detokenize")
         tokenizer = served.task.tokenizer
         size = tokenizer.get_vocab_size() if hasattr(tokenizer, "get_vocab_size") else tokenizer.vocab_size
         outside = next((t for t in req.tokens if t >= size), None)
@@ -215,6 +214,15 @@ class Server:
         if req.stream:
             return JobResponse(served.worker, job, lambda job, send: _render_stream(job, send, shaper, tools))
         return JobResponse(served.worker, job, lambda job, send: render_result(job, send, shaper.whole))
+
+
+def _embedded_tokens(task: Any, texts: list[str]) -> int:
+    """How many tokens the embedder saw (special tokens and truncation included), by its own rule."""
+    if hasattr(task, "ids"):  # GGUF embedders: ids(text) -> (ids, truncated)
+        return sum(len(task.ids(t)[0]) for t in texts)
+    if hasattr(task, "_encode"):  # ONNX encoders: lower-casing and truncation as configured
+        return sum(len(e.ids) for e in task._encode(texts))
+    return sum(len(task.tokenizer.encode(t).ids) for t in texts)
 
 
 async def _off_loop(fn):
