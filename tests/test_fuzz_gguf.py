@@ -9,7 +9,8 @@ process. A file that passes the check is loaded and run by llama.cpp in a child 
 answer "ok" or a one-line EdgelmError, without dying or hanging (a per-example deadline).
 
 Short profile (the default, for CI): `pytest tests/test_fuzz_gguf.py`.
-Long profile, 2000 byte-level and 2 x 1000 field-level examples (about 2 minutes here, niced):
+Long profile, 2000 byte-level and 3000 field-level examples (2 x 1000 any field, 2 x 500 metadata
+values only; two to three minutes on a busy 2-core machine, niced):
     EDGELM_FUZZ=long nice -n 10 .venv/bin/python -m pytest tests/test_fuzz_gguf.py -q -s
 """
 
@@ -185,10 +186,14 @@ def value_of_type(draw, type_id: int):
     return draw(ints), None
 
 
-def mutate_fields(draw, g: Gguf) -> None:
-    kind = draw(st.sampled_from(["count", "length", "type", "value", "key", "key", "key", "per_layer", "remove",
-                                 "duplicate", "tokens", "tensor_dims", "tensor_type", "tensor_offset",
-                                 "tensor_name", "tensor_order", "data", "version"]))
+ALL_KINDS = ["count", "length", "type", "value", "key", "key", "key", "per_layer", "remove", "duplicate", "tokens",
+             "tensor_dims", "tensor_type", "tensor_offset", "tensor_name", "tensor_order", "data", "version"]
+# changes that keep the file's structure sound, so that most examples reach what the values mean
+METADATA_KINDS = ["value", "key", "key", "key", "per_layer", "tokens", "remove"]
+
+
+def mutate_fields(draw, g: Gguf, kinds: list[str] = ALL_KINDS) -> None:
+    kind = draw(st.sampled_from(kinds))
     kv = draw(st.sampled_from(g.kvs)) if g.kvs else None
     tensor = draw(st.sampled_from(g.tensors)) if g.tensors else None
     if kind == "count":
@@ -299,21 +304,22 @@ def mutate_tokens(draw, g: Gguf) -> None:
                 del kv.value[draw(st.integers(0, len(kv.value))):]
 
 
-@pytest.mark.parametrize("vocabulary", ["spm", "bpe"])
-def test_field_level_mutations_load_or_fail_in_one_line(seed, bpe_seed, worker, tmp_path, vocabulary):
+@pytest.mark.parametrize("vocabulary, kinds", [("spm", "any"), ("bpe", "any"), ("spm", "metadata"),
+                                               ("bpe", "metadata")])
+def test_field_level_mutations_load_or_fail_in_one_line(seed, bpe_seed, worker, tmp_path, vocabulary, kinds):
     outcomes = Outcomes()
     start = seed if vocabulary == "spm" else bpe_seed
 
-    @settings(max_examples=fuzz_examples(ci=150, long=1000))
+    @settings(max_examples=fuzz_examples(ci=100 if kinds == "any" else 60, long=1000 if kinds == "any" else 500))
     @given(st.data())
     def run(data):
         g = parse(start)
         for _ in range(data.draw(st.integers(1, 3))):
-            mutate_fields(data.draw, g)
+            mutate_fields(data.draw, g, ALL_KINDS if kinds == "any" else METADATA_KINDS)
         check_file(write(g), tmp_path / "mutated.gguf", worker, outcomes)
 
     run()
-    print(f"field level ({vocabulary}): {outcomes}")
+    print(f"field level ({vocabulary}, {kinds}): {outcomes}")
     assert outcomes.refused_by_header and outcomes.ran
 
 
