@@ -136,3 +136,18 @@ def test_minilm_gguf_matches_sentence_transformers(tmp_path, quant, bound):
     checks = {c.name: c for c in edgelm.runtime.info(artifact).validation}
     assert checks["tokenizer_parity"].value == 1.0  # every probe, Korean aside
     assert checks["tokenizer_parity_korean"].value < 1.0  # llama.cpp's WordPiece drops Hangul jamo: reported
+
+
+def test_a_bare_bert_gguf_embeds_as_its_artifact_does(tiny_bert, tmp_path):
+    import shutil
+
+    import edgelm
+    from edgelm.runtime import info
+
+    artifact = export_to(tiny_bert, tmp_path / "a", format="gguf", quant="f32", validate=False)
+    bare = shutil.copy(artifact / "model.gguf", tmp_path / "downloaded.gguf")
+    manifest = info(bare)
+    assert (manifest.family, manifest.task, manifest.model.pooling) == ("bert", "embed", ("cls",))
+    with edgelm.load(bare, threads=1) as model, edgelm.load(artifact, threads=1) as exported:
+        # the bare file cannot know the folder's Normalize module: same direction, its own length
+        assert np.allclose(model.embed(SENTENCES[:2], normalize=True), exported.embed(SENTENCES[:2]), atol=1e-6)

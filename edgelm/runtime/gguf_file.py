@@ -299,7 +299,8 @@ def read_gguf_header(path: str | Path) -> GgufHeader:
         raise ArtifactError(f"{path}: cannot read the file ({err.strerror or err})") from None
 
 
-TOKENIZER_KINDS = {"llama": "spm", "gpt2": "bpe"}
+TOKENIZER_KINDS = {"llama": "spm", "gpt2": "bpe", "bert": "wordpiece"}
+POOLING_TYPES = {1: "mean", 2: "cls"}  # {arch}.pooling_type values edgelm's GGUF embedder reports
 
 
 def manifest_from_header(path: Path, header: GgufHeader):
@@ -317,9 +318,11 @@ def manifest_from_header(path: Path, header: GgufHeader):
         value = header.get(f"tokenizer.ggml.{key}")
         return value if isinstance(value, int) and not isinstance(value, bool) else None
 
+    family = family_for_gguf_arch(arch)
+    embedder = family is not None and family.spec("gguf").tasks == ("embed",)
     return Manifest(
         # the family edgelm exports this architecture as; an architecture it does not export keeps its own name
-        family=getattr(family_for_gguf_arch(arch), "name", arch), task="text-generation", format="gguf",
+        family=getattr(family, "name", arch), task="embed" if embedder else "text-generation", format="gguf",
         quant=quant_name_of_ftype(file_type if isinstance(file_type, int) else None),
         tokenizer={"kind": TOKENIZER_KINDS.get(model_kind, model_kind), "file": path.name},
         generation={
@@ -332,8 +335,18 @@ def manifest_from_header(path: Path, header: GgufHeader):
         },
         source={"path": str(path), "bare_gguf": True},
         validation_skipped=True,
-        model={"file": path.name, "architecture": arch, "tensors": len(header.tensors)},
+        model={"file": path.name, "architecture": arch, "tensors": len(header.tensors),
+               **(_embedder_fields(path, header, arch) if embedder else {})},
     )
+
+
+def _embedder_fields(path: Path, header: GgufHeader, arch: str) -> dict:
+    """Pooling and width of an embedder file (llama.cpp pools; edgelm reports what it did)."""
+    pooling = POOLING_TYPES.get(header.get(f"{arch}.pooling_type"))
+    if pooling is None:
+        raise ArtifactError(f"{path}: {arch}.pooling_type {header.get(f'{arch}.pooling_type')!r} is not a pooling "
+                            f"edgelm's GGUF embedder runs ({', '.join(POOLING_TYPES.values())})")
+    return {"pooling": [pooling], "dim": header.get(f"{arch}.embedding_length"), "normalize": False}
 
 
 def load_bare_gguf(path: Path, options):
@@ -342,4 +355,8 @@ def load_bare_gguf(path: Path, options):
 
     path = Path(path)
     manifest = manifest_from_header(path, read_gguf_header(path))
+    if manifest.task == "embed":
+        from edgelm.runtime.llama_embed import load_gguf_embedder
+
+        return load_gguf_embedder(path.parent, manifest, options)
     return load_llama(path.parent, manifest, options)
