@@ -19,6 +19,8 @@ from typing import Any
 from edgelm.errors import ArtifactError, InputError, first_line
 from edgelm.safe_text import check_text
 
+MAX_JSON_INDENT = 16  # an indent repeats per nesting level and line; templates use 2 or 4
+
 
 class TemplateRaised(Exception):
     """What `raise_exception(...)` inside a template throws; turned into an InputError."""
@@ -30,6 +32,8 @@ def _raise_exception(message: str) -> None:
 
 def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
             separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+    if indent is not None and not (isinstance(indent, int) and 0 <= indent <= MAX_JSON_INDENT):
+        raise ValueError(f"tojson indent must be an integer from 0 to {MAX_JSON_INDENT}")
     # jinja2's own tojson escapes HTML characters and non-ASCII text; templates expect plain JSON
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
                       sort_keys=sort_keys)
@@ -69,6 +73,11 @@ def _environment():
             result = super().call(__context, __obj, *args, **kwargs)
             return limits.check_result(result, "a call")
 
+        def is_safe_attribute(self, obj, attr, value):
+            if isinstance(obj, str) and callable(value) and attr not in limits.STR_METHODS:
+                return False  # str.translate, expandtabs, encode...: outputs that no template needs
+            return super().is_safe_attribute(obj, attr, value)
+
         def getattr(self, obj, attribute):
             limits.current().tick()
             return super().getattr(obj, attribute)
@@ -80,6 +89,7 @@ def _environment():
     env = ChatTemplateEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.filters["tojson"] = _tojson
     env.filters = {name: limits.guarded_filter(name, f) for name, f in env.filters.items()}
+    del env.globals["lipsum"]  # n paragraphs of filler text: no chat template needs it, and n is a multiplier
     return env
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import inspect
 import re
 import time
 from collections.abc import Iterator
@@ -118,8 +119,18 @@ def check_result(value: Any, what: str) -> Any:
     return value
 
 
+# str methods a chat template may call; the others (translate, expandtabs, encode, ...) are refused
+STR_METHODS = frozenset({
+    "capitalize", "casefold", "center", "count", "endswith", "find", "format", "index", "isalnum",
+    "isalpha", "isascii", "isdecimal", "isdigit", "isidentifier", "islower", "isnumeric", "isprintable",
+    "isspace", "istitle", "isupper", "join", "ljust", "lower", "lstrip", "partition", "removeprefix",
+    "removesuffix", "replace", "rfind", "rindex", "rjust", "rpartition", "rsplit", "rstrip", "split",
+    "splitlines", "startswith", "strip", "swapcase", "title", "upper", "zfill",
+})
+
+
 def estimate_str_method(obj: Any, args: tuple) -> int:
-    """Result size of the str methods that can multiply their input (join, replace, format)."""
+    """Result size of the str methods that can multiply their input, before they run."""
     obj = getattr(obj, "__wrapped__", obj)  # the sandbox hands out str.format behind a wrapper
     name = getattr(obj, "__name__", "")
     owner = getattr(obj, "__self__", None)
@@ -127,15 +138,61 @@ def estimate_str_method(obj: Any, args: tuple) -> int:
         return 0
     if name == "join" and args:
         return join_size(args[0], owner)
-    if name == "replace" and len(args) >= 2 and isinstance(args[0], str) and isinstance(args[1], str):
-        hits = owner.count(args[0]) if args[0] else len(owner) + 1
-        return len(owner) + hits * len(args[1])
+    if name == "replace" and len(args) >= 2:
+        return replace_size(owner, args[0], args[1])
     if name in ("format", "format_map"):
-        if _WIDTH.search(owner):
-            return 1 << 62
-        largest = max((size_of(a) for a in args), default=0)
-        return len(owner) + owner.count("{") * largest
+        return format_size(owner, args)
+    if name in ("center", "ljust", "rjust", "zfill") and args and isinstance(args[0], int):
+        return max(len(owner), args[0])
     return 0
+
+
+def replace_size(text: Any, old: Any, new: Any) -> int:
+    if not (isinstance(text, str) and isinstance(old, str) and isinstance(new, str)):
+        return 0
+    hits = text.count(old) if old else len(text) + 1
+    return len(text) + hits * len(new)
+
+
+def format_size(template: Any, args: Any) -> int:
+    """`template.format(*args)` or `template % args`: each field can hold the largest argument."""
+    if not isinstance(template, str):
+        return 0
+    if _WIDTH.search(template) or "*" in template:
+        return 1 << 62  # a width of a million or more, or one taken from the arguments
+    values = args if isinstance(args, (tuple, list)) else (args,)
+    largest = max((size_of(v) if not isinstance(v, (int, float)) else 32 for v in values), default=0)
+    if isinstance(args, dict):
+        largest = max((size_of(v) for v in args.values()), default=0)
+    return len(template) + (template.count("{") + template.count("%")) * largest
+
+
+def filter_size(name: str, function: Any, args: tuple, kwargs: dict) -> int:
+    """Result size of the filters that can multiply their input, from their bound arguments."""
+    if name not in ("join", "indent", "center", "wordwrap", "replace", "format"):
+        return 0
+    try:
+        given = inspect.signature(function).bind(*args, **kwargs).arguments
+    except TypeError:
+        return 0  # the filter itself will say what is wrong with the call
+    text = given.get("s", given.get("value"))
+    if name == "join":
+        return join_size(text, given.get("d", ""))
+    if name == "replace":
+        return replace_size(text, given.get("old"), given.get("new"))
+    if name == "format":
+        return format_size(text, given.get("kwargs") or given.get("args", ()))
+    if not isinstance(text, str):
+        return 0
+    if name == "center":
+        width = given.get("width", 80)
+        return max(len(text), width) if isinstance(width, int) else 0
+    lines = text.count("\n") + 1
+    if name == "indent":
+        width = given.get("width", 4)
+        return len(text) + lines * (width if isinstance(width, int) else len(str(width)))
+    wrap = given.get("wrapstring") or "\n"  # wordwrap: at worst a wrap after every character
+    return len(text) * (1 + len(wrap)) if isinstance(wrap, str) else 0
 
 
 def join_size(items: Any, separator: Any) -> int:
@@ -154,11 +211,7 @@ def binop_size(operator: str, left: Any, right: Any) -> int:
     elif operator == "+" and isinstance(left, (str, list, tuple)) and isinstance(right, (str, list, tuple)):
         return len(left) + len(right)
     elif operator == "%" and isinstance(left, str):
-        if _WIDTH.search(left) or "*" in left:
-            return 1 << 62
-        values = right if isinstance(right, (tuple, dict)) else (right,)
-        largest = max((size_of(v) if not isinstance(v, (int, float)) else 32 for v in values), default=0)
-        return len(left) + left.count("%") * largest
+        return format_size(left, right)
     elif operator == "**" and isinstance(left, int) and isinstance(right, int):
         if right > 64 or max(left.bit_length(), 1) * max(right, 0) > MAX_EXPONENT_BITS:
             raise TemplateLimitError(f"{left if left < 10**20 else 'a huge number'} ** {right} is too large")
@@ -171,10 +224,7 @@ def guarded_filter(name: str, function: Any) -> Any:
     @functools.wraps(function)  # keeps jinja's pass_context/pass_environment marker
     def guarded(*args: Any, **kwargs: Any) -> Any:
         check_arguments(args, kwargs, f"the filter {name}")
-        if name == "join":  # join(eval_ctx, value, d=""): the separator repeats once per item
-            rest = args[1:]
-            separator = rest[1] if len(rest) > 1 else kwargs.get("d", "")
-            current().fits(join_size(rest[0] if rest else None, separator), "the filter join")
+        current().fits(filter_size(name, function, args, kwargs), f"the filter {name}")
         return check_result(function(*args, **kwargs), f"the filter {name}")
 
     return guarded
