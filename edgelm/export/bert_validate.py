@@ -12,11 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from edgelm.artifact import Check, Manifest, staged
+from edgelm.families import family_named
 
-FP32_MIN_COSINE = 0.99999
-INT8_MIN_COSINE = 0.99
-FP32_TOP1 = 1.0
-INT8_TOP1 = 0.9  # int8 may flip near-ties between the two best candidates, rarely more
 TORCH_BATCH = 8
 
 PROBES = (
@@ -76,14 +73,15 @@ def compare(ours: np.ndarray, reference: np.ndarray, manifest: Manifest, truncat
     a = ours.astype(np.float64)
     b = reference.astype(np.float64)
     cosines = (a * b).sum(axis=1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
-    fp32 = manifest.quant == "none"
+    # thresholds: edgelm/families.py (int8 may flip near-ties between the two best candidates, rarely more)
+    bound = family_named("bert").spec("onnx").quant(manifest.quant).bound
     checks = [
-        Check.at_least("min_cosine_vs_torch", float(cosines.min()), FP32_MIN_COSINE if fp32 else INT8_MIN_COSINE),
+        Check.at_least("min_cosine_vs_torch", float(cosines.min()), bound("min_cosine_vs_torch")),
         Check.measured("max_abs_diff_vs_torch", float(np.abs(a - b).max())),
     ]
     if manifest.task != "embed":
         agreement = float(np.mean(np.argmax(a, axis=1) == np.argmax(b, axis=1)))
-        checks.append(Check.at_least("top1_agreement_vs_torch", agreement, FP32_TOP1 if fp32 else INT8_TOP1))
+        checks.append(Check.at_least("top1_agreement_vs_torch", agreement, bound("top1_agreement_vs_torch")))
     checks.append(Check.measured("probe_texts", len(a), "probes compared"))
     if truncated is not None:
         checks.append(Check.measured("probe_texts_truncated", truncated, "probes longer than max_length"))

@@ -16,11 +16,10 @@ from edgelm.export.checks import max_abs_diff, top1_agreement, validate_into
 from edgelm.export.hf_source import check_source_links, source_file
 from edgelm.export.onnx_quantize import quantize_int8
 from edgelm.export.options import ExportOptions
+from edgelm.families import family_named
 from edgelm.models.recurrent import TOKENIZER_NAME, WEIGHTS_NAME, RecurrentLM, load_model
 
 MODEL_FILE = "model.onnx"
-FP32_MAX_ABS = 1e-4
-INT8_PPL_RATIO = 1.02  # int8 held-out perplexity may be at most 2% above fp32
 PPL_TOKENS = 3000  # held-out tokens scored for the perplexity check
 
 
@@ -115,10 +114,11 @@ def validate(model: RecurrentLM, onnx_path: Path, fp32_path: Path, source: Path,
     held_out = _held_out_ids(source)
     ppl_torch = _torch_perplexity(model, held_out)
     ppl_onnx = onnx_perplexity(session, held_out)
+    bound = family_named(model.config.cell).spec("onnx").quant(quant).bound  # thresholds: edgelm/families.py
     if quant == "none":
         return [
-            Check.at_most("max_abs_logit_diff_vs_torch", logit_diff, FP32_MAX_ABS),
-            Check.at_most("max_abs_state_diff_vs_torch", state_diff, FP32_MAX_ABS),
+            Check.at_most("max_abs_logit_diff_vs_torch", logit_diff, bound("max_abs_logit_diff_vs_torch")),
+            Check.at_most("max_abs_state_diff_vs_torch", state_diff, bound("max_abs_state_diff_vs_torch")),
             Check.measured("held_out_perplexity", ppl_onnx),
             Check.measured("held_out_perplexity_torch", ppl_torch),
         ]
@@ -128,7 +128,8 @@ def validate(model: RecurrentLM, onnx_path: Path, fp32_path: Path, source: Path,
         Check.measured("max_abs_logit_diff_vs_torch", logit_diff),
         Check.measured("held_out_perplexity_fp32", fp32_ppl),
         Check.measured("held_out_perplexity_torch", ppl_torch),
-        Check.at_most("held_out_perplexity_ratio_int8_vs_fp32", ppl_onnx / fp32_ppl, INT8_PPL_RATIO),
+        Check.at_most("held_out_perplexity_ratio_int8_vs_fp32", ppl_onnx / fp32_ppl,
+                      bound("held_out_perplexity_ratio_int8_vs_fp32")),
     ]
 
 
