@@ -34,6 +34,9 @@ class EdgelmGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             ctx.exit(130)
+        except BrokenPipeError:  # `edgelm run ... | head`: the reader has gone, which is not an error
+            _silence_stdout()
+            ctx.exit(1)
         except ImportError as err:
             if debug:
                 raise
@@ -46,6 +49,16 @@ class EdgelmGroup(click.Group):
             click.echo(f"error: internal error ({type(err).__name__}): {first_line(err)}; rerun with --debug",
                        err=True)
             ctx.exit(1)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so flushing it at exit does not raise BrokenPipeError again."""
+    import os
+
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no real file descriptor (embedded, tests)
+        pass
 
 
 def _terminate(signum, frame):  # SIGTERM unwinds like Ctrl-C, so partial exports get cleaned up
