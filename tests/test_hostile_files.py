@@ -89,6 +89,7 @@ HOSTILE_GGUF = {  # name: (change to the seed, words the refusal must contain)
     "head count past the embedding": (_set("llama.attention.head_count", UINT32, 1 << 20), "heads of size 0"),
     "head_count_kv 0": (_set("llama.attention.head_count_kv", UINT32, 0), "head_count_kv 0"),
     "per-layer heads of the wrong length": (_set("llama.attention.head_count", ARRAY, [4, 4, 4], INT32), "entries for 1 layers"),
+    "a negative per-layer expert count": (_set("llama.expert_used_count", ARRAY, [-2], INT32), "negative count (-2)"),
     "experts used > experts": (lambda g: (g.set("llama.expert_count", UINT32, 2), g.set("llama.expert_used_count", UINT32, 3)),
                                "expert_used_count 3"),
     "unknown rope scaling": (_set("llama.rope.scaling.type", STRING, b"sideways"), "rope.scaling.type"),
@@ -119,7 +120,8 @@ def test_hostile_gguf_is_refused_in_one_line(seed, tmp_path, case):
 
 
 ABORTS_LLAMA_CPP = ["a repeated token", "block_count 0", "unknown rope scaling", "experts used > experts",
-                    "alignment 16, tensors off ggml's boundary", "a bert vocabulary on a llama", "a byte token missing"]
+                    "alignment 16, tensors off ggml's boundary", "a bert vocabulary on a llama", "a byte token missing",
+                    "a negative per-layer expert count"]
 
 
 @pytest.mark.parametrize("case", ABORTS_LLAMA_CPP)

@@ -149,6 +149,8 @@ def _check_hyperparameters(header: GgufHeader, arch: str) -> None:
         value = header.get(f"{arch}.{key}")
         if isinstance(value, ArrayValue) and layers is not None and value.length != layers:
             raise MalformedGguf(f"{arch}.{key} has {value.length} entries for {layers} layers")
+        if isinstance(value, ArrayValue) and min(value.values, default=0) < 0:  # llama.cpp reads them unsigned
+            raise MalformedGguf(f"{arch}.{key} holds a negative count ({min(value.values)})")
     if layers is not None and (get("nextn_predict_layers") or 0) > layers:
         raise MalformedGguf(f"{arch}.nextn_predict_layers is more than the {layers} layers")
     for key, kind in ARCH_KEY_TYPES.items():
