@@ -1,19 +1,29 @@
-"""GPT-2 124M generation speed: transformers torch, Optimum ORT, and edgelm, side by side.
+"""GPT-2 124M decode speed near the hardware floor: edgelm's fused ONNX graph (fp32, int8, int4)
+against Optimum's ORTModelForCausalLM on its own int8 export and llama-cpp-python on Q8_0.
 
-No pretrained weights can be downloaded here, so the model has the real 124M configuration and
-random weights (speed does not depend on the values). Each contender runs in its own
-subprocess (so peak RSS is its own), with the same thread count, after a warm-up. Repetitions
-run in interleaved rounds (every contender once per round), so drifting load on a shared
-machine hits all of them alike; the median over rounds is reported. Every contender generates
-exactly --decode tokens: end-of-text is disabled in the generation config for generate() (not
-min_new_tokens, whose logits processor costs more than a decode step here) and in edgelm.
-In the Optimum process torch only runs generate()'s glue, so it gets one thread: ORT's own
-pool holds the --threads cores (measured: this helps Optimum).
+No pretrained weights can be downloaded here, so the model has GPT-2 124M's configuration and
+random weights (speed does not depend on the values). Every contender runs in its own process
+(so peak RSS is its own), with the same thread count, after a warm-up; rounds are interleaved
+(every contender once per round, so drifting load hits all alike) and medians are reported.
+Every contender prefills exactly --prompt ids and decodes exactly --decode greedy tokens.
 
-    .venv/bin/python benchmarks/bench_gpt2.py [--threads 2] [--prompt 64] [--decode 64] [--reps 3]
+- edgelm rows: `edgelm bench`'s own measurement (edgelm.load, the decoder's prefill and steps).
+- optimum-int8: optimum's ORTQuantizer with its dynamic AVX2 config on optimum's own fp32
+  export, run by ORTModelForCausalLM.generate() with its default CPU session settings (threads
+  set to --threads; torch, which only runs generate()'s glue, gets one thread).
+- llama-q8_0: edgelm's GGUF Q8_0 export of the same weights, driven by llama-cpp-python's `eval`
+  with argmax over `scores` (the public surface a user would write).
 
-Built models are cached in --workdir (default /tmp/edgelm-bench-gpt2); the first run exports
-them (a few minutes).
+Effective bandwidth = weight bytes read per token x decode tokens/s, against the machine's read
+bandwidth measured here (numpy sums over a buffer far larger than the caches, one per thread).
+Weight bytes per token: every initializer a MatMul/MatMulNBits/Gemm/MatMulInteger reads (ONNX;
+embedding rows are gathered, not read whole); the .gguf file size (llama.cpp's output matrix is
+the tied token embedding, read whole).
+
+Targets (issue 12): edgelm int8 >= 3x optimum-int8 and >= 0.8x llama-q8_0; int4 >= int8.
+
+    .venv/bin/python benchmarks/bench_gpt2.py [--threads 2] [--prompt 64] [--decode 64] [--rounds 3]
+    .venv/bin/python benchmarks/bench_gpt2.py --small     # a tiny model, to check the script runs
 """
 
 from __future__ import annotations
@@ -21,286 +31,257 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
-CONTENDERS = {
-    # name: (backend, quant, model file relative to the workdir)
-    "torch-fp32": ("transformers torch", "fp32", "source/model.safetensors"),
-    "optimum-int8": ("optimum ORTModelForCausalLM", "int8", "optimum-int8/model.onnx"),
-    "edgelm-fp32": ("edgelm onnx", "fp32", "edgelm-fp32/model.onnx"),
-    "edgelm-int8": ("edgelm onnx", "int8", "edgelm-int8/model.onnx"),
-    "edgelm-int8-nobind": ("edgelm onnx, no IO binding", "int8", "edgelm-int8/model.onnx"),
+CONTENDERS = {  # name: (backend, folder in the workdir)
+    "optimum-int8": ("optimum ORTModelForCausalLM", "optimum-int8"),
+    "llama-q8_0": ("llama-cpp-python", "edgelm-q8_0"),
+    "edgelm-fp32": ("edgelm onnx (fused)", "edgelm-fp32"),
+    "edgelm-int8": ("edgelm onnx (fused, MatMulNBits 8)", "edgelm-int8"),
+    "edgelm-int4": ("edgelm onnx (fused, MatMulNBits 4)", "edgelm-int4"),
 }
+SHAPES = {"124m": {}, "small": {"n_layer": 2, "n_head": 4, "n_embd": 128, "n_positions": 256}}
+WEIGHT_OPS = ("MatMul", "MatMulNBits", "Gemm", "MatMulInteger")
 
 
 # -- building the models (once, cached) --------------------------------------------------------
-def build(workdir: Path) -> None:
+def build(workdir: Path, shape: dict) -> None:
+    from edgelm.export import export
+    from edgelm.export.options import ExportOptions
+
     source = workdir / "source"
     if not (source / "model.safetensors").is_file():
-        _build_source(source)
-    for quant in ("fp32", "int8"):
-        art = workdir / f"edgelm-{quant}"
-        if not (art / "edgelm.json").is_file():
-            from edgelm.export import export
-            from edgelm.export.options import ExportOptions
-
-            print(f"exporting {art.name} ...", flush=True)
-            # validation is what tests/test_gpt2.py covers; here only speed is measured
-            export(
-                source,
-                art,
-                ExportOptions(quant="none" if quant == "fp32" else "int8", validate=False),
-            )
-    optimum = workdir / "optimum-int8"
-    if not (optimum / "model.onnx").is_file():
-        # Optimum needs config.json beside the graph: the very same int8 file, linked
-        optimum.mkdir(exist_ok=True)
-        for name in ("config.json", "generation_config.json"):
-            shutil.copy(source / name, optimum / name)
-        os.link(workdir / "edgelm-int8" / "model.onnx", optimum / "model.onnx")
+        _build_source(source, shape)
+    for folder, fmt, quant in (("edgelm-fp32", "onnx", "none"), ("edgelm-int8", "onnx", "int8"),
+                               ("edgelm-int4", "onnx", "int4"), ("edgelm-q8_0", "gguf", "q8_0")):
+        if not (workdir / folder / "edgelm.json").is_file():
+            print(f"exporting {folder} ...", flush=True)  # validation is the tests' job; here only speed
+            export(source, workdir / folder, ExportOptions(format=fmt, quant=quant, validate=False))
+    if not (workdir / "optimum-int8" / "model_quantized.onnx").is_file():
+        _build_optimum_int8(source, workdir / "optimum-int8")
 
 
-def _build_source(source: Path) -> None:
+def _build_source(source: Path, shape: dict) -> None:
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
     from edgelm.models.corpus import builtin_text
 
-    print("building a random GPT-2 124M ...", flush=True)
+    print("building a random GPT-2 ...", flush=True)
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=4000,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
+    trainer = trainers.BpeTrainer(vocab_size=4000, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator([builtin_text()], trainer)
     eos = tokenizer.token_to_id("<|endoftext|>")
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>").save_pretrained(
-        source
-    )
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>").save_pretrained(source)
     torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(bos_token_id=eos, eos_token_id=eos)).save_pretrained(source)
+    # GPT-2's real vocabulary width (50257) for the head, whatever the tokenizer's size
+    GPT2LMHeadModel(GPT2Config(bos_token_id=eos, eos_token_id=eos, **shape)).save_pretrained(source)
 
 
+def _build_optimum_int8(source: Path, folder: Path) -> None:
+    """Optimum's own path: main_export, then ORTQuantizer with its dynamic AVX2 configuration."""
+    from optimum.exporters.onnx import main_export
+    from optimum.onnxruntime import ORTQuantizer
+    from optimum.onnxruntime.configuration import AutoQuantizationConfig
+
+    print("exporting optimum-int8 ...", flush=True)
+    main_export(str(source), str(folder), task="text-generation-with-past", do_validation=False)
+    quantizer = ORTQuantizer.from_pretrained(folder, file_name="model.onnx")
+    quantizer.quantize(save_dir=folder, quantization_config=AutoQuantizationConfig.avx2(is_static=False))
+    for name in ("tokenizer.json",):
+        shutil.copy(source / name, folder / name)
+
+
+def weight_bytes_per_token(workdir: Path, name: str) -> int:
+    folder = workdir / CONTENDERS[name][1]
+    if name.startswith("llama"):
+        return (folder / "model.gguf").stat().st_size
+    import onnx
+
+    path = folder / ("model_quantized.onnx" if name == "optimum-int8" else "model.onnx")
+    graph = onnx.load(str(path)).graph
+    sizes = {t.name: len(t.raw_data) or onnx.numpy_helper.to_array(t).nbytes for t in graph.initializer}
+    used = {i for n in graph.node if n.op_type in WEIGHT_OPS for i in n.input if i in sizes}
+    return sum(sizes[i] for i in used)
+
+
+def read_bandwidth(threads: int, megabytes: int = 512) -> float:
+    """Bytes/s the machine reads: each thread sums its own buffer (numpy releases the GIL)."""
+    import numpy as np
+
+    buffers = [np.ones(megabytes * 2**20 // 8) for _ in range(threads)]
+    for b in buffers:
+        b.sum()  # touch every page once
+    best = 0.0
+    for _ in range(5):
+        workers = [threading.Thread(target=b.sum) for b in buffers]
+        started = time.perf_counter()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        best = max(best, threads * megabytes * 2**20 / (time.perf_counter() - started))
+    return best
+
+
+# -- workers: one contender per process --------------------------------------------------------
 def prompt_ids(workdir: Path, length: int) -> list[int]:
     from tokenizers import Tokenizer
 
     from edgelm.models.corpus import builtin_text
 
     tokenizer = Tokenizer.from_file(str(workdir / "source" / "tokenizer.json"))
-    return tokenizer.encode(builtin_text()[:20_000]).ids[:length]
+    return tokenizer.encode(builtin_text()[: 8 * length + 1000]).ids[:length]
 
 
-# -- workers: one contender per process --------------------------------------------------------
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+def worker(name: str, workdir: Path, prompt: int, decode: int, threads: int) -> dict:
+    from edgelm.commands.bench import measure_one, peak_rss_bytes
 
-
-def run_hf_generate(
-    model, ids: list[int], decode: int, reps: int
-) -> tuple[list[float], list[float]]:
-    """(time to first token, total time) per repetition, through generate() with a KV cache."""
-    import torch
-
-    x = torch.tensor([ids])
-    mask = torch.ones_like(x)
-    model.generation_config.eos_token_id = None  # never stop early: exactly n new tokens
-
-    def gen(n: int) -> None:
-        with torch.no_grad():
-            out = model.generate(
-                input_ids=x,
-                attention_mask=mask,
-                max_new_tokens=n,
-                do_sample=False,
-                use_cache=True,
-                pad_token_id=0,
-            )
-        assert out.shape[1] == len(ids) + n
-
-    gen(4)  # warm-up
-    firsts = [timed(lambda: gen(1)) for _ in range(reps)]
-    totals = [timed(lambda: gen(decode)) for _ in range(reps)]
-    return firsts, totals
-
-
-def run_edgelm(folder: Path, ids: list[int], decode: int, reps: int, threads: int, bind: bool):
-    import edgelm
-    from edgelm.runtime.kv_decoder import KvCacheDecoder
-
-    model = edgelm.load(folder, threads=threads)
-    model.decoder = KvCacheDecoder(model.decoder.session, model.manifest, io_binding=bind)
-    model.eos_id = None  # generate exactly `decode` tokens, as min_new_tokens does for generate()
-    text = model.tokenizer.decode(ids)
-    assert model.encode(text) == ids, "the prompt must re-encode to the same ids"
-    model.complete(text, max_tokens=4, temperature=0)  # warm-up
-    firsts, totals = [], []
-    for _ in range(reps):
-        done = model.complete(text, max_tokens=decode, temperature=0)
-        assert done.completion_tokens == decode
-        firsts.append(done.timings["prefill_s"])
-        totals.append(done.timings["total_s"])
-    return firsts, totals
-
-
-def worker(name: str, workdir: Path, threads: int, prompt: int, decode: int, reps: int) -> dict:
-    ids = prompt_ids(workdir, prompt)
-    if name == "torch-fp32":
-        import torch
-        from transformers import GPT2LMHeadModel
-
-        torch.set_num_threads(threads)
-        model = GPT2LMHeadModel.from_pretrained(workdir / "source").eval()
-        firsts, totals = run_hf_generate(model, ids, decode, reps)
-    elif name == "optimum-int8":
-        import onnxruntime as ort
-        import torch
-        from optimum.onnxruntime import ORTModelForCausalLM
-
-        torch.set_num_threads(1)
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-        model = ORTModelForCausalLM.from_pretrained(
-            workdir / "optimum-int8",
-            use_cache=True,
-            session_options=options,
-            provider="CPUExecutionProvider",
-        )
-        firsts, totals = run_hf_generate(model, ids, decode, reps)
+    folder = workdir / CONTENDERS[name][1]
+    if name.startswith("edgelm-"):
+        row = measure_one(folder, prompt, decode, threads)
+    elif name == "llama-q8_0":
+        row = _llama_direct(folder, prompt_ids(workdir, prompt), decode, threads)
     else:
-        folder = workdir / ("edgelm-fp32" if name == "edgelm-fp32" else "edgelm-int8")
-        firsts, totals = run_edgelm(
-            folder, ids, decode, reps, threads, bind=not name.endswith("nobind")
-        )
-    first, total = statistics.median(firsts), statistics.median(totals)
-    return {
-        "name": name,
-        "prompt_tokens": len(ids),
-        "ttft_s": first,
-        "prefill_tps": len(ids) / first,
-        # decode: the tokens after the first, over the time after the first
-        "decode_tps": (decode - 1) / (total - first),
-        "peak_rss_mb": peak_rss_mb(),
-    }
+        row = _optimum(folder, prompt_ids(workdir, prompt), decode, threads)
+    return {**row, "name": name, "peak_rss_bytes": peak_rss_bytes()}
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident memory. Linux's ru_maxrss survives exec (it would include the
-    parent's memory at fork), so prefer VmHWM, which belongs to the process's own address space."""
+def _llama_direct(folder: Path, ids: list[int], decode: int, threads: int) -> dict:
+    import llama_cpp
+    import numpy as np
+
+    llm = llama_cpp.Llama(str(folder / "model.gguf"), n_ctx=len(ids) + decode + 16, n_threads=threads,
+                          n_threads_batch=threads, verbose=False)
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        llm.eval(ids[:8])  # warm-up
+        llm.reset()
+        started = time.perf_counter()
+        llm.eval(ids)
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        ttft = time.perf_counter() - started
+        started = time.perf_counter()
+        for _ in range(decode):
+            llm.eval([token])
+            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        decode_s = time.perf_counter() - started
+    finally:
+        llm.close()
+    return {"prefill_tok_s": len(ids) / ttft, "decode_tok_s": decode / decode_s, "ttft_s": ttft}
+
+
+def _optimum(folder: Path, ids: list[int], decode: int, threads: int) -> dict:
+    import onnxruntime as ort
+    import torch
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    torch.set_num_threads(1)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    model = ORTModelForCausalLM.from_pretrained(folder, file_name="model_quantized.onnx", use_cache=True,
+                                                session_options=options, provider="CPUExecutionProvider")
+    model.generation_config.eos_token_id = None  # never stop early: exactly n new tokens
+    x = torch.tensor([ids])
+
+    def generate(n: int) -> float:
+        started = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=n,
+                                 do_sample=False, use_cache=True, pad_token_id=0)
+        assert out.shape[1] == len(ids) + n
+        return time.perf_counter() - started
+
+    generate(4)  # warm-up
+    ttft = generate(1)
+    total = generate(decode + 1)
+    return {"prefill_tok_s": len(ids) / ttft, "decode_tok_s": decode / (total - ttft), "ttft_s": ttft}
 
 
 # -- the driver ----------------------------------------------------------------------------
-def table(rows: list[dict], workdir: Path, threads: int, prompt: int, decode: int) -> str:
-    by = {r["name"]: r for r in rows}
-    torch_tg = by.get("torch-fp32", {}).get("decode_tps")
-    optimum_tg = by.get("optimum-int8", {}).get("decode_tps")
-    head = (
-        f"| contender | backend | quant | size MB | threads | pp{prompt} tok/s | tg{decode} tok/s "
-        "| TTFT ms | peak RSS MB | tg vs torch | tg vs optimum |"
-    )
-    lines = [head, "|" + "---|" * 11]
-    for r in rows:
-        backend, quant, file = CONTENDERS[r["name"]]
-        size = (workdir / file).stat().st_size / 1e6
-        vs_torch = f"{r['decode_tps'] / torch_tg:.2f}x" if torch_tg else "-"
-        vs_opt = f"{r['decode_tps'] / optimum_tg:.2f}x" if optimum_tg else "-"
-        lines.append(
-            f"| {r['name']} | {backend} | {quant} | {size:.0f} | {threads} | {r['prefill_tps']:.1f} "
-            f"| {r['decode_tps']:.2f} | {r['ttft_s'] * 1000:.0f} | {r['peak_rss_mb']:.0f} | {vs_torch} | {vs_opt} |"
-        )
-    return "\n".join(lines)
-
-
 def run_worker(name: str, args) -> dict | None:
-    """One repetition of one contender in a fresh process (so its peak memory is its own)."""
-    cmd = [
-        sys.executable,
-        __file__,
-        "--worker",
-        name,
-        "--workdir",
-        str(args.workdir),
-        "--threads",
-        str(args.threads),
-        "--prompt",
-        str(args.prompt),
-        "--decode",
-        str(args.decode),
-        "--reps",
-        "1",
-    ]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    cmd = [sys.executable, __file__, "--worker", name, "--workdir", str(args.workdir), "--threads",
+           str(args.threads), "--prompt", str(args.prompt), "--decode", str(args.decode)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False,
+                         env={**os.environ, "PYTHONWARNINGS": "ignore"})
     lines = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
     if out.returncode or not lines:
         print(f"{name}: failed\n{out.stderr[-2000:]}", file=sys.stderr)
         return None
-    return json.loads(lines[-1][len("RESULT ") :])
+    return json.loads(lines[-1][len("RESULT "):])
 
 
-def merge_rounds(results: list[dict]) -> dict:
-    """Median speed over the rounds; the largest peak memory seen."""
+def merge(results: list[dict]) -> dict:
     merged = dict(results[0])
-    for key in ("ttft_s", "prefill_tps", "decode_tps"):
+    for key in ("ttft_s", "prefill_tok_s", "decode_tok_s"):
         merged[key] = statistics.median(r[key] for r in results)
-    merged["peak_rss_mb"] = max(r["peak_rss_mb"] for r in results)
-    merged["rounds"] = len(results)
+    merged["peak_rss_bytes"] = max(r["peak_rss_bytes"] for r in results)
     return merged
+
+
+def table(rows: list[dict], args, bandwidth: float) -> str:
+    by = {r["name"]: r["decode_tok_s"] for r in rows}
+    lines = [f"| contender | backend | threads | weights MB/token | pp{args.prompt} tok/s | tg{args.decode} tok/s "
+             "| TTFT ms | peak RSS MB | GB/s effective | % of read bw | vs optimum-int8 | vs llama-q8_0 |",
+             "|" + "---|" * 12]
+    for r in rows:
+        weights = weight_bytes_per_token(args.workdir, r["name"])
+        effective = weights * r["decode_tok_s"]
+        ratio = [f"{r['decode_tok_s'] / by[k]:.2f}x" if k in by else "-" for k in ("optimum-int8", "llama-q8_0")]
+        lines.append(f"| {r['name']} | {CONTENDERS[r['name']][0]} | {args.threads} | {weights / 1e6:.0f} "
+                     f"| {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.2f} | {r['ttft_s'] * 1000:.0f} "
+                     f"| {r['peak_rss_bytes'] / 2**20:.0f} | {effective / 1e9:.1f} | {100 * effective / bandwidth:.0f}% "
+                     f"| {ratio[0]} | {ratio[1]} |")
+    return "\n".join(lines)
+
+
+def verdict(rows: list[dict]) -> list[str]:
+    by = {r["name"]: r["decode_tok_s"] for r in rows}
+    goals = (("edgelm-int8", "optimum-int8", 3.0), ("edgelm-int8", "llama-q8_0", 0.8), ("edgelm-int4", "edgelm-int8", 1.0))
+    return [f"{a} / {b} = {by[a] / by[b]:.2f} (target >= {goal}): {'met' if by[a] / by[b] >= goal else 'MISSED'}"
+            for a, b, goal in goals if a in by and b in by]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/edgelm-bench-gpt2"))
+    parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--decode", type=int, default=64)
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--small", action="store_true", help="a tiny model and few tokens: checks the script")
     parser.add_argument("--only", nargs="*", choices=list(CONTENDERS), default=list(CONTENDERS))
     parser.add_argument("--worker", choices=list(CONTENDERS), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    shape = "small" if args.small else "124m"
+    args.workdir = args.workdir or Path(f"/tmp/edgelm-bench-gpt2-{shape}")
     if args.worker:
-        result = worker(
-            args.worker, args.workdir, args.threads, args.prompt, args.decode, args.reps
-        )
+        result = worker(args.worker, args.workdir, args.prompt, args.decode, args.threads)
         print("RESULT " + json.dumps(result), flush=True)
         return
-    build(args.workdir)
+    build(args.workdir, SHAPES[shape])
     runs: dict[str, list[dict]] = {name: [] for name in args.only}
-    for round_ in range(args.reps):
+    for round_ in range(args.rounds):
         for name in args.only:
-            started = time.perf_counter()
             result = run_worker(name, args)
             if result is not None:
                 runs[name].append(result)
-                print(
-                    f"round {round_ + 1}: {name} {result['decode_tps']:.2f} tok/s decode "
-                    f"({time.perf_counter() - started:.0f}s)",
-                    flush=True,
-                )
-    rows = [merge_rounds(results) for results in runs.values() if results]
-    print(
-        f"\nGPT-2 124M (random weights), {args.threads} threads, median of {args.reps}; "
-        f"load average {os.getloadavg()[0]:.1f} (shared machine: read the ratios)\n"
-    )
-    print(table(rows, args.workdir, args.threads, args.prompt, args.decode))
+                print(f"round {round_ + 1}: {name} {result['decode_tok_s']:.2f} tok/s decode", flush=True)
+    rows = [merge(results) for results in runs.values() if results]
+    bandwidth = read_bandwidth(args.threads)
+    print(f"\nGPT-2 {shape} (random weights), {args.threads} threads, median of {args.rounds} interleaved rounds; "
+          f"read bandwidth {bandwidth / 1e9:.1f} GB/s; load average {os.getloadavg()[0]:.1f}\n")
+    print(table(rows, args, bandwidth))
+    print("\n" + "\n".join(verdict(rows)))
 
 
 if __name__ == "__main__":
