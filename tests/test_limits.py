@@ -49,6 +49,10 @@ def test_a_template_that_loops_forever_stops_within_about_a_second():
     "{{ range(100000)|join('y' * 9000) }}",
     "{{ ('x' * 100000).replace('x', 'y' * 1000) }}",
     "{{ (((10**64)**64)**64)**64 }}",
+    "{% set l = ['x' * 999999] %}{{ (l * 1000)|string }}",
+    "{% set l = ['x' * 500000, 'y'] %}{% set m = [l, l, l, l] %}{{ m|string }}",  # nesting counts too
+    "{{ ('\n' * 1000)|indent(100000) }}",
+    "{{ ('ab' * 1000)|wordwrap(1, wrapstring='z' * 1000) }}",
 ])
 def test_a_template_that_grows_without_bound_is_stopped_before_it_allocates(template):
     rendering_stops(template, "stopped")
@@ -82,6 +86,14 @@ def test_real_templates_still_render_under_the_guards():
 def test_the_output_limit_grows_with_the_conversation():
     long = [{"role": "user", "content": "word " * 300_000}]  # 1.5M characters, over the base limit
     assert len(render_chat("{{ messages[0].content }}", long)) == 1_500_000
+
+
+def test_a_long_conversation_passed_around_in_a_loop_stays_fast():
+    long = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"message {i}"} for i in range(3000)]
+    template = "{% for m in messages %}{{ m['content'] }}{% if loop.index0 < messages|length - 1 %},{% endif %}{% endfor %}"
+    started = time.monotonic()
+    assert render_chat(template, long).count(",") == 2999
+    assert time.monotonic() - started < 1  # each size check of `messages` walks it once per render
 
 
 def test_budgets_are_per_render_and_per_thread():

@@ -25,7 +25,7 @@ import inspect
 import re
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 RENDER_SECONDS = 1.0  # a real template renders in milliseconds
@@ -44,6 +44,7 @@ class Budget:
     deadline: float
     max_chars: int
     emitted: int = 0
+    sizes: dict[int, tuple[Any, int]] = field(default_factory=dict)  # id -> (container, size_of)
 
     def tick(self) -> None:
         if time.monotonic() > self.deadline:
@@ -91,17 +92,35 @@ def budgeted_template_class():
 
 
 def size_of(value: Any) -> int:
-    """Characters a value holds, looking one level into lists, tuples and dicts (shallow)."""
+    """Characters a value holds, strings inside lists, tuples and dicts included at any depth.
+
+    The walk stops once past the size limit, and a container's size is remembered for the rest
+    of the render (with a reference, so its id cannot be reused), so passing the same long
+    conversation to a filter in every loop step costs its walk once."""
     if isinstance(value, (str, range)):
         return len(value)
-    if isinstance(value, (list, tuple, dict)):
-        items = value.items() if isinstance(value, dict) else value
-        total = len(value)
-        for item in items:
-            for part in item if isinstance(value, dict) else (item,):
-                total += len(part) if isinstance(part, str) else 1
-        return total
-    return 0
+    if not isinstance(value, (list, tuple, dict, set, frozenset)):
+        return 0
+    spent = current()
+    known = spent.sizes.get(id(value))
+    if known is not None and known[0] is value:
+        return known[1]
+    total, stack = 0, [value]
+    while stack and total <= spent.max_chars:
+        item = stack.pop()
+        if isinstance(item, (str, range)):
+            total += len(item)
+        elif isinstance(item, dict):
+            total += len(item)
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple, set, frozenset)):
+            total += len(item)
+            stack.extend(item)
+        else:
+            total += 1
+    spent.sizes[id(value)] = (value, total)
+    return total
 
 
 def check_arguments(args: tuple, kwargs: dict, what: str) -> None:
@@ -207,9 +226,9 @@ def binop_size(operator: str, left: Any, right: Any) -> int:
     if operator == "*":
         seq, count = (left, right) if isinstance(right, int) else (right, left)
         if isinstance(count, int) and isinstance(seq, (str, list, tuple)):
-            return len(seq) * max(count, 0)
+            return size_of(seq) * max(count, 0)
     elif operator == "+" and isinstance(left, (str, list, tuple)) and isinstance(right, (str, list, tuple)):
-        return len(left) + len(right)
+        return size_of(left) + size_of(right)
     elif operator == "%" and isinstance(left, str):
         return format_size(left, right)
     elif operator == "**" and isinstance(left, int) and isinstance(right, int):
@@ -263,12 +282,12 @@ def rewrite(tree: Any, environment: Any) -> Any:
         return new.set_environment(environment)
 
     def walk(node: Any) -> Any:
-        for field in node.fields:
-            value = getattr(node, field, None)
+        for name in node.fields:
+            value = getattr(node, name, None)
             if isinstance(value, list):
-                setattr(node, field, [walk(v) if isinstance(v, nodes.Node) else v for v in value])
+                setattr(node, name, [walk(v) if isinstance(v, nodes.Node) else v for v in value])
             elif isinstance(value, nodes.Node):
-                setattr(node, field, walk(value))
+                setattr(node, name, walk(value))
         if isinstance(node, nodes.For):
             node.iter = call("guard_iter", node, [node.iter])
         elif isinstance(node, nodes.Output):
