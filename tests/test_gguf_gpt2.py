@@ -170,3 +170,17 @@ def test_an_architecture_edgelm_does_not_export_keeps_its_own_name(tmp_path):
                                              "gemma2.context_length": 8192})
     manifest = manifest_from_header(tmp_path / "m.gguf", header)
     assert (manifest.family, manifest.quant, manifest.model.architecture) == ("gemma2", "q4_k_m", "gemma2")
+
+
+def test_edgelm_run_streams_what_generate_returns(gpt2_gguf_f32):
+    from click.testing import CliRunner
+
+    import edgelm
+    from edgelm.cli import main
+
+    result = CliRunner().invoke(main, ["run", str(gpt2_gguf_f32), "The function", "--temperature", "0",
+                                       "--max-tokens", "8", "--threads", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    with edgelm.load(gpt2_gguf_f32, threads=1) as model:
+        expected = model.generate("The function", max_tokens=8, temperature=0)
+    assert json.loads(result.output)["text"] == expected
