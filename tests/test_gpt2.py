@@ -308,6 +308,7 @@ def test_onnx_inputs_not_matching_the_manifest_are_refused(gpt2_fp32, tmp_path):
     ("head_dim", 16, "model.head_dim is 16, but the graph's past_key_values.0.key shape says 32"),
     ("past_names", ["past_key_values.0.key"], "model.past_names and model.present_names must hold a key and a value"),
     ("vocab_size", 100_000, "model.vocab_size is 100000, but the graph's logits width says"),
+    ("context_length", 4096, "model.context_length 4096 exceeds the graph's position table of 128 positions"),
 ])
 def test_cache_geometry_in_the_manifest_must_match_the_graph(gpt2_fp32, tmp_path, field, value, message):
     import edgelm

@@ -16,7 +16,11 @@ from edgelm.artifact import MANIFEST_NAME, Manifest, artifact_file
 from edgelm.contract import ModelSection
 from edgelm.errors import ArtifactError
 from edgelm.runtime.device import RuntimeOptions, onnx_session
+from edgelm.runtime.onnx_refs import OnnxRefs, read_refs
 from edgelm.runtime.tokenizer import load_tokenizer
+
+# learned position embeddings, as edgelm's and optimum's GPT-2 graphs name them
+POSITION_TABLES = ("wpe", "transformer.wpe.weight", "wpe.weight")
 
 
 def manifest_where(folder: str | Path) -> str:
@@ -30,9 +34,10 @@ def open_onnx(folder: Path, manifest: Manifest, options: RuntimeOptions) -> tupl
             raise ArtifactError(f"{manifest_where(folder)}: this artifact has no ORT-format model "
                                 "(export it with --target mobile)")
         model_path = artifact_file(folder, manifest, manifest.model.ort_file, "model.ort_file")
+        refs = None  # the ORT format keeps no external data; its .onnx twin was checked at export
     else:
         model_path = artifact_file(folder, manifest, manifest.model.file, "model.file")
-        check_external_data(folder, manifest, model_path)
+        refs = check_external_data(folder, manifest, model_path)
     tokenizer_path = artifact_file(folder, manifest, manifest.tokenizer.file, "tokenizer.file")
     session = onnx_session(model_path, options)
     tokenizer = load_tokenizer(tokenizer_path)
@@ -44,18 +49,28 @@ def open_onnx(folder: Path, manifest: Manifest, options: RuntimeOptions) -> tupl
     if manifest.model.inputs or manifest.model.outputs:  # schema 1 encoders named none
         check_graph_io(session, manifest.model, where)
     check_tokenizer(tokenizer.get_vocab_size(), manifest, where)
+    if refs is not None:
+        check_position_table(refs, manifest.model, where)
     return session, tokenizer
 
 
-def check_external_data(folder: Path, manifest: Manifest, model_path: Path) -> None:
+def check_external_data(folder: Path, manifest: Manifest, model_path: Path) -> OnnxRefs:
     """Every external-data file the ONNX graph names must be one the manifest lists."""
-    from edgelm.runtime.onnx_refs import external_data_locations
-
-    for location in external_data_locations(model_path):
+    refs = read_refs(model_path)
+    for location in sorted(refs.locations):
         if location not in manifest.files:
             raise ArtifactError(f"{model_path}: the graph reads external data from {location!r}, "
                                 "which is not a file the manifest lists")
         artifact_file(folder, manifest, location, "external data of model.file")
+    return refs
+
+
+def check_position_table(refs: OnnxRefs, model: ModelSection, where: str) -> None:
+    """A decoder's context may not exceed its learned position table: later positions index past it."""
+    table = next((refs.initializers[n] for n in POSITION_TABLES if n in refs.initializers), None)
+    if table and model.context_length is not None and model.context_length > table[0]:
+        raise ArtifactError(f"{where}: model.context_length {model.context_length} exceeds the graph's position "
+                            f"table of {table[0]} positions")
 
 
 def check_graph_io(session: Any, model: ModelSection, where: str) -> None:

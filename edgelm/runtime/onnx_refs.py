@@ -1,15 +1,17 @@
-"""The external-data files an ONNX model names, read from its protobuf bytes without the `onnx` package.
+"""What an ONNX file refers to, read from its protobuf bytes without the `onnx` package.
 
 onnxruntime opens whatever file a tensor's `external_data` `location` names, relative to the
 model. The runtime must only open files the manifest lists, so the locations are read first:
 a walk over protobuf's wire format that descends only into the messages that can hold tensors
 (graph, node, attribute, function, sparse tensor) and skips everything else by its length. The
-bytes come from strangers, so every length is checked against the file's size.
+bytes come from strangers, so every length is checked against the file's size. The same walk
+records the main graph's initializer shapes, for checks such as a position table's length.
 """
 
 from __future__ import annotations
 
 import mmap
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgelm.errors import ArtifactError
@@ -31,6 +33,12 @@ MAX_MESSAGES = 10_000_000  # far beyond real graphs; bounds the work a hostile f
 
 class _Malformed(Exception):
     pass
+
+
+@dataclass
+class OnnxRefs:
+    locations: set[str] = field(default_factory=set)  # external-data file names, as written
+    initializers: dict[str, tuple[int, ...]] = field(default_factory=dict)  # main graph: name -> dims
 
 
 def _varint(data, pos: int, end: int) -> tuple[int, int]:
@@ -78,13 +86,30 @@ def _entry(data, start: int, end: int) -> tuple[bytes, bytes]:
     return key, value
 
 
-def scan_locations(data, size: int) -> set[str]:
-    """Every external-data `location` in a serialized ModelProto."""
-    found: set[str] = set()
-    stack = [(MODEL, 0, size)]
+def _tensor_dims(data, start: int, end: int) -> tuple[str, tuple[int, ...]]:
+    """A TensorProto's name (field 8) and dims (field 1, packed or not)."""
+    name, dims = "", []
+    for number, wire, value in _fields(data, start, end):
+        if number == 8 and wire == 2:
+            name = bytes(data[value[0]:value[1]]).decode("utf-8", errors="replace")
+        elif number == 1 and wire == 0:
+            dims.append(value)
+        elif number == 1 and wire == 2:
+            pos = value[0]
+            while pos < value[1]:
+                dim, pos = _varint(data, pos, value[1])
+                dims.append(dim)
+    return name, tuple(dims)
+
+
+def scan(data, size: int) -> OnnxRefs:
+    """Every external-data `location` in a serialized ModelProto, and the main graph's initializer shapes."""
+    refs = OnnxRefs()
+    found = refs.locations
+    stack = [(MODEL, 0, size, False)]
     visited = 0
     while stack:
-        kind, start, end = stack.pop()
+        kind, start, end, main = stack.pop()
         visited += 1
         if visited > MAX_MESSAGES:
             raise _Malformed("too many nested messages")
@@ -96,22 +121,26 @@ def scan_locations(data, size: int) -> set[str]:
                 except UnicodeDecodeError:
                     raise _Malformed("an external-data location is not UTF-8") from None
             continue
+        if kind == TENSOR and main:
+            name, dims = _tensor_dims(data, start, end)
+            refs.initializers[name] = dims
         children = SUBMESSAGES[kind]
         for number, wire, span in _fields(data, start, end):
             if wire == 2 and number in children:
-                stack.append((children[number], *span))
-    return found
+                # the main graph is ModelProto.graph; its initializers are field 5
+                stack.append((children[number], *span, (kind == MODEL and number == 7) or (main and number == 5)))
+    return refs
 
 
-def external_data_locations(path: Path) -> set[str]:
-    """The external-data file names `path` refers to; an ArtifactError when its bytes do not parse."""
+def read_refs(path: Path) -> OnnxRefs:
+    """What `path` refers to; an ArtifactError when its bytes do not parse."""
     try:
         with open(path, "rb") as handle:
             size = handle.seek(0, 2)
             if size == 0:
                 raise ArtifactError(f"{path}: the model file is empty")
             with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
-                return scan_locations(data, size)
+                return scan(data, size)
     except OSError as err:
         raise ArtifactError(f"{path}: cannot be read ({err.strerror or type(err).__name__})") from None
     except _Malformed as err:
