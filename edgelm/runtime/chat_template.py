@@ -148,7 +148,8 @@ def render_chat(template: str, messages: list[dict], *, bos_token: str = "", eos
     context = {**variables, "messages": checked, "bos_token": bos_token,
                "eos_token": eos_token, "add_generation_prompt": add_generation_prompt}
     try:
-        with budget(sum(len(m["content"]) for m in checked) + len(bos_token) + len(eos_token)):
+        given = sum(len(m["content"]) for m in checked) + len(repr(variables)) + len(bos_token) + len(eos_token)
+        with budget(given):  # the output may grow with what the template is given (tools, documents)
             return compiled.render(**context)
     except TemplateRaised as err:
         raise InputError(f"the chat template refused the conversation: {first_line(err)}") from None
