@@ -140,3 +140,19 @@ def write(g: Gguf) -> bytes:
         out += struct.pack("<IQ", t.type_id % (1 << 32), t.offset % (1 << 64))
     out += b"\0" * (-len(out) % g.alignment)
     return bytes(out) + g.data
+
+
+def relayout(g: Gguf) -> None:
+    """Give every tensor the offset ggml expects for its current type and shape, with zero data:
+    a changed type or shape then reaches what the values mean rather than the layout check."""
+    from edgelm.runtime.gguf_file import GGML_TYPES
+
+    offset = 0
+    for t in g.tensors:
+        _, block, block_bytes = GGML_TYPES.get(t.type_id, ("?", 1, 4))
+        elements = 1
+        for d in t.dims:
+            elements *= d
+        t.offset = offset
+        offset += -(-(elements // block * block_bytes) // g.alignment) * g.alignment
+    g.data = bytes(min(offset, 1 << 26))  # past 64 MiB the file is cut short, a truncation case of its own

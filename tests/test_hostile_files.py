@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from gguf_rewriter import ARRAY, FLOAT32, INT32, STRING, UINT32, parse, write
+from gguf_rewriter import ARRAY, FLOAT32, INT32, STRING, UINT32, parse, relayout, write
 from llama_worker import LlamaWorker
 from test_llama_runtime import spm_vocab, write_tiny_gguf
 
@@ -49,6 +49,10 @@ def _kv(key, **changes):
 def _repeat_token(g):
     tokens = g.find("tokenizer.ggml.tokens").value
     tokens[-1] = tokens[-2]
+
+
+def _relaid(change):
+    return lambda g: (change(g), relayout(g))
 
 
 def _aligned_to(alignment):
@@ -99,6 +103,8 @@ HOSTILE_GGUF = {  # name: (change to the seed, words the refusal must contain)
     "a bert vocabulary on a llama": (_set("tokenizer.ggml.model", STRING, b"bert"), "tokenizer.ggml.model"),
     "unknown architecture": (_set("general.architecture", STRING, b"skynet"), "not an architecture llama.cpp knows"),
     "array of arrays": (_set("tokenizer.ggml.merges", ARRAY, [0, 0], ARRAY), "array of arrays"),
+    "an integer weight": (_tensor("token_embd.weight", type_id=26), "type I32"),
+    "a quantized norm": (_relaid(_tensor("blk.0.attn_norm.weight", type_id=8)), "1-D of type Q8_0"),
     "empty tensor dimension": (_tensor("output_norm.weight", dims=[0]), "empty dimension"),
     "tensor name of 64 bytes": (_tensor("output_norm.weight", name=b"n" * 64), "at most 63"),
     "alignment as uint64": (_set("general.alignment", 10, 32), "not a uint32"),
@@ -121,7 +127,7 @@ def test_hostile_gguf_is_refused_in_one_line(seed, tmp_path, case):
 
 ABORTS_LLAMA_CPP = ["a repeated token", "block_count 0", "unknown rope scaling", "experts used > experts",
                     "alignment 16, tensors off ggml's boundary", "a bert vocabulary on a llama", "a byte token missing",
-                    "a negative per-layer expert count"]
+                    "a negative per-layer expert count", "an integer weight", "a quantized norm"]
 
 
 @pytest.mark.parametrize("case", ABORTS_LLAMA_CPP)
@@ -132,7 +138,7 @@ def test_llama_cpp_itself_aborts_on_what_the_check_refuses(seed, tmp_path, case)
     path = tmp_path / "hostile.gguf"
     path.write_bytes(write(g))
     code = ("import llama_cpp, sys; m = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=64, verbose=False); "
-            "m.tokenize(b'hello\\nworld')")
+            "m.eval(m.tokenize(b'hello\\nworld'))")
     done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, timeout=120,
                           env={"GGML_NO_BACKTRACE": "1", "PATH": "/usr/bin:/bin"})
     assert done.returncode < 0, done.stderr[-500:]  # a signal (SIGABRT), not an exception

@@ -70,6 +70,7 @@ def check_model_metadata(header: GgufHeader) -> None:
     if arch is not None and arch not in KNOWN_ARCHITECTURES:
         raise MalformedGguf(f"general.architecture {arch[:40]!r} is not an architecture llama.cpp knows")
     n_vocab = _check_vocabulary(header)
+    _check_tensor_types(header)
     if arch is not None:
         _check_hyperparameters(header, arch)
         _check_against_tensors(header, arch, n_vocab)
@@ -207,6 +208,21 @@ def _check_heads(header: GgufHeader, arch: str) -> None:
         value = header.get(f"llama.{key}")
         if value is not None and value != head_size:
             raise MalformedGguf(f"llama.{key} is {value}, but heads are {head_size} wide")
+
+
+# ggml's integer types, F64, and the types it only uses inside a matrix product: no weight kernel takes them
+NO_WEIGHT_KERNEL = ("Q8_1", "Q8_K", "I8", "I16", "I32", "I64", "F64")
+
+
+def _check_tensor_types(header: GgufHeader) -> None:
+    """Weights of a type llama.cpp has no kernel for abort it on the first token; norms and biases
+    (1-D) are multiplied element by element, which only F32 supports (converters write them so)."""
+    for tensor in header.tensors:
+        if tensor.ggml_type in NO_WEIGHT_KERNEL:
+            raise MalformedGguf(f"tensor {tensor.name!r} is of type {tensor.ggml_type}, "
+                                "which llama.cpp cannot compute with")
+        if len(tensor.shape) == 1 and tensor.ggml_type != "F32":
+            raise MalformedGguf(f"tensor {tensor.name!r} is 1-D of type {tensor.ggml_type}; llama.cpp needs F32 there")
 
 
 def _check_against_tensors(header: GgufHeader, arch: str, n_vocab: int | None) -> None:
