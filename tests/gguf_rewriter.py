@@ -152,7 +152,7 @@ def relayout(g: Gguf) -> None:
         _, block, block_bytes = GGML_TYPES.get(t.type_id, ("?", 1, 4))
         elements = 1
         for d in t.dims:
-            elements *= d
+            elements *= d % (1 << 64)  # as written: a negative dimension is a huge unsigned one
         t.offset = offset
         offset += -(-(elements // block * block_bytes) // g.alignment) * g.alignment
     g.data = bytes(min(offset, 1 << 26))  # past 64 MiB the file is cut short, a truncation case of its own
