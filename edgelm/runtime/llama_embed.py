@@ -3,8 +3,8 @@
 llama.cpp tokenises ([CLS] ... [SEP]), runs the encoder and pools as the file's pooling_type says;
 edgelm truncates to the model's maximum length (keeping [SEP], as transformers does), normalises
 when the artifact says so, and reports which texts were truncated, as the ONNX Embedder does.
-BERT attends both ways, so a whole text must fit one llama.cpp batch: n_batch = n_ubatch =
-the maximum length.
+BERT attends both ways, so a whole text must fit one llama.cpp micro-batch (n_batch = n_ubatch =
+the maximum length); `batch_size` texts, each its own sequence, may share one decode.
 """
 
 from __future__ import annotations
@@ -21,16 +21,23 @@ from edgelm.runtime.encoders import Embeddings
 from edgelm.runtime.llama import LlamaCppTokenizer, open_llama
 from edgelm.safe_text import check_text
 
+# texts per decode by default: llama.cpp attends over every token of a decode (other texts masked
+# out), so packing gains nothing (MiniLM F16, 64 sentences, 1 thread, one process, interleaved:
+# 32.9 texts/s one at a time, 33.3 eight per decode, 24.8 up to 32 per decode within 256 tokens)
+DEFAULT_BATCH = 1
+
 
 class GgufEmbedder:
     """`embed(texts)` over one llama.cpp context in embedding mode; `close()` frees it."""
 
     task = "embed"
 
-    def __init__(self, llm, manifest: Manifest):
+    def __init__(self, llm, manifest: Manifest, batch_tokens: int):
         import llama_cpp
 
         self.llm = llm
+        self.batch_tokens = batch_tokens
+        self.max_sequences = max(1, int(llm.context_params.n_seq_max))
         self.manifest = manifest
         self.tokenizer = LlamaCppTokenizer(llm._model.vocab)
         self.max_length = int(manifest.model.context_length)
@@ -50,7 +57,7 @@ class GgufEmbedder:
               progress: Callable[[int, int], None] | None = None) -> Embeddings:
         """Vectors (n, dim), one per text; `normalize` None follows the artifact (its Normalize module).
 
-        `batch_size` is accepted for the ONNX Embedder's signature; llama.cpp runs one text at a time.
+        `batch_size`: texts per llama.cpp decode at most (default 1, see DEFAULT_BATCH), within its token budget.
         """
         if self.closed:
             raise InputError("this model was closed; load it again to use it")
@@ -58,14 +65,22 @@ class GgufEmbedder:
         for i, text in enumerate(texts):
             check_text(text, f"text {i}")
         unit = self.normalize if normalize is None else normalize
-        rows, truncated = [], []
-        for i, text in enumerate(texts):
-            ids, cut = self.ids(text)
-            if cut:
-                truncated.append(i)
-            rows.append(self._vector(ids))
+        most = max(1, min(batch_size or DEFAULT_BATCH, self.max_sequences))
+        encoded = [self.ids(text) for text in texts]
+        truncated = [i for i, (_, cut) in enumerate(encoded) if cut]
+        rows: list[np.ndarray] = []
+        group: list[list[int]] = []
+        for ids, _ in encoded:
+            if group and (len(group) == most or sum(map(len, group)) + len(ids) > self.batch_tokens):
+                rows += self._vectors(group)
+                group = []
+                if progress is not None:
+                    progress(len(rows), len(texts))
+            group.append(ids)
+        if group:
+            rows += self._vectors(group)
             if progress is not None:
-                progress(i + 1, len(texts))
+                progress(len(rows), len(texts))
         matrix = np.stack(rows).astype(np.float32) if rows else np.zeros((0, self.dim), np.float32)
         if unit and len(matrix):
             matrix = matrix / np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
@@ -73,18 +88,23 @@ class GgufEmbedder:
         result.truncated = tuple(truncated)
         return result
 
-    def _vector(self, ids: list[int]) -> np.ndarray:
+    def _vectors(self, group: list[list[int]]) -> list[np.ndarray]:
+        """One decode for several texts, each its own sequence; llama.cpp pools each (dim,)."""
         import llama_cpp
 
         llm = self.llm
         llm._ctx.kv_cache_clear()
         llm._batch.reset()
-        llm._batch.add_sequence(ids, 0, True)  # every token an output: the pooling reads them all
+        for seq, ids in enumerate(group):
+            llm._batch.add_sequence(ids, seq, True)  # every token an output: the pooling reads them all
         llm._ctx.decode(llm._batch)
-        pointer = llama_cpp.llama_get_embeddings_seq(llm._ctx.ctx, 0)
-        if not pointer:
-            raise ArtifactError("llama.cpp returned no pooled embedding (is the file's pooling_type none?)")
-        return np.ctypeslib.as_array(pointer, shape=(self.dim,)).copy()  # (dim,)
+        vectors = []
+        for seq in range(len(group)):
+            pointer = llama_cpp.llama_get_embeddings_seq(llm._ctx.ctx, seq)
+            if not pointer:
+                raise ArtifactError("llama.cpp returned no pooled embedding (is the file's pooling_type none?)")
+            vectors.append(np.ctypeslib.as_array(pointer, shape=(self.dim,)).copy())  # (dim,)
+        return vectors
 
     def close(self) -> None:
         if not self.closed:
@@ -102,5 +122,6 @@ def load_gguf_embedder(folder: Path, manifest: Manifest, options: RuntimeOptions
     """The runtime entry the bert family registers for format "gguf"."""
     path = artifact_file(folder, manifest, manifest.model.file, "model.file")
     length = int(manifest.model.context_length)
-    llm, _ = open_llama(path, options, length, extra={"embedding": True, "n_batch": length, "n_ubatch": length})
-    return GgufEmbedder(llm, manifest)
+    tokens = length  # an encoder keeps no cache between calls: the context holds one decode's tokens
+    llm, _ = open_llama(path, options, tokens, extra={"embedding": True, "n_batch": tokens, "n_ubatch": tokens})
+    return GgufEmbedder(llm, manifest, tokens)
