@@ -69,6 +69,13 @@ def test_q8_0_validates_by_kl_and_perplexity(gpt2_source, tmp_path):  # noqa: F8
     assert types["blk.0.attn_qkv.weight"] == "Q8_0"
 
 
+def test_f16_picks_torchs_token_wherever_torch_is_decisive(gpt2_source, tmp_path):  # noqa: F811
+    manifest = export(gpt2_source, tmp_path / "f16", ExportOptions(format="gguf", quant="f16"))
+    decisive = check(manifest, "top1_agreement_decisive_vs_torch")
+    assert manifest.validation_passed and decisive.value == 1.0 and "top-2 logit margin >= 0.05" in decisive.note
+    assert manifest.model.tensor_types["F16"] > 0
+
+
 def test_greedy_through_edgelm_equals_llama_cpp_python_direct(gpt2_gguf_f32):
     import llama_cpp
 
