@@ -63,9 +63,9 @@ GGUF_DECODER_QUANTS = (
     _gguf("q4_k_m", mean_kl_vs_torch=0.06, held_out_perplexity_ratio_vs_torch=1.08),
     _gguf("q4_0", mean_kl_vs_torch=0.12, held_out_perplexity_ratio_vs_torch=1.15),
 )
-GGUF_EMBEDDER_QUANTS = (
-    _gguf("f32", min_cosine_vs_torch=0.9999),
+GGUF_EMBEDDER_QUANTS = (  # f16 first: the default, as for the decoders
     _gguf("f16", min_cosine_vs_torch=0.999),
+    _gguf("f32", min_cosine_vs_torch=0.9999),
     _gguf("q8_0", min_cosine_vs_torch=0.99),
 )
 RECURRENT_ONNX_QUANTS = (
