@@ -62,7 +62,7 @@ def check(manifest, name):
     return next(c for c in manifest.validation if c.name == name)
 
 
-@pytest.mark.parametrize("quant, bound", [("f32", 0.9999), ("q8_0", 0.99)])
+@pytest.mark.parametrize("quant, bound", [("f32", 0.9999), ("f16", 0.999), ("q8_0", 0.99)])
 def test_tiny_bert_exports_and_validates(tiny_bert, tmp_path, quant, bound):
     try:
         manifest = export(tiny_bert, tmp_path / quant, ExportOptions(format="gguf", quant=quant))
