@@ -130,9 +130,9 @@ def test_minilm_matches_sentence_transformers(quant, bound, minilm_fp32, minilm_
     sims = cosines(ours, st_vectors)
     is_short = np.array([len(s.split()) < 3 for s in SENTENCES])
     assert sims[~is_short].min() >= bound
-    # one- and two-word inputs are mostly [CLS]/[SEP], whose outlier activations int8 holds worst:
-    # measured about 0.984 for "Ok" in int8 (fp32 stays at 0.99999)
-    assert sims[is_short].min() >= (bound if quant == "fp32" else 0.97)
+    # one- and two-word inputs are mostly [CLS]/[SEP], whose outlier activations int8 holds worst;
+    # the feed-forward and upper value projections stay fp32 for them (edgelm/export/bert.py)
+    assert sims[is_short].min() >= bound
     # a paraphrase scores above an unrelated sentence
     assert ours[0] @ ours[1] > ours[0] @ ours[2] + 0.2
 
