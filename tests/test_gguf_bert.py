@@ -163,3 +163,15 @@ def test_a_bare_bert_gguf_embeds_as_its_artifact_does(tiny_bert, tmp_path):
     with edgelm.load(bare, threads=1) as model, edgelm.load(artifact, threads=1) as exported:
         # the bare file cannot know the folder's Normalize module: same direction, its own length
         assert np.allclose(model.embed(SENTENCES[:2], normalize=True), exported.embed(SENTENCES[:2]), atol=1e-6)
+
+
+def test_f16_token_types_are_refused_before_llama_cpp_aborts_on_them(tiny_bert, tmp_path, monkeypatch):
+    import edgelm
+    import edgelm.export.gguf_tensors as tensors
+    from edgelm.errors import ArtifactError
+
+    monkeypatch.setattr(tensors, "ALWAYS_F32", ())  # what another converter may write
+    artifact = export_to(tiny_bert, tmp_path / "a", format="gguf", quant="f16", validate=False)
+    with pytest.raises(ArtifactError, match="token_types.weight' is of type F16; llama.cpp needs F32") as info:
+        edgelm.load(artifact)
+    assert "\n" not in str(info.value)

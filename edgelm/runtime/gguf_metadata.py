@@ -223,6 +223,9 @@ def _check_tensor_types(header: GgufHeader) -> None:
                                 "which llama.cpp cannot compute with")
         if len(tensor.shape) == 1 and tensor.ggml_type != "F32":
             raise MalformedGguf(f"tensor {tensor.name!r} is 1-D of type {tensor.ggml_type}; llama.cpp needs F32 there")
+        # BERT adds a token-type row to the F32 activations directly: the CPU add has no F32 + F16 kernel
+        if tensor.name == "token_types.weight" and tensor.ggml_type != "F32":
+            raise MalformedGguf(f"tensor 'token_types.weight' is of type {tensor.ggml_type}; llama.cpp needs F32 there")
 
 
 def _check_against_tensors(header: GgufHeader, arch: str, n_vocab: int | None) -> None:
