@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 
 import pytest
 
@@ -34,6 +35,7 @@ TEXT = "The quick brown fox jumps over the lazy dog. It's 2024: caf\u00e9 \u4f60
 SPECIALS = ["<|begin|>", "<|end|>"]
 HOSTILE_REGEXES = ["(", "[", "\\", "a{99999999}", "(?<=a+)b", "(?P<x>a)(?P<x>b)", "\\p{Nonsense}", "", "(a*)*$",
                    "[^\\s\\S]", "(?i:", "\\u{110000}", "x" * 5000]
+DEADLINE_S = 10.0  # per example: a tiny tokenizer loads in milliseconds; seconds would mean a runaway
 HOSTILE_IDS = [-1, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**63, 10**30, 1.5, "7", None, True]
 
 
@@ -143,16 +145,20 @@ def test_mutated_tokenizer_files_load_or_fail_in_one_line(seed, tmp_path):
             mutate(data.draw, tree)
         path = tmp_path / "tokenizer.json"
         path.write_bytes(encode_text(tree, data.draw))
+        started = time.monotonic()
         try:
             tokenizer = load_tokenizer(path)
         except ArtifactError as err:
             assert "\n" not in str(err)
             counts["refused"] += 1
             return
+        finally:
+            assert time.monotonic() - started < DEADLINE_S, "loading ran past its deadline"
         try:
             use(tokenizer)
         except EdgelmError as err:
             assert "\n" not in str(err)
+        assert time.monotonic() - started < DEADLINE_S, "loading and using ran past their deadline"
         counts["loaded"] += 1
 
     run()
