@@ -12,7 +12,7 @@ from test_gpt2 import PROMPTS, gpt2_fp32, gpt2_int8, gpt2_source, torch_greedy_t
 
 from conftest import export_to
 from edgelm.artifact import MANIFEST_NAME
-from edgelm.errors import ArtifactError, ContextOverflowError, UsageError
+from edgelm.errors import ArtifactError, ContextOverflowError, InputError, UsageError
 
 
 def manifest_of(folder: Path) -> dict:
@@ -110,6 +110,11 @@ def test_the_buffer_ends_at_the_context_length(gpt2_fp32):  # noqa: F811
             decoder.step(7)
         with pytest.raises(ContextOverflowError, match="context length 128"):
             model.complete("a, b, c. " * 60, max_tokens=10)
+        with pytest.raises(InputError, match="at most|exceeds the context length 128"):
+            decoder.prefill(list(range(129)))
+        decoder.close()
+        with pytest.raises(InputError, match="prefill first"):
+            decoder.step(7)
 
 
 # -- weight-only quantization ------------------------------------------------------------------

@@ -83,6 +83,8 @@ class KvBufferDecoder(Decoder):
     def step_batch(self, tokens: np.ndarray) -> np.ndarray:
         """Feed one token per row; return (B, vocab) logits."""
         tokens = np.asarray(tokens, np.int64).reshape(-1)
+        if self.binding is None:
+            raise InputError("step needs a prefill first")
         if tokens.shape[0] != self.lengths.shape[0]:
             raise InputError(f"step got {tokens.shape[0]} tokens for a batch of {self.lengths.shape[0]}")
         if int(self.lengths.max()) + 1 > self.context_length:
