@@ -125,6 +125,20 @@ def test_hostile_gguf_is_refused_in_one_line(seed, tmp_path, case):
     assert words in str(err.value) and "\n" not in str(err.value)
 
 
+def test_heads_wider_or_narrower_than_embedding_over_heads_are_accepted(seed, tmp_path):
+    # Mistral-Nemo is a llama of 5120 wide with 32 heads of 128: key_length and value_length say so
+    g = parse(seed)
+    for key in ("llama.attention.key_length", "llama.attention.value_length", "llama.rope.dimension_count"):
+        g.set(key, UINT32, 4)  # the seed's heads would be 32 / 4 = 8 wide
+    path = tmp_path / "narrow.gguf"
+    path.write_bytes(write(g))
+    assert read_gguf_header(path).get("llama.attention.key_length") == 4
+    g.set("llama.attention.value_length", UINT32, 8)
+    path.write_bytes(write(g))
+    with pytest.raises(ArtifactError, match="4 wide for keys, 8 for values"):
+        read_gguf_header(path)
+
+
 ABORTS_LLAMA_CPP = ["a repeated token", "block_count 0", "unknown rope scaling", "experts used > experts",
                     "alignment 16, tensors off ggml's boundary", "a bert vocabulary on a llama", "a byte token missing",
                     "a negative per-layer expert count", "an integer weight", "a quantized norm"]

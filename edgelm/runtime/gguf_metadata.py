@@ -197,17 +197,20 @@ def _check_heads(header: GgufHeader, arch: str) -> None:
                             f"in an embedding of {embedding}")
     if arch != "llama":
         return
-    # llama's graph needs whole heads of one size: key, value and rope sizes all embedding / heads
-    if len(set(heads)) != 1 or heads[0] < 1 or embedding % heads[0]:
-        raise MalformedGguf(f"llama.attention.head_count {heads[0]} does not divide the embedding of {embedding}")
+    # llama's graph needs one head count and one head width for keys, values and rope; the width is
+    # embedding / heads unless key_length and value_length say otherwise (Mistral-Nemo: 5120 / 32 heads of 128)
+    if min(heads) < 1 or len(set(heads)) != 1:
+        raise MalformedGguf(f"llama.attention.head_count {min(heads)}: llama needs one count of at least 1 per layer")
     for kv in kv_heads or ():
         if kv < 1 or heads[0] % kv:
             raise MalformedGguf(f"llama.attention.head_count_kv {kv} does not divide the {heads[0]} attention heads")
-    head_size = embedding // heads[0]
-    for key in ("attention.key_length", "attention.value_length", "rope.dimension_count"):
-        value = header.get(f"llama.{key}")
-        if value is not None and value != head_size:
-            raise MalformedGguf(f"llama.{key} is {value}, but heads are {head_size} wide")
+    default = embedding // heads[0]
+    key = header.get("llama.attention.key_length", default)
+    value = header.get("llama.attention.value_length", default)
+    rope = header.get("llama.rope.dimension_count", key)
+    if min(key, value, rope) < 1 or not key == value == rope:
+        raise MalformedGguf(f"llama heads are {key} wide for keys, {value} for values and {rope} for rope; "
+                            "llama.cpp needs one width")
 
 
 # ggml's integer types, F64, and the types it only uses inside a matrix product: no weight kernel takes them
