@@ -62,6 +62,11 @@ def _aligned_to(alignment):
     return change
 
 
+def _nul_in_token(g):
+    tokens = g.find("tokenizer.ggml.tokens").value
+    tokens[-1] = tokens[-2] + b"\0tail"  # the same token as far as C is concerned
+
+
 def _no_newline_byte(g):
     tokens = g.find("tokenizer.ggml.tokens").value
     tokens[tokens.index(b"<0x0A>")] = b"=0x0A>"  # one flipped bit
@@ -99,6 +104,7 @@ HOSTILE_GGUF = {  # name: (change to the seed, words the refusal must contain)
     "unknown rope scaling": (_set("llama.rope.scaling.type", STRING, b"sideways"), "rope.scaling.type"),
     "NaN norm epsilon": (_set("llama.attention.layer_norm_rms_epsilon", FLOAT32, float("nan")), "nan"),
     "a repeated token": (_repeat_token, "twice"),
+    "a token that repeats another up to a NUL": (_nul_in_token, "twice"),
     "a byte token missing": (_no_newline_byte, "no token for byte 0x0A"),
     "a bert vocabulary on a llama": (_set("tokenizer.ggml.model", STRING, b"bert"), "tokenizer.ggml.model"),
     "unknown architecture": (_set("general.architecture", STRING, b"skynet"), "not an architecture llama.cpp knows"),
@@ -141,7 +147,8 @@ def test_heads_wider_or_narrower_than_embedding_over_heads_are_accepted(seed, tm
 
 ABORTS_LLAMA_CPP = ["a repeated token", "block_count 0", "unknown rope scaling", "experts used > experts",
                     "alignment 16, tensors off ggml's boundary", "a bert vocabulary on a llama", "a byte token missing",
-                    "a negative per-layer expert count", "an integer weight", "a quantized norm"]
+                    "a negative per-layer expert count", "an integer weight", "a quantized norm",
+                    "a token that repeats another up to a NUL"]
 
 
 @pytest.mark.parametrize("case", ABORTS_LLAMA_CPP)

@@ -163,8 +163,8 @@ def _skip_strings(cur: _Cursor, count: int, key: str, unique: bool = False) -> t
             break
         length = read_length(buffer, pos)[0]
         if unique:
-            # llama.cpp renames an empty token "[EMPTY_<i>]" before it checks
-            text = bytes(buffer[pos + 8 : pos + 8 + length]) or b"[EMPTY_%d]" % i
+            # as llama.cpp sees a token: a C string, cut at its first NUL; an empty one renamed "[EMPTY_<i>]"
+            text = bytes(buffer[pos + 8 : pos + 8 + length]).split(b"\0", 1)[0] or b"[EMPTY_%d]" % i
             if text in seen:
                 raise MalformedGguf(f"{key!r} holds the token {text[:40]!r} twice (again at index {i})")
             seen.add(text)
