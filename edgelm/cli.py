@@ -105,26 +105,27 @@ def progress_printer(label_width: int = 10):
 
 
 @main.command()
-@click.argument("model", type=click.Choice(["rnn", "lstm"]))
+@click.argument("model", type=click.Choice(["rnn", "lstm", "gpt2", "llama", "bert"]))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for the trained model.")
 @click.option("--text", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Training text (UTF-8); default: the built-in corpus (Python's documentation).")
-@click.option("--tokenizer", type=click.Choice(["char", "bpe"]), default="char", show_default=True)
-@click.option("--vocab-size", type=int, default=2000, show_default=True, help="BPE vocabulary size.")
-@click.option("--hidden", type=int, default=256, show_default=True)
-@click.option("--layers", type=int, default=2, show_default=True)
-@click.option("--steps", type=int, default=None, help="Training steps [default: 500 for lstm, 1100 for rnn].")
-@click.option("--seq-len", type=int, default=96, show_default=True)
-@click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--lr", type=float, default=3e-3, show_default=True)
+@click.option("--tokenizer", type=click.Choice(["char", "bpe"]), default=None,
+              help="rnn/lstm tokenizer [default: char]; the others train their family's own.")
+@click.option("--vocab-size", type=int, default=None, help="Vocabulary size (BPE/WordPiece) [default: per model].")
+@click.option("--hidden", type=int, default=None, help="Hidden size [default: 256].")
+@click.option("--layers", type=int, default=None, help="Layers [default: 2 for rnn/lstm, 3 otherwise].")
+@click.option("--heads", type=int, default=None, help="Attention heads (gpt2, llama, bert) [default: 4].")
+@click.option("--steps", type=int, default=None, help="Training steps [default: per model, about two minutes].")
+@click.option("--seq-len", type=int, default=None, help="Training window; the context of gpt2/llama/bert.")
+@click.option("--batch-size", type=int, default=None, help="Windows per step [default: per model].")
+@click.option("--lr", type=float, default=None, help="Peak learning rate [default: per model].")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--force", is_flag=True, help="Write into --out even if it holds files edgelm train did not write.")
-def train(model, out, text, tokenizer, vocab_size, hidden, layers, steps, seq_len, batch_size, lr, seed, force):
-    """Train an RNN or LSTM language model."""
+def train(model, out, text, force, **flags):
+    """Train a language model (RNN, LSTM, GPT-2, LLaMA, or BERT as a masked LM)."""
     from edgelm.commands.train import run_train
 
-    run_train(model, out, text, force=force, tokenizer=tokenizer, vocab_size=vocab_size, hidden=hidden,
-              layers=layers, steps=steps, seq_len=seq_len, batch_size=batch_size, lr=lr, seed=seed)
+    run_train(model, out, text, force=force, **flags)
 
 
 @main.command()
@@ -233,14 +234,14 @@ def prompt_text(prompt: str | None, prompt_file: Path | None) -> str:
 
 
 @main.command()
-@click.option("--family", type=click.Choice(["lstm", "rnn"]), default="lstm", show_default=True)
-@click.option("--workdir", type=click.Path(path_type=Path), default=Path(".edgelm-demo"), show_default=True)
-@click.option("--steps", type=int, default=None, help="Training steps [default: 500 for lstm, 1100 for rnn].")
-def demo(family, workdir, steps):
-    """Train, export, validate and generate (LSTM); export and embed with a real MiniLM (BERT)."""
+@click.option("--out", "--workdir", "out", type=click.Path(file_okay=False, path_type=Path),
+              default=Path(".edgelm-demo"), show_default=True, help="Folder for every model and artifact.")
+@click.option("--quick", is_flag=True, hidden=True, help="Tiny models, a few steps (for tests).")
+def demo(out, quick):
+    """All five families: train, export, validate and generate (RNN, LSTM, GPT-2, LLaMA, BERT)."""
     from edgelm.commands.demo import run_demo
 
-    run_demo(family, workdir, steps)
+    run_demo(out, quick)
 
 
 @main.command()
@@ -302,6 +303,24 @@ def classify(artifact, texts, file, as_json, threads, provider):
     from edgelm.commands.encode import run_classify
 
     run_classify(artifact, texts, file, as_json, threads, provider)
+
+
+@main.command("eval")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--text", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Text to score (UTF-8) [default: the held-out text an edgelm-trained source kept, "
+                   "else the built-in corpus's held-out slice].")
+@click.option("--ctx", type=int, default=None, help="Chunk length in tokens [default: 512, or the model's context].")
+@click.option("--base", type=click.Path(path_type=Path), default=None,
+              help="A base artifact with the same tokenizer: adds KL divergence, top-1 agreement, PPL ratio.")
+@click.option("--chunks", type=int, default=None, help="Score only the first N chunks [default: all].")
+@click.option("--threads", type=int, default=None, help="CPU threads [default: physical cores].")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def eval_(artifact, text, ctx, base, chunks, threads, as_json):
+    """Perplexity of a generator artifact (llama-perplexity's protocol), optionally against a base."""
+    from edgelm.commands.eval import run_eval
+
+    run_eval(artifact, text, ctx, base, chunks, threads, as_json)
 
 
 @main.command()

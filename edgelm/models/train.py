@@ -66,7 +66,10 @@ class TrainResult:
 
 
 TRAINED_MODEL_TYPES = ("edgelm-rnn", "edgelm-lstm")
-TRAINED_FILES = frozenset({"config.json", "model.safetensors", "tokenizer.json", "held_out.txt"})
+TRAINED_FILES = frozenset({"config.json", "model.safetensors", "tokenizer.json", "held_out.txt",
+                           # the Hugging Face folders of the transformer families (edgelm.models.hf_train)
+                           "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                           "vocab.txt", "chat_template.jinja"})
 
 
 def check_output_folder(out: Path, force: bool = False) -> None:
@@ -87,10 +90,12 @@ def check_output_folder(out: Path, force: bool = False) -> None:
         raise UsageError(f"{out} holds files edgelm train did not write (e.g. {foreign[0]!r}); "
                          "choose an empty folder or pass --force")
     try:
-        model_type = json.loads((out / "config.json").read_text(encoding="utf-8")).get("model_type")
+        config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+        # recurrent models have their own model_type; transformer folders record their run
+        owned = config.get("model_type") in TRAINED_MODEL_TYPES or isinstance(config.get("edgelm_training"), dict)
     except (OSError, ValueError, AttributeError):
-        model_type = None
-    if model_type not in TRAINED_MODEL_TYPES:
+        owned = False
+    if not owned:
         raise UsageError(f"{out} is not empty and is not a model edgelm trained (its config.json is not one); "
                          "choose an empty folder or pass --force")
 
