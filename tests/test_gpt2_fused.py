@@ -170,3 +170,34 @@ def test_ort_format_is_refused_where_it_was_not_exported(gpt2_int8, gpt2_source,
     with pytest.raises(UsageError, match="--target mobile writes ONNX"):
         export_to(gpt2_source, tmp_path / "out", format="gguf", target="mobile")
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_target_mobile_writes_the_ort_copy(gpt2_source, tmp_path):  # noqa: F811
+    from click.testing import CliRunner
+
+    from edgelm.cli import main
+
+    out = tmp_path / "mobile"
+    result = CliRunner().invoke(main, ["export", str(gpt2_source), "--out", str(out), "--target", "mobile",
+                                       "--no-validate"])
+    assert result.exit_code == 0, result.output
+    assert (out / "model.ort").is_file() and (out / "model.required_operators.config").is_file()
+    refused = CliRunner().invoke(main, ["export", str(gpt2_source), "--out", str(tmp_path / "g"), "--format",
+                                        "gguf", "--target", "mobile"])
+    assert refused.exit_code == 2 and refused.output.startswith("error: --target mobile writes ONNX")
+
+
+def test_weight_only_int4_on_optimums_graph(tmp_path):
+    """A head size the fused graph cannot take keeps optimum's graph; weight-only int4 works on it too."""
+    from test_gpt2 import make_gpt2_source
+
+    import edgelm
+
+    source = make_gpt2_source(tmp_path / "source", n_head=4, n_embd=48)
+    art = export_to(source, tmp_path / "int4", quant="int4")
+    manifest = manifest_of(art)
+    assert manifest["model"]["graph"] == "optimum" and manifest["model"]["weight_bits"] == 4
+    assert manifest["validation_passed"] and "MatMulNBits" in graph_ops(art / "model.onnx")
+    with edgelm.load(art) as model:
+        batch = model.generate_batch(PROMPTS, max_tokens=6, temperature=0)
+        assert batch == [model.generate(p, max_tokens=6, temperature=0) for p in PROMPTS]
