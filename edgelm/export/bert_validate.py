@@ -13,6 +13,7 @@ import numpy as np
 
 from edgelm.artifact import Check, Manifest, staged
 from edgelm.families import family_named
+from edgelm.metrics import cosine_rows, top1_agreement
 
 TORCH_BATCH = 8
 ORT_MAX_ABS = 1e-4  # the .ort copy runs the same kernels
@@ -90,7 +91,7 @@ def compare(ours: np.ndarray, reference: np.ndarray, manifest: Manifest, truncat
     """Per-probe cosine (minimum over probes), and for heads also top-1 agreement."""
     a = ours.astype(np.float64)
     b = reference.astype(np.float64)
-    cosines = (a * b).sum(axis=1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
+    cosines = cosine_rows(a, b)
     # thresholds: edgelm/families.py (int8 may flip near-ties between the two best candidates, rarely more)
     bound = family_named("bert").spec("onnx").quant(manifest.quant).bound
     checks = [
@@ -98,7 +99,7 @@ def compare(ours: np.ndarray, reference: np.ndarray, manifest: Manifest, truncat
         Check.measured("max_abs_diff_vs_torch", float(np.abs(a - b).max())),
     ]
     if manifest.task != "embed":
-        agreement = float(np.mean(np.argmax(a, axis=1) == np.argmax(b, axis=1)))
+        agreement = top1_agreement(a, b)
         checks.append(Check.at_least("top1_agreement_vs_torch", agreement, bound("top1_agreement_vs_torch")))
     checks.append(Check.measured("probe_texts", len(a), "probes compared"))
     if truncated is not None:

@@ -4,19 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import numpy as np
-
 from edgelm.artifact import Check, Manifest
 from edgelm.errors import ValidationError
-
-
-def max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
-
-
-def top1_agreement(a: np.ndarray, b: np.ndarray) -> float:
-    """Share of positions where both sides pick the same most likely token."""
-    return float(np.mean(np.argmax(a, axis=-1) == np.argmax(b, axis=-1)))
+from edgelm.metrics import max_abs_diff, top1_agreement  # noqa: F401  (the exporters' comparisons, one place)
 
 
 def raise_if_failed(checks: list[Check]) -> None:

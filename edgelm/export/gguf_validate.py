@@ -16,6 +16,7 @@ from edgelm.errors import ExportError, first_line
 from edgelm.export.checks import max_abs_diff, top1_agreement
 from edgelm.export.options import ExportOptions
 from edgelm.families import QuantType, family_named
+from edgelm.metrics import mean_kl, perplexity_of
 
 HELD_OUT_TOKENS = 256  # at most; fewer when the model's context is shorter
 PROMPTS = (
@@ -131,24 +132,6 @@ def _llama_logits(llm, ids: list[int]) -> np.ndarray:
     return np.array(llm.scores[: len(ids)], dtype=np.float32)  # (T, V)
 
 
-def log_softmax(z: np.ndarray) -> np.ndarray:
-    z = z.astype(np.float64) - z.max(axis=-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
-
-
-def mean_kl(reference: np.ndarray, other: np.ndarray) -> float:
-    """Mean over positions of KL(reference || other), in nats."""
-    p_log, q_log = log_softmax(reference), log_softmax(other)
-    return float(np.mean(np.sum(np.exp(p_log) * (p_log - q_log), axis=-1)))
-
-
-def perplexity(logits: np.ndarray, ids: list[int]) -> float:
-    """Teacher-forced perplexity of ids[1:] given each prefix."""
-    logp = log_softmax(logits[:-1])
-    targets = np.asarray(ids[1:])
-    return float(np.exp(-logp[np.arange(len(targets)), targets].mean()))
-
-
 def decisive_agreement(reference: np.ndarray, other: np.ndarray, margin: float) -> tuple[float, int]:
     """Top-1 agreement over positions where the reference's top-2 margin is at least `margin`."""
     top2 = np.sort(reference, axis=-1)[:, -2:]  # (T, 2)
@@ -168,7 +151,7 @@ def logit_checks(quant: QuantType, pairs: list[tuple[np.ndarray, np.ndarray]], h
     torch_all = np.concatenate([t for t, _ in pairs])  # (sum T, V)
     gguf_all = np.concatenate([g for _, g in pairs])
     torch_seq, gguf_seq = pairs[-1]
-    ppl_torch, ppl_gguf = perplexity(torch_seq, held_out), perplexity(gguf_seq, held_out)
+    ppl_torch, ppl_gguf = perplexity_of(torch_seq, held_out), perplexity_of(gguf_seq, held_out)
     kl = mean_kl(torch_seq, gguf_seq)
     measured = [
         Check.measured("top1_agreement_vs_torch", top1_agreement(torch_all, gguf_all)),

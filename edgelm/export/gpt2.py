@@ -38,6 +38,7 @@ from edgelm.export.onnx_quantize import WeightOnly, quantize_weight_only
 from edgelm.export.options import ExportOptions
 from edgelm.export.ort_format import write_ort
 from edgelm.export.quiet import quiet_loggers
+from edgelm.metrics import perplexity_of
 
 MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
@@ -347,7 +348,4 @@ def _greedy_matches(model, decoder, ids: list[int], eos_id: int | None) -> bool:
 
 
 def _perplexity(logits: np.ndarray, ids: list[int]) -> float:
-    z = logits[:-1].astype(np.float64)  # (T-1, vocab): position t predicts token t+1
-    z -= z.max(axis=-1, keepdims=True)
-    logp = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
-    return float(np.exp(-logp[np.arange(len(ids) - 1), ids[1:]].mean()))
+    return perplexity_of(logits, ids)  # position t predicts token t+1

@@ -12,11 +12,12 @@ import numpy as np
 from edgelm.artifact import Check, Manifest, sha256_of, write_artifact
 from edgelm.contract import GenerationSection, RecurrentModel, SourceSection, TokenizerSection
 from edgelm.errors import UnsupportedModelError, first_line
-from edgelm.export.checks import max_abs_diff, top1_agreement, validate_into
+from edgelm.export.checks import validate_into
 from edgelm.export.hf_source import check_source_links, source_file
 from edgelm.export.onnx_quantize import quantize_int8
 from edgelm.export.options import ExportOptions
 from edgelm.families import family_named
+from edgelm.metrics import max_abs_diff, token_nll, top1_agreement
 from edgelm.models.recurrent import TOKENIZER_NAME, WEIGHTS_NAME, RecurrentLM, load_model
 
 MODEL_FILE = "model.onnx"
@@ -193,10 +194,7 @@ def onnx_perplexity(session, ids: np.ndarray, chunk: int = 256) -> float:
         y = ids[start + 1 : start + chunk + 1]
         x = ids[start : start + len(y)][None, :]
         logits, *state = session.run(None, dict(zip(inputs, [x, *state])))
-        z = logits[0].astype(np.float64)
-        z -= z.max(axis=-1, keepdims=True)
-        logp = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
-        total -= logp[np.arange(len(y)), y].sum()
+        total += token_nll(logits[0], y).sum()
         count += len(y)
     return float(np.exp(total / max(count, 1)))
 
