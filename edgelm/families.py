@@ -59,7 +59,7 @@ GGUF_DECODER_QUANTS = (
     _gguf("bf16", top1_agreement_decisive_vs_torch=1.0, decisive_margin=0.3),
     # quantized bounds from benchmarks/calibrate_quants.py on trained GPT-2 and LLaMA (README,
     # "Quantization calibration"): 30x the worst measured mean KL; PPL ratio 1 + 2x that, at least 1.01
-    _gguf("q8_0", mean_kl_vs_torch=0.001, held_out_perplexity_ratio_vs_torch=1.01),
+    _gguf("q8_0", mean_kl_vs_torch=0.002, held_out_perplexity_ratio_vs_torch=1.01),
     _gguf("q6_k", mean_kl_vs_torch=0.006, held_out_perplexity_ratio_vs_torch=1.02),
     _gguf("q5_k_m", mean_kl_vs_torch=0.02, held_out_perplexity_ratio_vs_torch=1.04),
     _gguf("q4_k_m", mean_kl_vs_torch=0.05, held_out_perplexity_ratio_vs_torch=1.1),
@@ -169,7 +169,7 @@ FAMILIES: dict[str, Family] = {
                 QuantType("int8", "weight-only-int8", {"top1_agreement_vs_torch": 0.90,
                                                        "held_out_perplexity_ratio_int8_vs_fp32": 1.01}),
                 QuantType("int4", "weight-only-int4", {"top1_agreement_vs_torch": 0.80,
-                                                       "held_out_perplexity_ratio_int4_vs_fp32": 1.12}),
+                                                       "held_out_perplexity_ratio_int4_vs_fp32": 1.14}),
             )),
             _gguf_decoder("gpt2"),
         )),
