@@ -57,7 +57,7 @@ class Demo:
         folder = self.out / f"{family}-model"
         text = self._quick_text() if self.quick else None
         flags = QUICK[family] if self.quick else {"steps": DEMO_STEPS[family]}
-        run_train(family, folder, text, force=True, **flags)
+        run_train(family, folder, text, **flags)  # a rerun retrains its own folders; never foreign ones
         return folder
 
     def _quick_text(self) -> Path:
