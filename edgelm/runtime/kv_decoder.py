@@ -1,4 +1,6 @@
-"""Running decoder-with-past graphs (GPT-2): prefill in one call, then one token per step.
+"""Running optimum's decoder-with-past graphs (GPT-2, `model.graph: "optimum"`): prefill in one
+call, then one token per step. edgelm's fused graph runs in kv_buffer_decoder.py; `make_decoder`
+picks by the manifest, and `KvTextGenerator` batches either.
 
 The graph takes `input_ids`, `attention_mask` (past + new length), `position_ids` and
 `past_key_values.{i}.key/value` (B, heads, past, head_dim), and returns `logits` and
