@@ -63,12 +63,13 @@ def test_llama_chat_template_renders_the_trained_format(trained):
     assert rendered == chat_turns("Q?", "A.")
 
 
-def test_same_seed_same_weights_other_seed_other_weights(tmp_path):
+@pytest.mark.parametrize("family", ["gpt2", "bert"])  # byte-level BPE and WordPiece trainers
+def test_same_seed_same_files_other_seed_other_weights(tmp_path, family):
     from safetensors.numpy import load_file
 
-    a = load_file(train_tiny_hf(tmp_path / "a", "gpt2") / "model.safetensors")
-    b = load_file(train_tiny_hf(tmp_path / "b", "gpt2") / "model.safetensors")
-    c = load_file(train_tiny_hf(tmp_path / "c", "gpt2", seed=1) / "model.safetensors")
+    folders = [train_tiny_hf(tmp_path / name, family, seed=seed) for name, seed in (("a", 0), ("b", 0), ("c", 1))]
+    a, b, c = (load_file(folder / "model.safetensors") for folder in folders)
+    assert (folders[0] / "tokenizer.json").read_bytes() == (folders[1] / "tokenizer.json").read_bytes()
     assert all((a[k] == b[k]).all() for k in a)
     assert any((a[k] != c[k]).any() for k in a)
 

@@ -94,6 +94,11 @@ def bert_tokenizer(text: str, vocab_size: int):
     trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(BERT_SPECIALS),
                                         show_progress=False)
     tok.train_from_iterator(_chunks(text), trainer=trainer)
+    # the trainer numbers its alphabet in hash-set order, different from run to run: renumber
+    # (specials first, then sorted) so a seed gives the same files; WordPiece ignores the order
+    rest = sorted(set(tok.get_vocab()) - set(BERT_SPECIALS))
+    tok.model = models.WordPiece(vocab={t: i for i, t in enumerate([*BERT_SPECIALS, *rest])}, unk_token="[UNK]",
+                                 max_input_chars_per_word=100)
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
