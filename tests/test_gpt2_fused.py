@@ -121,12 +121,12 @@ def test_the_buffer_ends_at_the_context_length(gpt2_fp32):  # noqa: F811
 def test_int8_and_int4_are_weight_only_and_record_their_blocks(gpt2_int8, gpt2_int4_mobile, gpt2_fp32):  # noqa: F811
     from edgelm.families import FAMILIES
 
-    for folder, bits in ((gpt2_int8, 8), (gpt2_int4_mobile, 4)):
+    for folder, bits, block in ((gpt2_int8, 8, 128), (gpt2_int4_mobile, 4, 32)):
         manifest = manifest_of(folder)
         bound = FAMILIES["gpt2"].spec("onnx").quant(manifest["quant"]).bound(
             f"held_out_perplexity_ratio_{manifest['quant']}_vs_fp32")  # the calibrated table's
         model = manifest["model"]
-        assert (model["weight_bits"], model["block_size"], model["accuracy_level"]) == (bits, 32, 4)
+        assert (model["weight_bits"], model["block_size"], model["accuracy_level"]) == (bits, block, 4)
         assert "MatMulNBits" in graph_ops(folder / "model.onnx")
         checks = {c["name"]: c for c in manifest["validation"]}
         ratio = checks[f"held_out_perplexity_ratio_{manifest['quant']}_vs_fp32"]
