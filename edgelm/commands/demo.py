@@ -21,8 +21,8 @@ CHAT_QUESTION = "What does the return statement do?"
 FILL_MASK_TEXT = "the [MASK] statement is used to return a value from a function."
 EMBED_SENTENCES = ("How do I open a file for reading?", "Reading the contents of a file",
                    "The garden was full of red roses.")
-# steps per family in the full demo: about two thirds of `edgelm train`'s defaults
-DEMO_STEPS = {"rnn": 700, "lstm": 350, "gpt2": 300, "llama": 300, "bert": 220}
+# steps per family in the full demo: fewer than `edgelm train`'s defaults, to fit about ten minutes
+DEMO_STEPS = {"rnn": 700, "lstm": 350, "gpt2": 500, "llama": 500, "bert": 500}
 QUICK = {  # tiny models, a few steps: the whole path in seconds, for tests
     "rnn": dict(hidden=32, layers=1, seq_len=32, batch_size=4, steps=3),
     "lstm": dict(hidden=32, layers=1, seq_len=32, batch_size=4, steps=3),

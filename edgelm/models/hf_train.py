@@ -22,7 +22,7 @@ from edgelm.errors import UsageError
 from edgelm.export.quiet import quiet_loggers
 from edgelm.metrics import perplexity, perplexity_chunks, scored_positions
 from edgelm.models.corpus import builtin_text, split_held_out
-from edgelm.models.hf_recipes import DEFAULTS, RECIPES, Recipe, build_model, masked_batch
+from edgelm.models.hf_recipes import DEFAULTS, RECIPES, Recipe, build_model, masked_batch, word_pieces
 from edgelm.models.train import TrainResult, _warmup_cosine, check_output_folder
 
 HF_FAMILIES = tuple(RECIPES)
@@ -111,6 +111,7 @@ def _fit(model, recipe: Recipe, tokenizer, data: torch.Tensor, window: int, opts
     generator = torch.Generator().manual_seed(opts.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=0.01, betas=(0.9, 0.95))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(opts.steps))
+    words = None if recipe.causal else word_pieces(tokenizer)
     model.train()
     smooth = float("nan")
     for step in range(opts.steps):
@@ -119,7 +120,7 @@ def _fit(model, recipe: Recipe, tokenizer, data: torch.Tensor, window: int, opts
         if recipe.causal:
             loss = model(input_ids=batch, labels=batch).loss
         else:
-            inputs, labels = masked_batch(batch, tokenizer, generator)
+            inputs, labels = masked_batch(batch, tokenizer, generator, words)
             loss = model(input_ids=inputs, labels=labels).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -145,7 +146,7 @@ def held_out_perplexity(model, recipe: Recipe, tokenizer, held_out: str, opts: H
         return _nll_perplexity(logits[:, scored], np.asarray(chunks)[:, [p + 1 for p in scored]])
     width = opts.seq_len - 2
     windows = torch.tensor([ids[i : i + width] for i in range(0, len(ids) - width, width)][:HELD_OUT_CHUNKS])
-    inputs, labels = masked_batch(windows, tokenizer, torch.Generator().manual_seed(1234))
+    inputs, labels = masked_batch(windows, tokenizer, torch.Generator().manual_seed(1234), word_pieces(tokenizer))
     loss = model(input_ids=inputs, labels=labels).loss
     return float(math.exp(loss.item()))
 
