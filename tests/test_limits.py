@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 import threading
 import time
 
@@ -185,6 +187,34 @@ def test_one_options_object_serves_two_families(lstm_model, tmp_path):
     assert gguf.format == "gguf" and options.format is None
     edgelm.export(lstm_model, tmp_path / "lstm-int8", ExportOptions(quant="int8", validate=False))
     assert root.level == level and root.handlers == handlers  # no library sets the app's root logger
+
+
+_WEIGHT_ONLY_IN_A_FRESH_PROCESS = """
+import logging, sys
+from pathlib import Path
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+from edgelm.export.onnx_quantize import WeightOnly, quantize_weight_only
+
+weight = numpy_helper.from_array(np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32), "w")
+graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])], [weight])
+onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), sys.argv[1])
+quantize_weight_only(Path(sys.argv[1]), Path(sys.argv[2]), WeightOnly(bits=8))
+root = logging.getLogger()
+print(len(root.handlers), root.level)
+"""
+
+
+def test_weight_only_quantization_leaves_a_fresh_root_logger_alone(tmp_path):
+    # onnxruntime's MatMulNBits quantizer calls logging.basicConfig(level=INFO) when imported
+    result = subprocess.run([sys.executable, "-c", _WEIGHT_ONLY_IN_A_FRESH_PROCESS, str(tmp_path / "f.onnx"),
+                             str(tmp_path / "q.onnx")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["0", str(logging.WARNING)]
+    assert (tmp_path / "q.onnx").stat().st_size > 0
 
 
 def test_pickled_bert_weights_are_refused_in_one_line(tmp_path):

@@ -39,7 +39,12 @@ def quantize_int8(src: Path, dst: Path) -> None:
 def quantize_weight_only(src: Path, dst: Path, how: WeightOnly, exclude: tuple[str, ...] = ()) -> None:
     """Every MatMul with a constant weight (except the nodes named in `exclude`) to MatMulNBits."""
     import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    # importing the quantizer calls logging.basicConfig(level=INFO), which would install a console
+    # handler on the application's root logger for good; inside quiet_root_calls a stand-in handler
+    # makes that call a no-op
+    with quiet_root_calls("onnxruntime/quantization"):
+        from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
     config = DefaultWeightOnlyQuantConfig(block_size=how.block_size, is_symmetric=True,
                                           accuracy_level=how.accuracy_level, bits=how.bits)
