@@ -19,10 +19,9 @@ from typing import Any
 import numpy as np
 
 from edgelm.artifact import Manifest
-from edgelm.contract import KvDecoderModel
-from edgelm.errors import ArtifactError, ContextOverflowError, InputError
+from edgelm.errors import ContextOverflowError, InputError
 from edgelm.runtime.generator import Decoder
-from edgelm.runtime.loading import check_dim, check_graph_io, node_named, static_dim
+from edgelm.runtime.loading import check_cache_geometry, check_graph_io
 
 STEP_INPUTS = ("input_ids", "position_ids", "seqlens_k", "total_sequence_length", "logits_index")
 
@@ -33,7 +32,7 @@ class KvBufferDecoder(Decoder):
     def __init__(self, session: Any, manifest: Manifest, where: str = "manifest"):
         model = manifest.model
         check_graph_io(session, model, where)
-        check_buffer_geometry(session, model, where)
+        check_cache_geometry(session, model, STEP_INPUTS, where)
         self.session = session
         self.context_length = model.context_length
         self.past_names = list(model.past_names)
@@ -147,19 +146,3 @@ class KvBufferDecoder(Decoder):
         self.buffers = []
         self.binding = None
 
-
-def check_buffer_geometry(session: Any, model: KvDecoderModel, where: str) -> None:
-    """Pasts and presents pair up per layer, (B, heads, cache_length, head_dim) each; logits are vocab wide."""
-    if len(model.past_names) != 2 * model.num_layers or len(model.present_names) != len(model.past_names):
-        raise ArtifactError(f"{where}: model.past_names and model.present_names must hold a key and a value "
-                            f"per layer (model.num_layers {model.num_layers})")
-    missing = [n for n in (*STEP_INPUTS, *model.past_names) if n not in model.inputs]
-    missing += [n for n in ("logits", *model.present_names) if n not in model.outputs]
-    if missing:
-        raise ArtifactError(f"{where}: model.inputs/outputs lack {missing[0]!r}")
-    for name in model.past_names:
-        node = node_named(session.get_inputs(), name)
-        check_dim(where, "model.num_heads", model.num_heads, static_dim(node, 1), f"{name} shape")
-        check_dim(where, "model.head_dim", model.head_dim, static_dim(node, 3), f"{name} shape")
-    logits = node_named(session.get_outputs(), "logits")
-    check_dim(where, "model.vocab_size", model.vocab_size, static_dim(logits, -1), "logits width")

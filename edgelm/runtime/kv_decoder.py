@@ -19,12 +19,11 @@ from typing import Any
 import numpy as np
 
 from edgelm.artifact import Manifest
-from edgelm.contract import KvDecoderModel
 from edgelm.errors import ArtifactError, InputError
 from edgelm.runtime.constraints import pop_constraint
 from edgelm.runtime.device import RuntimeOptions
 from edgelm.runtime.generator import Completion, Continuation, Decoder, TextGenerator
-from edgelm.runtime.loading import check_dim, check_graph_io, manifest_where, node_named, open_onnx, static_dim
+from edgelm.runtime.loading import check_cache_geometry, check_graph_io, manifest_where, open_onnx
 from edgelm.runtime.params import GenerationParams
 
 ROLE_INPUTS = ("input_ids", "attention_mask", "position_ids")  # the decoder-with-past interface
@@ -36,7 +35,7 @@ class KvCacheDecoder(Decoder):
     def __init__(self, session, manifest: Manifest, io_binding: bool = True, where: str = "manifest"):
         model = manifest.model
         check_graph_io(session, model, where)
-        _check_cache_geometry(session, model, where)
+        check_cache_geometry(session, model, ROLE_INPUTS, where)
         self.session = session
         self.context_length = model.context_length
         self.past_names = list(model.past_names)  # key, value per layer; fed from the presents
@@ -159,23 +158,6 @@ class KvTextGenerator(TextGenerator):
 
     def generate_batch(self, prompts: Sequence[str], **params: Any) -> list[str]:
         return [c.text for c in self.complete_batch(prompts, **params)]
-
-
-def _check_cache_geometry(session, model: KvDecoderModel, where: str) -> None:
-    """Pasts and presents pair up, one key and one value per layer, (B, heads, T, head_dim) each."""
-    if len(model.past_names) != 2 * model.num_layers or len(model.present_names) != len(model.past_names):
-        raise ArtifactError(f"{where}: model.past_names and model.present_names must hold a key and a value "
-                            f"per layer (model.num_layers {model.num_layers})")
-    missing = [n for n in (*ROLE_INPUTS, *model.past_names) if n not in model.inputs]
-    missing += [n for n in ("logits", *model.present_names) if n not in model.outputs]
-    if missing:
-        raise ArtifactError(f"{where}: model.inputs/outputs lack {missing[0]!r}")
-    for name in model.past_names:
-        node = node_named(session.get_inputs(), name)
-        check_dim(where, "model.num_heads", model.num_heads, static_dim(node, 1), f"{name} shape")
-        check_dim(where, "model.head_dim", model.head_dim, static_dim(node, 3), f"{name} shape")
-    logits = node_named(session.get_outputs(), "logits")
-    check_dim(where, "model.vocab_size", model.vocab_size, static_dim(logits, -1), "logits width")
 
 
 def make_decoder(session: Any, manifest: Manifest, where: str = "manifest") -> Decoder:

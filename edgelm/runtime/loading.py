@@ -99,6 +99,24 @@ def node_named(nodes: Iterable[Any], name: str) -> Any:
     return next(n for n in nodes if n.name == name)
 
 
+def check_cache_geometry(session: Any, model: Any, step_inputs: tuple[str, ...], where: str) -> None:
+    """A KV-cache decoder's graph against its manifest: pasts and presents pair up, one key and one
+    value per layer, (B, heads, T, head_dim) each; `step_inputs` and logits (vocab wide) are present."""
+    if len(model.past_names) != 2 * model.num_layers or len(model.present_names) != len(model.past_names):
+        raise ArtifactError(f"{where}: model.past_names and model.present_names must hold a key and a value "
+                            f"per layer (model.num_layers {model.num_layers})")
+    missing = [n for n in (*step_inputs, *model.past_names) if n not in model.inputs]
+    missing += [n for n in ("logits", *model.present_names) if n not in model.outputs]
+    if missing:
+        raise ArtifactError(f"{where}: model.inputs/outputs lack {missing[0]!r}")
+    for name in model.past_names:
+        node = node_named(session.get_inputs(), name)
+        check_dim(where, "model.num_heads", model.num_heads, static_dim(node, 1), f"{name} shape")
+        check_dim(where, "model.head_dim", model.head_dim, static_dim(node, 3), f"{name} shape")
+    logits = node_named(session.get_outputs(), "logits")
+    check_dim(where, "model.vocab_size", model.vocab_size, static_dim(logits, -1), "logits width")
+
+
 def check_tokenizer(tokenizer_size: int, manifest: Manifest, where: str) -> None:
     """Vocabulary size and special ids against the tokenizer file and the model's logits."""
     section, model = manifest.tokenizer, manifest.model
