@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from edgelm.errors import InputError, UsageError
+from edgelm.errors import InputError, UsageError, first_line
 
 CONSTRAINT_PARAMS = ("json_schema", "regex", "grammar", "json_object")
 # Compact JSON (no optional whitespace): a model cannot pad its output with endless blanks, and
@@ -100,10 +100,11 @@ def _checked(grammar: str, kind: str, what: str) -> Constraint:
 
 
 def _one_line(message: str) -> str:
-    """llguidance's messages echo the grammar with a caret under the fault; keep the words."""
+    """llguidance's messages echo the grammar with a caret under the fault; keep the words (all
+    lines joined, unlike `first_line`, whose shortening and escaping they then go through)."""
     lines = [line.strip() for line in message.splitlines()]
     words = [line for line in lines if line and not set(line) <= {"^", " "} and "|" not in line[:6]]
-    return " ".join(words)[:300] or "rejected by llguidance"
+    return first_line(" ".join(words), 300) or "rejected by llguidance"
 
 
 class GrammarMask:
