@@ -34,6 +34,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from llama_direct import prompt_ids, time_llama_direct  # noqa: E402 - shared with the other GGUF benchmark
+
 # name: (what runs it, artifact folder in the workdir)
 CONTENDERS = {
     "edgelm-gguf-q8_0": ("edgelm gguf (llama.cpp)", "gguf-q8_0"),
@@ -159,34 +162,11 @@ def worker(name: str, workdir: Path, prompt: int, decode: int, threads: int) -> 
 
 def _direct(folder: Path, prompt: int, decode: int, threads: int) -> dict:
     """llama-cpp-python's own Python surface: eval, then argmax over the last row of scores."""
-    import llama_cpp
-    import numpy as np
-    from tokenizers import Tokenizer
-
-    from edgelm.models.corpus import builtin_text
-
-    source_tokenizer = Tokenizer.from_file(str(folder.parent / "source" / "tokenizer.json"))
-    ids = source_tokenizer.encode(builtin_text()[: 8 * prompt + 1000]).ids[:prompt]
-    llm = llama_cpp.Llama(str(folder / "model.gguf"), n_ctx=prompt + decode + 16, n_threads=threads,
-                          n_threads_batch=threads, verbose=False)
-    try:
-        warm = [next((t for t in ids if t != ids[0]), ids[0]), *ids[:7]]
-        llm.eval(warm)
-        llm.reset()
-        started = time.perf_counter()
-        llm.eval(ids)
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        ttft = time.perf_counter() - started
-        started = time.perf_counter()
-        for _ in range(decode):
-            llm.eval([token])
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        decode_s = time.perf_counter() - started
-    finally:
-        llm.close()
+    ids = prompt_ids(folder.parent, prompt)
+    warm = [next((t for t in ids if t != ids[0]), ids[0]), *ids[:7]]
+    timing = time_llama_direct(folder / "model.gguf", ids, decode, threads, warm)
     return {"artifact": str(folder), "quant": folder.name.split("-", 1)[1], "format": "gguf",
-            "size_bytes": (folder / "model.gguf").stat().st_size,
-            "prefill_tok_s": prompt / ttft, "decode_tok_s": decode / decode_s, "ttft_s": ttft}
+            "size_bytes": (folder / "model.gguf").stat().st_size, **timing}
 
 
 # -- the parent ------------------------------------------------------------------------------------

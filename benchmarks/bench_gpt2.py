@@ -39,6 +39,9 @@ import threading
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from llama_direct import prompt_ids, time_llama_direct  # noqa: E402 - shared with the other GGUF benchmark
+
 CONTENDERS = {  # name: (backend, folder in the workdir)
     "optimum-int8": ("optimum ORTModelForCausalLM", "optimum-int8"),
     "llama-q8_0": ("llama-cpp-python", "edgelm-q8_0"),
@@ -135,15 +138,6 @@ def read_bandwidth(threads: int, megabytes: int = 512) -> float:
 
 
 # -- workers: one contender per process --------------------------------------------------------
-def prompt_ids(workdir: Path, length: int) -> list[int]:
-    from tokenizers import Tokenizer
-
-    from edgelm.models.corpus import builtin_text
-
-    tokenizer = Tokenizer.from_file(str(workdir / "source" / "tokenizer.json"))
-    return tokenizer.encode(builtin_text()[: 8 * length + 1000]).ids[:length]
-
-
 def worker(name: str, workdir: Path, prompt: int, decode: int, threads: int) -> dict:
     from edgelm.commands.bench import measure_one, peak_rss_bytes
 
@@ -151,33 +145,11 @@ def worker(name: str, workdir: Path, prompt: int, decode: int, threads: int) -> 
     if name.startswith("edgelm-"):
         row = measure_one(folder, prompt, decode, threads)
     elif name == "llama-q8_0":
-        row = _llama_direct(folder, prompt_ids(workdir, prompt), decode, threads)
+        ids = prompt_ids(workdir, prompt)
+        row = time_llama_direct(folder / "model.gguf", ids, decode, threads, warm=ids[:8])
     else:
         row = _optimum(folder, prompt_ids(workdir, prompt), decode, threads)
     return {**row, "name": name, "peak_rss_bytes": peak_rss_bytes()}
-
-
-def _llama_direct(folder: Path, ids: list[int], decode: int, threads: int) -> dict:
-    import llama_cpp
-    import numpy as np
-
-    llm = llama_cpp.Llama(str(folder / "model.gguf"), n_ctx=len(ids) + decode + 16, n_threads=threads,
-                          n_threads_batch=threads, verbose=False)
-    try:
-        llm.eval(ids[:8])  # warm-up
-        llm.reset()
-        started = time.perf_counter()
-        llm.eval(ids)
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        ttft = time.perf_counter() - started
-        started = time.perf_counter()
-        for _ in range(decode):
-            llm.eval([token])
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        decode_s = time.perf_counter() - started
-    finally:
-        llm.close()
-    return {"prefill_tok_s": len(ids) / ttft, "decode_tok_s": decode / decode_s, "ttft_s": ttft}
 
 
 def _optimum(folder: Path, ids: list[int], decode: int, threads: int) -> dict:
