@@ -9,21 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from click.testing import CliRunner
-
-from edgelm.cli import main
-
-
-def invoke(*args, **kwargs):
-    return CliRunner().invoke(main, [str(a) for a in args], **kwargs)
-
-
-def assert_one_line_error(result, code, fragment):
-    assert result.exit_code == code, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
-    assert fragment in lines[0], lines[0]
-    assert "Traceback" not in result.output
+from cli_helpers import assert_one_line_error, invoke
 
 
 @pytest.mark.parametrize("flag, value, fragment", [
@@ -119,8 +105,8 @@ def test_chat_lines_that_are_not_utf8_are_refused_and_the_chat_goes_on(tmp_path)
     from test_llama_runtime import write_tiny_gguf
 
     gguf = write_tiny_gguf(tmp_path / "tiny.gguf")
-    result = CliRunner().invoke(main, ["chat", str(gguf), "--threads", "1", "--max-tokens", "2", "--temperature", "0"],
-                                input=b"caf\xe9\nhello\n/exit\n")
+    result = invoke("chat", gguf, "--threads", 1, "--max-tokens", 2, "--temperature", 0,
+                    input=b"caf\xe9\nhello\n/exit\n")
     assert result.exit_code == 0, result.output
     assert "error: that line is not valid UTF-8 (byte 0xe9 at offset 3); type it again" in result.output
     assert "(reply cut at --max-tokens 2)" in result.output  # the next line was still read and answered
