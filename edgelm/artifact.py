@@ -35,7 +35,7 @@ from edgelm.contract import (
 )
 from edgelm.errors import ArtifactError, ExportError
 from edgelm.locking import export_lock
-from edgelm.paths import confined
+from edgelm.paths import confined, read_json_file
 
 MANIFEST_NAME = "edgelm.json"
 MAX_MANIFEST_BYTES = 16 << 20  # chat templates and fallback lists included, real ones are far smaller
@@ -226,12 +226,10 @@ def _check_replaceable(out: Path) -> None:
 def _listed_files(manifest: Path) -> set[str] | None:
     """The file names an existing manifest lists, or None when it cannot be read as one."""
     try:
-        if manifest.stat().st_size > MAX_MANIFEST_BYTES:
-            return None
-        data = json.loads(manifest.read_bytes().decode("utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        data = read_json_file(manifest, "manifest", ArtifactError, MAX_MANIFEST_BYTES)
+    except ArtifactError:
         return None
-    files = data.get("files") if isinstance(data, dict) else None
+    files = data.get("files")
     return set(files) if isinstance(files, dict) else None
 
 
@@ -302,28 +300,9 @@ def read_manifest(folder: str | Path, verify: bool = False) -> Manifest:
     path = confined(folder, MANIFEST_NAME, "manifest")
     if not path.is_file():
         raise ArtifactError(f"{folder}: not an edgelm artifact (no {MANIFEST_NAME})")
-    manifest = Manifest.from_dict(_read_manifest_json(path), where=str(path))
+    manifest = Manifest.from_dict(read_json_file(path, "manifest", ArtifactError, MAX_MANIFEST_BYTES), where=str(path))
     _check_files(folder, manifest, verify)
     return manifest
-
-
-def _read_manifest_json(path: Path) -> dict[str, Any]:
-    try:
-        size = path.stat().st_size
-        if size > MAX_MANIFEST_BYTES:
-            raise ArtifactError(f"{path}: {size} bytes is too large for a manifest (limit {MAX_MANIFEST_BYTES})")
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except OSError as err:
-        raise ArtifactError(f"{path}: cannot be read ({err.strerror or type(err).__name__})") from None
-    except UnicodeDecodeError:
-        raise ArtifactError(f"{path}: manifest is not valid JSON (not UTF-8)") from None
-    except json.JSONDecodeError as err:
-        raise ArtifactError(f"{path}: manifest is not valid JSON ({err.msg})") from None
-    except RecursionError:
-        raise ArtifactError(f"{path}: manifest is not valid JSON (nested too deeply)") from None
-    if not isinstance(data, dict):
-        raise ArtifactError(f"{path}: manifest is not a JSON object")
-    return data
 
 
 def _check_files(folder: Path, manifest: Manifest, verify: bool) -> None:

@@ -65,10 +65,15 @@ def read_source_json(folder: str | Path, name: str, what: str | None = None,
                      error: type[EdgelmError] = UnsupportedModelError, expect: type = dict) -> Any:
     """A source folder's JSON file as an object (or `expect`): confined, size-limited, UTF-8; else one line."""
     path = confined(folder, name, what or name, error=error, hf_cache=True)
+    return read_json_file(path, what or name, error, MAX_SOURCE_JSON_BYTES, expect)
+
+
+def read_json_file(path: Path, what: str, error: type[EdgelmError], limit: int, expect: type = dict) -> Any:
+    """An already-confined JSON file as `expect`: at most `limit` bytes, UTF-8; else `error`, one line."""
     try:
         size = path.stat().st_size
-        if size > MAX_SOURCE_JSON_BYTES:
-            raise error(f"{path}: {size} bytes is too large for a {name} (limit {MAX_SOURCE_JSON_BYTES})")
+        if size > limit:
+            raise error(f"{path}: {size} bytes is too large for a {what} (limit {limit})")
         data = json.loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise error(f"{path}: no such file") from None
@@ -79,8 +84,8 @@ def read_source_json(folder: str | Path, name: str, what: str | None = None,
     except json.JSONDecodeError as err:
         raise error(f"{path}: not valid JSON ({err.msg}, line {err.lineno})") from None
     except RecursionError:
-        raise error(f"{path}: JSON nested too deeply") from None
+        raise error(f"{path}: not valid JSON (nested too deeply)") from None
     if not isinstance(data, expect):
         wanted = "a JSON object" if expect is dict else f"a JSON {expect.__name__}"
-        raise error(f"{path}: expected {wanted}, got {type(data).__name__}")
+        raise error(f"{path}: not {wanted}, got {type(data).__name__}")
     return data

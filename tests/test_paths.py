@@ -82,8 +82,8 @@ def test_hugging_face_cache_links_must_stay_inside_that_cache(tmp_path):
 @pytest.mark.parametrize(("content", "message"), [
     (b"\xff\xfe{}", "not UTF-8 text"),
     (b"{not json", "not valid JSON"),
-    (b"[1, 2]", "expected a JSON object, got list"),
-    (b"[" * 100_000 + b"]" * 100_000, "not valid JSON|JSON nested too deeply"),
+    (b"[1, 2]", "not a JSON object, got list"),
+    (b"[" * 100_000 + b"]" * 100_000, "not valid JSON"),
 ])
 def test_source_json_files_are_read_guardedly(folder, content, message):
     (folder / "config.json").write_bytes(content)
@@ -173,7 +173,7 @@ def test_an_artifact_whose_manifest_links_outside_is_refused(lstm_artifact, tmp_
 
 
 @pytest.mark.parametrize(("content", "message"), [
-    ('{"type": "x"}', "expected a JSON list, got dict"),
+    ('{"type": "x"}', "not a JSON list, got dict"),
     ('[{"type": 3}]', r"expected a list of \{type, path\} objects"),
     ('[{"type": "sentence_transformers.models.Pooling", "path": "../../x"}]', "pooling config .* points outside"),
 ])
