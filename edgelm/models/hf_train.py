@@ -23,7 +23,7 @@ from edgelm.export.quiet import quiet_loggers
 from edgelm.metrics import perplexity, perplexity_chunks, scored_positions
 from edgelm.models.corpus import builtin_text, split_held_out
 from edgelm.models.hf_recipes import DEFAULTS, RECIPES, Recipe, build_model, masked_batch, word_pieces
-from edgelm.models.train import TrainResult, _warmup_cosine, check_output_folder
+from edgelm.models.train import TrainResult, _warmup_cosine, check_output_folder, optimizer_step
 
 HF_FAMILIES = tuple(RECIPES)
 HELD_OUT_CHUNKS = 32  # at most, for the perplexity train prints (eval scores the whole slice)
@@ -122,12 +122,7 @@ def _fit(model, recipe: Recipe, tokenizer, data: torch.Tensor, window: int, opts
         else:
             inputs, labels = masked_batch(batch, tokenizer, generator, words)
             loss = model(input_ids=inputs, labels=labels).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        smooth = loss.item() if math.isnan(smooth) else 0.95 * smooth + 0.05 * loss.item()
+        smooth = optimizer_step(model, optimizer, schedule, loss, smooth)
         if on_step:
             on_step(step + 1, smooth)
     return smooth

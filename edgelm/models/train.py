@@ -153,15 +153,21 @@ def _fit(model: RecurrentLM, data: torch.Tensor, opts: TrainOptions,
         window = torch.stack([data[s : s + opts.seq_len + 1] for s in starts.tolist()])  # (B, T+1)
         logits = model(window[:, :-1], *model.initial_state(opts.batch_size))[0]  # (B, T, V)
         loss = loss_fn(logits.reshape(-1, logits.shape[-1]), window[:, 1:].reshape(-1))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        smooth = loss.item() if math.isnan(smooth) else 0.95 * smooth + 0.05 * loss.item()
+        smooth = optimizer_step(model, optimizer, schedule, loss, smooth)
         if on_step:
             on_step(step + 1, smooth)
     return smooth
+
+
+def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer,
+                   schedule: torch.optim.lr_scheduler.LRScheduler, loss: torch.Tensor, smooth: float) -> float:
+    """One clipped AdamW step and a scheduler step; returns the loss smoothed over recent steps."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    schedule.step()
+    return loss.item() if math.isnan(smooth) else 0.95 * smooth + 0.05 * loss.item()
 
 
 def _warmup_cosine(steps: int) -> Callable[[int], float]:
