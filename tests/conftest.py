@@ -84,3 +84,22 @@ def lstm_int8_artifact(lstm_model, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def lstm_bpe_artifact(lstm_bpe_model, tmp_path_factory) -> Path:
     return export_to(lstm_bpe_model, tmp_path_factory.mktemp("art") / "lstm-bpe")
+
+
+# The tiny GPT-2 (tests/gpt2_fixtures.py), built once per session for every module that uses it.
+@pytest.fixture(scope="session")
+def gpt2_source(tmp_path_factory) -> Path:
+    """A tiny random GPT-2 folder, saved as transformers saves real checkpoints."""
+    from gpt2_fixtures import make_gpt2_source
+
+    return make_gpt2_source(tmp_path_factory.mktemp("gpt2") / "source")
+
+
+@pytest.fixture(scope="session")
+def gpt2_fp32(gpt2_source, tmp_path_factory) -> Path:
+    return export_to(gpt2_source, tmp_path_factory.mktemp("art") / "gpt2-fp32")
+
+
+@pytest.fixture(scope="session")
+def gpt2_int8(gpt2_source, tmp_path_factory) -> Path:
+    return export_to(gpt2_source, tmp_path_factory.mktemp("art") / "gpt2-int8", quant="int8")

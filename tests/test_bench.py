@@ -6,7 +6,6 @@ import json
 
 import pytest
 from click.testing import CliRunner
-from test_gpt2 import gpt2_source  # noqa: F401  (the tiny GPT-2 with a tokenizer trained in the test)
 
 from conftest import export_to
 from edgelm.cli import main

@@ -14,7 +14,6 @@ import re
 import jsonschema
 import numpy as np
 import pytest
-from test_gpt2 import gpt2_fp32, gpt2_source  # noqa: F401 - session fixtures reused here
 from test_llama_runtime import write_tiny_gguf
 
 from conftest import export_to, train_tiny

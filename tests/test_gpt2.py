@@ -8,65 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from gpt2_fixtures import EOS, make_gpt2_source
 
 from conftest import export_to
 from edgelm.artifact import MANIFEST_NAME, sha256_of
 from edgelm.errors import ArtifactError, ContextOverflowError, UnsupportedModelError
 
-EOS = "<|endoftext|>"
 PROMPTS = ["The function returns", "class A:\n    def", "Lists and tuples are sequences, but"]
-
-
-def train_tokenizer(vocab_size: int = 400):
-    """A byte-level BPE on Python's documentation, the way GPT-2's own was built."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    from edgelm.models.corpus import builtin_text
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[EOS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tokenizer.train_from_iterator([builtin_text()[:100_000]], trainer)
-    return tokenizer
-
-
-@pytest.fixture(scope="session")
-def gpt2_source(tmp_path_factory) -> Path:
-    """A tiny random GPT-2 folder, saved as transformers saves real checkpoints."""
-    return make_gpt2_source(tmp_path_factory.mktemp("gpt2") / "source")
-
-
-def make_gpt2_source(folder: Path, n_head: int = 2, n_embd: int = 64) -> Path:
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-
-    tokenizer = train_tokenizer()
-    eos = tokenizer.token_to_id(EOS)
-    PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token=EOS, eos_token=EOS, unk_token=EOS
-    ).save_pretrained(folder)
-    torch.manual_seed(0)
-    config = GPT2Config(
-        n_layer=2,
-        n_head=n_head,
-        n_embd=n_embd,
-        n_positions=128,
-        vocab_size=tokenizer.get_vocab_size(),
-        bos_token_id=eos,
-        eos_token_id=eos,
-    )
-    GPT2LMHeadModel(config).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="session")
-def gpt2_fp32(gpt2_source, tmp_path_factory) -> Path:
-    return export_to(gpt2_source, tmp_path_factory.mktemp("art") / "gpt2-fp32")
 
 
 @pytest.fixture(scope="session")
@@ -74,11 +22,6 @@ def gpt2_optimum(tmp_path_factory) -> Path:
     """head_dim 12 is not one GroupQueryAttention's CPU kernel takes: optimum's graph is exported."""
     source = make_gpt2_source(tmp_path_factory.mktemp("gpt2-hd12") / "source", n_head=4, n_embd=48)
     return export_to(source, tmp_path_factory.mktemp("art") / "gpt2-optimum")
-
-
-@pytest.fixture(scope="session")
-def gpt2_int8(gpt2_source, tmp_path_factory) -> Path:
-    return export_to(gpt2_source, tmp_path_factory.mktemp("art") / "gpt2-int8", quant="int8")
 
 
 def torch_greedy_text(source: Path, prompt: str, max_tokens: int) -> str:

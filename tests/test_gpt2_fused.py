@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_gpt2 import PROMPTS, gpt2_fp32, gpt2_int8, gpt2_source, torch_greedy_text  # noqa: F401 - shared fixtures
+from test_gpt2 import PROMPTS, torch_greedy_text
 
 from conftest import export_to
 from edgelm.artifact import MANIFEST_NAME
@@ -193,7 +193,7 @@ def test_cli_target_mobile_writes_the_ort_copy(gpt2_source, tmp_path):  # noqa: 
 
 def test_weight_only_int4_on_optimums_graph(tmp_path):
     """A head size the fused graph cannot take keeps optimum's graph; weight-only int4 works on it too."""
-    from test_gpt2 import make_gpt2_source
+    from gpt2_fixtures import make_gpt2_source
 
     import edgelm
 
