@@ -304,8 +304,10 @@ POOLING_TYPES = {1: "mean", 2: "cls"}  # {arch}.pooling_type values edgelm's GGU
 
 
 def manifest_from_header(path: Path, header: GgufHeader):
-    """A manifest standing in for a bare GGUF file's missing edgelm.json, from its metadata."""
+    """A manifest standing in for a bare GGUF file's missing edgelm.json, from its metadata; each
+    section built straight in its typed form (edgelm/contract.py), every value from the file checked."""
     from edgelm.artifact import Manifest
+    from edgelm.contract import GenerationSection, SourceSection, TokenizerSection, model_class, parse_section
     from edgelm.families import family_for_gguf_arch, quant_name_of_ftype
 
     arch = header.get("general.architecture")
@@ -318,25 +320,28 @@ def manifest_from_header(path: Path, header: GgufHeader):
         value = header.get(f"tokenizer.ggml.{key}")
         return value if isinstance(value, int) and not isinstance(value, bool) else None
 
+    def section(cls: type, name: str, data: dict):
+        return parse_section(cls, data, name, str(path), required=False)
+
     family = family_for_gguf_arch(arch)
     embedder = family is not None and family.spec("gguf").tasks == ("embed",)
+    family_name = getattr(family, "name", arch)  # an architecture edgelm does not export keeps its own name
     return Manifest(
-        # the family edgelm exports this architecture as; an architecture it does not export keeps its own name
-        family=getattr(family, "name", arch), task="embed" if embedder else "text-generation", format="gguf",
+        family=family_name, task="embed" if embedder else "text-generation", format="gguf",
         quant=quant_name_of_ftype(file_type if isinstance(file_type, int) else None),
-        tokenizer={"kind": TOKENIZER_KINDS.get(model_kind, model_kind), "file": path.name},
-        generation={
+        tokenizer=section(TokenizerSection, "tokenizer", {
+            "kind": TOKENIZER_KINDS.get(model_kind, model_kind), "file": path.name,
             "bos_id": token_id("bos_token_id"), "eos_id": token_id("eos_token_id"),
-            "pad_id": token_id("padding_token_id"),
+            "pad_id": token_id("padding_token_id")}),
+        generation=section(GenerationSection, "generation", {
             "add_bos": bool(header.get("tokenizer.ggml.add_bos_token", model_kind == "llama")),
-            "context_length": header.get(f"{arch}.context_length"),
-            "chat_template": header.get("tokenizer.chat_template") or "",
-            "stop": [],
-        },
-        source={"path": str(path), "bare_gguf": True},
+            "chat_template": header.get("tokenizer.chat_template") or ""}),
+        source=section(SourceSection, "source", {"path": str(path), "bare_gguf": True}),
         validation_skipped=True,
-        model={"file": path.name, "architecture": arch, "tensors": len(header.tensors),
-               **(_embedder_fields(path, header, arch) if embedder else {})},
+        model=section(model_class(family_name, "gguf"), "model", {
+            "file": path.name, "architecture": arch, "tensors": len(header.tensors),
+            "context_length": header.get(f"{arch}.context_length"),
+            **(_embedder_fields(path, header, arch) if embedder else {})}),
     )
 
 
