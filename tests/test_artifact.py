@@ -194,3 +194,14 @@ def test_a_lock_held_by_another_process_is_refused_and_dies_with_it(tmp_path):
         holder.wait()
     _write(tmp_path / "a")
     assert read_manifest(tmp_path / "a")
+
+
+def test_a_tokenizer_wider_than_the_model_is_refused_at_load(lstm_artifact, tmp_path):
+    import edgelm
+
+    art = shutil.copytree(lstm_artifact, tmp_path / "art")
+    data = json.loads((art / MANIFEST_NAME).read_text())
+    data["model"]["vocab_size"] = 5  # fewer embedding rows than the tokenizer has ids
+    (art / MANIFEST_NAME).write_text(json.dumps(data))
+    with pytest.raises(ArtifactError, match="tokenizer.json: the tokenizer has token id .*, but the model has only 5"):
+        edgelm.load(art)

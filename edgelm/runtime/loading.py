@@ -40,11 +40,8 @@ def open_onnx(folder: Path, manifest: Manifest, options: RuntimeOptions) -> tupl
         refs = check_external_data(folder, manifest, model_path)
     tokenizer_path = artifact_file(folder, manifest, manifest.tokenizer.file, "tokenizer.file")
     session = onnx_session(model_path, options)
-    tokenizer = load_tokenizer(tokenizer_path)
-    # a tokenizer.json can carry padding and truncation settings; batching and lengths are the
-    # runtime's decisions, so a file never drives them
-    tokenizer.no_padding()
-    tokenizer.no_truncation()
+    # padding and truncation a tokenizer.json carries are dropped there: the runtime decides both
+    tokenizer = load_tokenizer(tokenizer_path, manifest.model.vocab_size)
     where = manifest_where(folder)
     if manifest.model.inputs or manifest.model.outputs:  # schema 1 encoders named none
         check_graph_io(session, manifest.model, where)
