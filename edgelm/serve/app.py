@@ -403,6 +403,7 @@ def _served(models: Mapping[str, Any] | Sequence[str | Path], max_queue: int, lo
                 raise UsageError(f"model id {quoted(model_id)} must be 1 to 256 printable characters")
             owned = isinstance(value, (str, Path))
             task = load(value, **load_options) if owned else value
+            _warm_constraints(task)
             served[model_id] = ServedModel(model_id, task, ModelWorker(model_id, max_queue), owned, created)
     except BaseException:
         for model in served.values():
@@ -410,6 +411,19 @@ def _served(models: Mapping[str, Any] | Sequence[str | Path], max_queue: int, lo
                 model.task.close()
         raise
     return served
+
+
+def _warm_constraints(task: Any) -> None:
+    """Build a generator's llguidance vocabulary at load (a few hundred ms for a 50k vocabulary),
+    so the first request with response_format or tools does not pay for it."""
+    if constrained.completion_fields(task) is None and constrained.chat_fields(task) is None:
+        return
+    from edgelm.runtime.constraint_vocab import llg_vocabulary
+
+    try:
+        llg_vocabulary(task)
+    except Exception as err:  # unconstrained requests still work; a constrained one reports the error
+        log.warning("constrained output unavailable for this model: %s: %s", type(err).__name__, err)
 
 
 def create_app(models: Mapping[str, Any] | Sequence[str | Path], *, api_key: str | None = None,
