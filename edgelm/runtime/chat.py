@@ -115,7 +115,8 @@ class ChatGenerator(TextGenerator):
                 f"the conversation of {len(full)} tokens plus max_tokens {resolved.max_tokens} exceeds the "
                 f"context length {limit}; drop old turns, lower max_tokens, or pass truncate"
             )
-        _, _, ids = self.fit_messages(messages, resolved.max_tokens, tools)
+        fits = limit is None or len(full) + resolved.max_tokens <= limit
+        ids = full if fits else self.fit_messages(messages, resolved.max_tokens, tools)[2]  # render once when it fits
         holder: dict[str, Completion] = {}
         pieces = self._run(ids, len(full) - len(ids), resolved, holder, constraint)
         if constraint is not None and constraint.kind == "tools":
