@@ -120,29 +120,27 @@ class Server:
         return JSONResponse(self.model(request.path_params["model_id"]).describe())
 
     async def completions(self, request: Request):
-        body = await read_json(request, self.max_body_bytes)
-        served = self._named(body, "/v1/completions")
-        req = completion_request(body, constrained.completion_fields(served.task) if served else None)
-        served = self.model(req.model, "/v1/completions")
-        self._check_params(served, req)
-        options = constrained.options(req.extra)
+        served, req, options = await self._generation_request(request, "/v1/completions", completion_request,
+                                                              constrained.completion_fields)
         return self._generation(served, req, lambda: served.task.stream(req.prompt, **req.params, **options),
                                 chat=False)
 
     async def chat_completions(self, request: Request):
-        body = await read_json(request, self.max_body_bytes)
-        served = self._named(body, "/v1/chat/completions")
-        req = chat_request(body, constrained.chat_fields(served.task) if served else None)
-        served = self.model(req.model, "/v1/chat/completions")
-        self._check_params(served, req)
-        options = constrained.options(req.extra)
+        served, req, options = await self._generation_request(request, "/v1/chat/completions", chat_request,
+                                                              constrained.chat_fields)
         return self._generation(served, req, lambda: served.task.chat_stream(req.messages, **req.params, **options),
                                 chat=True, tools="tools" in options)
 
-    def _named(self, body: dict, endpoint: str) -> ServedModel | None:
-        """The model a body names, looked up first: the fields a body may carry depend on it."""
+    async def _generation_request(self, request: Request, endpoint: str, parse, fields):
+        """The model, checked request and constraint options of a generation request. The model a
+        body names is looked up first: the fields a body may carry depend on it."""
+        body = await read_json(request, self.max_body_bytes)
         named = body.get("model")
-        return self.model(named, endpoint) if isinstance(named, str) and named else None
+        named = self.model(named, endpoint) if isinstance(named, str) and named else None
+        req = parse(body, fields(named.task) if named else None)
+        served = self.model(req.model, endpoint)
+        self._check_params(served, req)
+        return served, req, constrained.options(req.extra)
 
     async def embeddings(self, request: Request):
         req = embedding_request(await read_json(request, self.max_body_bytes))
