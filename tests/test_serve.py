@@ -495,3 +495,10 @@ def test_serving_imports_no_torch_and_the_runtime_no_server(gguf_path):
             "from edgelm.serve import create_app; create_app([sys.argv[1]], threads=1); "
             "heavy = [m for m in ('torch', 'transformers', 'optimum') if m in sys.modules]; assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code, str(gguf_path)], check=True, timeout=60)
+
+
+def test_generators_get_their_constraint_vocabulary_at_load(models, base_url):
+    from edgelm.runtime.constraint_vocab import _CACHE
+
+    assert models["chat"] in _CACHE and models["lstm"] in _CACHE  # built by create_app, not by the first request
+    assert models["embed"] not in _CACHE
