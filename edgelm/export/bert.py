@@ -187,7 +187,7 @@ def _manifest(source: Path, config: dict, task: str, options: ExportOptions) -> 
                      problem_type=str(config.get("problem_type") or "single_label_classification"))
     weights = weight_files(source)  # safetensors only: a pickled pytorch_model.bin is refused here
     return Manifest(
-        family="bert", task=task, format="onnx", quant=options.quant or "none",
+        family="bert", task=task, format="onnx", quant=options.quant,
         tokenizer=TokenizerSection(file=TOKENIZER_FILE, lowercase=bool(st and st["lowercase"])),
         model=EncoderModel(**model),
         source=SourceSection(path=str(source.resolve()),

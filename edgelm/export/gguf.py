@@ -39,7 +39,7 @@ def export_gguf(source: Path, config: dict, out: Path, options: ExportOptions) -
     check_source_links(source)  # every file read below, by edgelm or gguf's SpecialVocab, stays inside
     spec = arch_for_config(source, config)
     shape = _shape(spec, config)
-    quant = options.quant or "f16"
+    quant = options.quant
     vocab = read_vocab(source, shape.vocab_size)
     special = special_vocab(source, vocab)
     special.add_special_token.setdefault("bos", vocab.kind == "spm")  # llama.cpp's own defaults,

@@ -39,7 +39,7 @@ def export_gguf_bert(source: Path, config: dict, out: Path, options: ExportOptio
     pooling = _pooling(source, st)
     vocab, specials = read_wordpiece_vocab(source, shape.vocab_size)
     special = _special_vocab(source, vocab, specials)
-    manifest = _manifest(source, config, shape, vocab, special, pooling, st, options.quant or "f16")
+    manifest = _manifest(source, config, shape, vocab, special, pooling, st, options.quant)
 
     def pooling_key(writer) -> None:
         import gguf

@@ -129,13 +129,13 @@ def export_gpt2(source: Path, config: dict, out: Path, options: ExportOptions) -
 
 def _manifest(source: Path, config: dict, options: ExportOptions, fused: bool) -> Manifest:
     layers, heads, width = config["n_layer"], config["n_head"], config["n_embd"]
-    how = WEIGHT_ONLY.get(options.quant or "none")
+    how = WEIGHT_ONLY.get(options.quant)
     io = gpt2_graph.io_names(layers) if fused else graph_io_names(layers)
     return Manifest(
         family="gpt2",
         task="text-generation",
         format="onnx",
-        quant=options.quant or "none",
+        quant=options.quant,
         tokenizer=TokenizerSection(kind="byte-level-bpe", file=TOKENIZER_FILE),
         generation=GenerationSection(add_bos=False),
         model=KvDecoderModel(

@@ -9,7 +9,9 @@ from dataclasses import dataclass, field
 @dataclass
 class ExportOptions:
     format: str | None = None  # None: the family's default format
-    quant: str | None = None  # None: the first type in the (family, format) table (edgelm/families.py)
+    # None: the first type in the (family, format) table (edgelm/families.py); export() resolves it
+    # before calling an exporter, so exporters always see a name
+    quant: str | None = None
     task: str = "auto"
     validate: bool = True
     target: str = "default"  # "mobile": also the ORT-format model and its operator list (ONNX: gpt2, bert)

@@ -64,7 +64,7 @@ def _manifest(source: Path, config: dict, model: RecurrentLM, options: ExportOpt
         family=model.config.cell,
         task="text-generation",
         format="onnx",
-        quant=options.quant or "none",
+        quant=options.quant,
         tokenizer=TokenizerSection(
             file=TOKENIZER_NAME, kind=config.get("tokenizer_kind"),
             vocab_size=tokenizer.get_vocab_size(), unk_id=tokenizer.token_to_id("<unk>"),
