@@ -115,3 +115,15 @@ def test_too_short_text_is_refused_before_training(tmp_path):
     with pytest.raises(UsageError, match="too short"):
         train_hf(tmp_path / "m", HfTrainOptions(family="bert", steps=1), "a short text\n" * 10)
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_a_held_out_slice_too_short_to_score_is_refused_before_training(tmp_path, family):
+    # long enough by characters, but a 4096-token BPE packs its 5% tail into fewer tokens than seq-len 128 needs
+    from edgelm.models.hf_train import HfTrainOptions, train_hf
+
+    steps = []
+    opts = HfTrainOptions(family=family, hidden=32, layers=1, heads=2, seq_len=128, batch_size=2, steps=2)
+    with pytest.raises(UsageError, match="held-out slice .* smaller --seq-len"):
+        train_hf(tmp_path / "m", opts, training_text()[:10_900], on_step=lambda step, loss: steps.append(step))
+    assert steps == [] and not (tmp_path / "m").exists()

@@ -81,6 +81,7 @@ def train_hf(out: Path, opts: HfTrainOptions, text: str | None = None,
     window = opts.seq_len if recipe.causal else opts.seq_len - 2  # BERT adds [CLS] and [SEP]
     if len(data) <= window + 1:
         raise UsageError(f"training text is too short: {len(data)} tokens for seq-len {opts.seq_len}")
+    _check_held_out_length(len(_ids(tokenizer, held_out)), window, recipe, opts)  # before, not after, training
     config = recipe.config(tokenizer, opts.as_dict())
     model = build_model(recipe, config)
     with quiet_loggers("transformers"):  # its notes (e.g. the loss type it picks) are for model authors
@@ -99,6 +100,14 @@ def split_text(text: str, opts: HfTrainOptions) -> tuple[str, str]:
     if len(train_text) < opts.seq_len * 16 or len(held_out) < opts.seq_len * 4:
         raise UsageError(f"training text is too short ({len(text)} characters) for seq-len {opts.seq_len}")
     return train_text, held_out
+
+
+def _check_held_out_length(tokens: int, window: int, recipe: Recipe, opts: HfTrainOptions) -> None:
+    """The held-out slice must fill what held_out_perplexity scores: two chunks (decoders), one window (BERT)."""
+    needed = 2 * opts.seq_len if recipe.causal else window + 1
+    if tokens < needed:
+        raise UsageError(f"the held-out slice (the text's last 5%) has {tokens} tokens; seq-len {opts.seq_len} "
+                         f"needs at least {needed}: give a longer text or a smaller --seq-len")
 
 
 def _ids(tokenizer, text: str) -> list[int]:
