@@ -324,7 +324,7 @@ async def _render_stream(job: Job, send, shaper: Shaper, tools: bool = False) ->
                 await events.event("[DONE]")
                 return
             elif kind == "error":
-                await events.event({"error": json_error(value)})
+                await events.event(value.payload())
                 return
             else:
                 return
@@ -358,32 +358,22 @@ class ToolCallHold:
         return ""
 
 
-def json_error(err: ApiError) -> dict[str, Any]:
-    import json
-
-    return json.loads(err.body())["error"]
-
-
 # -- assembling the app ----------------------------------------------------------------------------
 async def _http_error(request: Request, exc: HTTPException):
     status = exc.status_code
     message = {404: f"no endpoint at {quoted(request.url.path)}", 405: f"{request.method} is not allowed here"}
     error = ApiError(status, message.get(status, str(exc.detail)), code="not_found" if status == 404 else None)
-    return JSONResponse(json_error_body(error), status_code=status, headers=exc.headers)
+    return JSONResponse(error.payload(), status_code=status, headers=exc.headers)
 
 
 async def _internal_error(request: Request, exc: Exception):
     # Starlette re-raises after answering; the Guard around the app logs it once
     error = ApiError(500, "internal server error; the server log has the details", code="internal_error")
-    return JSONResponse(json_error_body(error), status_code=500)
+    return JSONResponse(error.payload(), status_code=500)
 
 
 async def _api_error(request: Request, exc: ApiError):
-    return JSONResponse(json_error_body(exc), status_code=exc.status, headers=exc.headers)
-
-
-def json_error_body(err: ApiError) -> dict[str, Any]:
-    return {"error": json_error(err)}
+    return JSONResponse(exc.payload(), status_code=exc.status, headers=exc.headers)
 
 
 def _served(models: Mapping[str, Any] | Sequence[str | Path], max_queue: int, load_options: dict) -> dict:

@@ -24,10 +24,13 @@ class ApiError(Exception):
         self.code = code
         self.headers = headers or {}
 
+    def payload(self) -> dict:
+        """{"error": {...}}: the JSON body, as an object."""
+        return {"error": {"message": self.message, "type": TYPES.get(self.status, "invalid_request_error"),
+                          "param": self.param, "code": self.code}}
+
     def body(self) -> bytes:
-        error = {"message": self.message, "type": TYPES.get(self.status, "invalid_request_error"),
-                 "param": self.param, "code": self.code}
-        return json.dumps({"error": error}, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        return json.dumps(self.payload(), ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
     async def send(self, send) -> None:
         """Answer with this error through a raw ASGI `send`."""
