@@ -8,7 +8,7 @@ checkpoints use, so `save_pretrained` writes the usual files.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from edgelm.models.tokenizer import text_chunks
 
 GPT2_EOS = "<|endoftext|>"
 # LLaMA 3's chat tokens (the GGUF exporter knows <|eot_id|> as an end of turn)
@@ -35,11 +35,6 @@ def chat_turns(user: str, assistant: str) -> str:
             f"{start}assistant{end}\n\n{assistant.strip()}{LLAMA_EOT}")
 
 
-def _chunks(text: str, size: int = 10_000) -> Iterator[str]:
-    for start in range(0, len(text), size):
-        yield text[start : start + size]
-
-
 def _byte_level_bpe(text: str, vocab_size: int, pre_tokenizer, specials: tuple[str, ...]):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -48,7 +43,7 @@ def _byte_level_bpe(text: str, vocab_size: int, pre_tokenizer, specials: tuple[s
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(specials), show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(_chunks(text), trainer=trainer)
+    tokenizer.train_from_iterator(text_chunks(text), trainer=trainer)
     tokenizer.add_special_tokens(list(specials))  # after the merged vocabulary, as the real families do
     return tokenizer
 
@@ -93,7 +88,7 @@ def bert_tokenizer(text: str, vocab_size: int):
     tok.decoder = decoders.WordPiece(prefix="##")
     trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(BERT_SPECIALS),
                                         show_progress=False)
-    tok.train_from_iterator(_chunks(text), trainer=trainer)
+    tok.train_from_iterator(text_chunks(text), trainer=trainer)
     # the trainer numbers its alphabet in hash-set order, different from run to run: renumber
     # (specials first, then sorted) so a seed gives the same files; WordPiece ignores the order
     rest = sorted(set(tok.get_vocab()) - set(BERT_SPECIALS))

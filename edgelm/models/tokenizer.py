@@ -33,10 +33,11 @@ def train_bpe_tokenizer(text: str, vocab_size: int) -> Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(_chunks(text), trainer=trainer)
+    tokenizer.train_from_iterator(text_chunks(text), trainer=trainer)
     return tokenizer
 
 
-def _chunks(text: str, size: int = 10_000):
+def text_chunks(text: str, size: int = 10_000):
+    """The text in slices, as the tokenizer trainers take it (hf_tokenizers shares this)."""
     for start in range(0, len(text), size):
         yield text[start : start + size]
