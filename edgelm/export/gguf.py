@@ -18,7 +18,6 @@ from edgelm.errors import UnsupportedModelError
 from edgelm.export.checks import validate_into
 from edgelm.export.gguf_arch import ArchSpec, Shape, arch_for_config
 from edgelm.export.gguf_tensors import (
-    FLOAT_TYPES,
     TensorPlan,
     nbytes,
     plan_tensors,
@@ -29,7 +28,7 @@ from edgelm.export.gguf_tensors import (
 from edgelm.export.gguf_vocab import Vocab, end_of_turn_ids, read_vocab, special_vocab, write_vocab
 from edgelm.export.hf_source import check_source_links
 from edgelm.export.options import ExportOptions
-from edgelm.families import LLAMA_FTYPES
+from edgelm.families import FLOAT_GGUF, LLAMA_FTYPES
 
 MODEL_FILE = "model.gguf"
 FLOAT_SCRATCH = "float.gguf.part"  # the float file a quantized export starts from; removed after
@@ -55,11 +54,11 @@ def write_model_file(tmp: Path, manifest: Manifest, source: Path, config: dict, 
                      vocab: Vocab, special, options: ExportOptions, extra_keys=None) -> Path:
     """model.gguf in `tmp`: the float file, quantized by llama.cpp when asked; its types into the manifest."""
     quant = manifest.quant
-    float_type = quant if quant in FLOAT_TYPES else _intermediate_type(config)
-    float_path = tmp / (MODEL_FILE if quant in FLOAT_TYPES else FLOAT_SCRATCH)
+    float_type = quant if quant in FLOAT_GGUF else _intermediate_type(config)
+    float_path = tmp / (MODEL_FILE if quant in FLOAT_GGUF else FLOAT_SCRATCH)
     write_float_gguf(float_path, source, config, spec, shape, vocab, special, float_type, options, extra_keys)
     target = tmp / MODEL_FILE
-    if quant not in FLOAT_TYPES:
+    if quant not in FLOAT_GGUF:
         from edgelm.export.gguf_quantize import quantize_gguf
 
         options.progress("quantize", 0, 1)

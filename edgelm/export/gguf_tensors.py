@@ -15,7 +15,6 @@ import numpy as np
 from edgelm.errors import UnsupportedModelError
 from edgelm.export.gguf_arch import ArchSpec, Shape
 
-FLOAT_TYPES = ("f32", "f16", "bf16")
 ROPE_FREQS_NAME = "rope_freqs.weight"
 
 
