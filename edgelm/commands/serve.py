@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import socket
 from collections.abc import Sequence
@@ -38,12 +37,10 @@ def model_paths(artifacts: Sequence[Path], names: Sequence[str]) -> dict[str, Pa
 
 
 def is_loopback_bind(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False  # a host name: it may resolve to anything
+    """localhost or a loopback address; any other host name may resolve to anything."""
+    from edgelm.serve.security import is_loopback_address
+
+    return host == "localhost" or is_loopback_address(host.strip("[]"))
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
