@@ -57,10 +57,13 @@ class ModelWorker:
         self.max_queue = max_queue
         self.lock = threading.Condition()
         self.pending: collections.deque[Job] = collections.deque()
-        self.active = 0
         self.running: Job | None = None
         self.thread: threading.Thread | None = None
         self.stopping = False
+
+    @property
+    def active(self) -> int:
+        return int(self.running is not None)
 
     @property
     def queued(self) -> int:
@@ -119,7 +122,6 @@ class ModelWorker:
                 job = self.pending.popleft()
                 job.state = "running"
                 self.running = job
-                self.active += 1
             try:
                 job.run(job)
             except BaseException:  # run() reports its own errors; this is a bug, and the thread must live
@@ -127,7 +129,6 @@ class ModelWorker:
                 job.emit("error", ApiError(500, "internal error while running the model", code="internal_error"))
             finally:
                 with self.lock:
-                    self.active -= 1
                     self.running = None
                     job.state = "finished"
 
