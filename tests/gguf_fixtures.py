@@ -29,6 +29,11 @@ PHI3_TEMPLATE = (
 )
 
 
+def check(manifest, name):
+    """The validation check of that name in a manifest (StopIteration if it has none)."""
+    return next(c for c in manifest.validation if c.name == name)
+
+
 def qwen2_tokenizer(vocab: int = 384):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast

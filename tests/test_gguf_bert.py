@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from gguf_fixtures import check
 
 from conftest import export_to
 from edgelm.errors import UnsupportedModelError, UsageError, ValidationError
@@ -56,10 +57,6 @@ def write_wordpiece_bert(folder: Path, lowercase: bool = True, pooling: str | No
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory):
     return write_wordpiece_bert(tmp_path_factory.mktemp("bert") / "src", pooling="cls_token")
-
-
-def check(manifest, name):
-    return next(c for c in manifest.validation if c.name == name)
 
 
 @pytest.mark.parametrize("quant, bound", [("f32", 0.9999), ("f16", 0.999), ("q8_0", 0.99)])

@@ -7,6 +7,7 @@ import json
 import shutil
 
 import pytest
+from gguf_fixtures import check
 
 from conftest import export_to
 from edgelm.errors import UnsupportedModelError
@@ -19,10 +20,6 @@ gguf = pytest.importorskip("gguf")
 @pytest.fixture(scope="module")
 def gpt2_gguf_f32(gpt2_source, tmp_path_factory):  # noqa: F811
     return export_to(gpt2_source, tmp_path_factory.mktemp("gguf") / "f32", format="gguf", quant="f32")
-
-
-def check(manifest, name):
-    return next(c for c in manifest.validation if c.name == name)
 
 
 def header(path):

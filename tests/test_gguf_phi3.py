@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from gguf_fixtures import build_tiny_phi3
+from gguf_fixtures import build_tiny_phi3, check
 
 from conftest import export_to
 from edgelm.errors import UnsupportedModelError
@@ -21,10 +21,6 @@ def phi3_source(tmp_path_factory):
 @pytest.fixture(scope="module")
 def phi3_f32(phi3_source, tmp_path_factory):
     return export_to(phi3_source, tmp_path_factory.mktemp("phi3") / "f32", quant="f32")
-
-
-def check(manifest, name):
-    return next(c for c in manifest.validation if c.name == name)
 
 
 def test_f32_matches_torch_with_fused_projections(phi3_f32):

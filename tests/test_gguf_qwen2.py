@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from gguf_fixtures import build_tiny_qwen2
+from gguf_fixtures import build_tiny_qwen2, check
 
 from conftest import export_to
 from edgelm.errors import UnsupportedModelError
@@ -24,10 +24,6 @@ def qwen2_source(tmp_path_factory):
 @pytest.fixture(scope="module")
 def qwen2_f32(qwen2_source, tmp_path_factory):
     return export_to(qwen2_source, tmp_path_factory.mktemp("qwen2") / "f32", quant="f32")
-
-
-def check(manifest, name):
-    return next(c for c in manifest.validation if c.name == name)
 
 
 def test_f32_matches_torch_with_biases_tied_head_and_qwen2_tokenizer(qwen2_f32):

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from gguf_fixtures import check
 
 from edgelm.artifact import read_manifest
 from edgelm.errors import ExportError, UnsupportedModelError, ValidationError
@@ -42,10 +43,6 @@ def _gguf_fields(path):
     reader = gguf.GGUFReader(path)
     fields = {name: f.contents() for name, f in reader.fields.items() if not name.startswith("tokenizer.ggml.token")}
     return fields, {t.name: (t.tensor_type.name, tuple(int(d) for d in t.shape)) for t in reader.tensors}
-
-
-def check(manifest, name):
-    return next(c for c in manifest.validation if c.name == name)
 
 
 def test_rotary_rows_interleave_each_heads_halves():
