@@ -15,6 +15,7 @@ from conftest import export_to
 from edgelm.errors import UnsupportedModelError, UsageError, ValidationError
 from edgelm.export import export
 from edgelm.export.options import ExportOptions
+from llama_fixtures import copy_folder
 
 gguf = pytest.importorskip("gguf")
 SENTENCES = ["A man is eating food.", "The girl is carrying a baby.", "Ok",
@@ -111,6 +112,17 @@ def test_bench_measures_an_embedder_in_texts_per_second(tiny_bert, tmp_path):
 def test_a_cased_vocabulary_is_refused(tmp_path):
     folder = write_wordpiece_bert(tmp_path / "cased", lowercase=False)
     with pytest.raises(UnsupportedModelError, match="a cased vocabulary") as info:
+        export(folder, tmp_path / "a", ExportOptions(format="gguf", validate=False))
+    assert "\n" not in str(info.value) and not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize("vocab", [["[PAD]", "[UNK]"], {"[PAD]": "0"}, {"[PAD]": True}])
+def test_a_malformed_tokenizer_vocab_is_refused_in_one_line(tiny_bert, tmp_path, vocab):
+    folder = copy_folder(tiny_bert, tmp_path / "src")
+    data = json.loads((folder / "tokenizer.json").read_text())
+    data["model"]["vocab"] = vocab
+    (folder / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(UnsupportedModelError, match="not a map of tokens to ids") as info:
         export(folder, tmp_path / "a", ExportOptions(format="gguf", validate=False))
     assert "\n" not in str(info.value) and not (tmp_path / "a").exists()
 

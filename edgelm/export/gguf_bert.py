@@ -20,9 +20,9 @@ from edgelm.export.gguf import MODEL_FILE, write_model_file
 from edgelm.export.gguf_arch import BERT, Shape
 from edgelm.export.gguf_tensors import weight_files
 from edgelm.export.gguf_vocab import CONTROL, NORMAL, UNKNOWN, Vocab
-from edgelm.export.hf_source import check_source_links
+from edgelm.export.hf_source import check_source_links, source_file
 from edgelm.export.options import ExportOptions
-from edgelm.paths import read_source_json
+from edgelm.paths import MAX_SOURCE_JSON_BYTES, read_source_json
 
 PHANTOM_SPACE = "\u2581"  # marks a word-initial piece for llama.cpp's WPM tokenizer
 POOLING_TYPES = {"mean": "MEAN", "cls": "CLS"}  # gguf.PoolingType members llama.cpp implements for BERT
@@ -101,19 +101,28 @@ def _wordpiece_source(source: Path) -> tuple[list[str], dict[str, str], bool]:
                 (("cls", "[CLS]"), ("sep", "[SEP]"), ("pad", "[PAD]"), ("unk", "[UNK]"), ("mask", "[MASK]"))}
     if (source / "tokenizer.json").is_file():
         data = read_source_json(source, "tokenizer.json")
-        model = data.get("model") or {}
+        model = data.get("model")
+        model = model if isinstance(model, dict) else {}
         if model.get("type") != "WordPiece" or model.get("continuing_subword_prefix", "##") != "##":
-            raise UnsupportedModelError(f"{source / 'tokenizer.json'}: a {model.get('type')} model; "
+            raise UnsupportedModelError(f"{source / 'tokenizer.json'}: a {model.get('type')!r} model; "
                                         "llama.cpp's BERT tokenizer is WordPiece with ## continuations")
         vocab = model.get("vocab") or {}
-        by_id = {int(i): str(t) for t, i in vocab.items()}
+        if not isinstance(vocab, dict) or not all(type(i) is int for i in vocab.values()):
+            raise UnsupportedModelError(f"{source / 'tokenizer.json'}: model.vocab is not a map of tokens to ids")
+        by_id = {i: t for t, i in vocab.items()}
         if sorted(by_id) != list(range(len(by_id))):
             raise UnsupportedModelError(f"{source / 'tokenizer.json'}: vocabulary ids are not 0..{len(by_id) - 1}")
         normalizer = data.get("normalizer") or {}
         lowercase = normalizer.get("type") == "BertNormalizer" and bool(normalizer.get("lowercase", True))
         return [by_id[i] for i in range(len(by_id))], specials, lowercase
     if (source / "vocab.txt").is_file():
-        tokens = (source / "vocab.txt").read_text(encoding="utf-8").splitlines()
+        path = source_file(source, "vocab.txt", "vocabulary file")
+        if path.stat().st_size > MAX_SOURCE_JSON_BYTES:
+            raise UnsupportedModelError(f"{path}: too large for a vocabulary (limit {MAX_SOURCE_JSON_BYTES} bytes)")
+        try:
+            tokens = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError:
+            raise UnsupportedModelError(f"{path}: not UTF-8 text") from None
         return tokens, specials, bool(config.get("do_lower_case", True))
     raise UnsupportedModelError(f"{source}: no tokenizer.json or vocab.txt")
 
