@@ -12,7 +12,7 @@ from gpt2_fixtures import EOS, make_gpt2_source
 
 from conftest import export_to
 from edgelm.artifact import MANIFEST_NAME, sha256_of
-from edgelm.errors import ArtifactError, ContextOverflowError, UnsupportedModelError
+from edgelm.errors import ArtifactError, ContextOverflowError, InputError, UnsupportedModelError
 
 PROMPTS = ["The function returns", "class A:\n    def", "Lists and tuples are sequences, but"]
 
@@ -111,6 +111,18 @@ def test_cached_steps_equal_full_recomputation(gpt2_optimum, io_binding):
         reference = full_recompute_logits(decoder.session, ids)
         stepped = [decoder.prefill(ids[:3])] + [decoder.step(t) for t in ids[3:]]
     np.testing.assert_allclose(np.stack(stepped), reference[2:], atol=1e-5)
+
+
+@pytest.mark.parametrize("artifact", ["gpt2_optimum", "gpt2_fp32"])
+def test_score_refuses_an_empty_or_over_long_sequence(artifact, request):
+    import edgelm
+
+    with edgelm.load(request.getfixturevalue(artifact)) as model:
+        limit = model.decoder.context_length
+        for ids in ([], [0] * (limit + 1)):
+            with pytest.raises(InputError, match=f"score needs 1 to {limit} tokens, got {len(ids)}"):
+                model.decoder.score(ids)
+        assert model.decoder.score([0] * limit).shape[0] == limit
 
 
 @pytest.mark.parametrize(

@@ -114,6 +114,8 @@ class KvCacheDecoder(Decoder):
 
     def score(self, ids: Sequence[int]) -> np.ndarray:
         """Every position's logits (T, vocab) from one call with an empty cache (teacher forcing)."""
+        if not 0 < len(ids) <= self.context_length:
+            raise InputError(f"score needs 1 to {self.context_length} tokens, got {len(ids)}")
         empty = np.zeros((1, *self.cache_shape[:1], 0, self.cache_shape[1]), np.float32)  # (B, H, 0, D)
         feed: dict[str, np.ndarray] = {name: empty for name in self.past_names}
         feed.update(input_ids=np.asarray([ids], np.int64), attention_mask=np.ones((1, len(ids)), np.int64),
