@@ -15,7 +15,7 @@ SMALL = ["--prompt-tokens", "8", "--new-tokens", "4", "--rounds", "1", "--thread
 
 
 @pytest.fixture(scope="module")
-def two_formats(gpt2_source, tmp_path_factory):  # noqa: F811
+def two_formats(gpt2_source, tmp_path_factory):
     folder = tmp_path_factory.mktemp("bench")
     onnx = export_to(gpt2_source, folder / "gpt2-onnx", validate=False)
     gguf = export_to(gpt2_source, folder / "gpt2-gguf", format="gguf", quant="q8_0", validate=False)

@@ -18,7 +18,7 @@ gguf = pytest.importorskip("gguf")
 
 
 @pytest.fixture(scope="module")
-def gpt2_gguf_f32(gpt2_source, tmp_path_factory):  # noqa: F811
+def gpt2_gguf_f32(gpt2_source, tmp_path_factory):
     return export_to(gpt2_source, tmp_path_factory.mktemp("gguf") / "f32", format="gguf", quant="f32")
 
 
@@ -29,7 +29,7 @@ def header(path):
     return fields, tensors
 
 
-def test_f32_matches_torch_with_gpt2_layout_and_tokenizer(gpt2_gguf_f32, gpt2_source):  # noqa: F811
+def test_f32_matches_torch_with_gpt2_layout_and_tokenizer(gpt2_gguf_f32, gpt2_source):
     from edgelm.artifact import read_manifest
 
     manifest = read_manifest(gpt2_gguf_f32)
@@ -54,7 +54,7 @@ def test_f32_matches_torch_with_gpt2_layout_and_tokenizer(gpt2_gguf_f32, gpt2_so
     assert "output.weight" not in tensors  # tied: llama.cpp reuses token_embd
 
 
-def test_q8_0_validates_by_kl_and_perplexity(gpt2_source, tmp_path):  # noqa: F811
+def test_q8_0_validates_by_kl_and_perplexity(gpt2_source, tmp_path):
     manifest = export(gpt2_source, tmp_path / "q8", ExportOptions(format="gguf", quant="q8_0"))
     assert manifest.validation_passed
     from edgelm.families import FAMILIES
@@ -68,7 +68,7 @@ def test_q8_0_validates_by_kl_and_perplexity(gpt2_source, tmp_path):  # noqa: F8
     assert types["blk.0.attn_qkv.weight"] == "Q8_0"
 
 
-def test_f16_picks_torchs_token_wherever_torch_is_decisive(gpt2_source, tmp_path):  # noqa: F811
+def test_f16_picks_torchs_token_wherever_torch_is_decisive(gpt2_source, tmp_path):
     manifest = export(gpt2_source, tmp_path / "f16", ExportOptions(format="gguf", quant="f16"))
     decisive = check(manifest, "top1_agreement_decisive_vs_torch")
     assert manifest.validation_passed and decisive.value == 1.0 and "top-2 logit margin >= 0.05" in decisive.note
@@ -99,7 +99,7 @@ def test_greedy_through_edgelm_equals_llama_cpp_python_direct(gpt2_gguf_f32):
     assert len(theirs) > 3 and text == expected
 
 
-def test_untied_head_and_n_inner_convert(tmp_path, gpt2_source):  # noqa: F811
+def test_untied_head_and_n_inner_convert(tmp_path, gpt2_source):
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -126,7 +126,7 @@ def _rewrite_tokenizer(folder, change):
     (folder / "tokenizer.json").write_text(json.dumps(data))
 
 
-def test_a_split_rule_llama_cpp_lacks_is_refused_in_one_line(gpt2_source, tmp_path):  # noqa: F811
+def test_a_split_rule_llama_cpp_lacks_is_refused_in_one_line(gpt2_source, tmp_path):
     folder = shutil.copytree(gpt2_source, tmp_path / "src")
     _rewrite_tokenizer(folder, lambda d: d.update(pre_tokenizer={"type": "Sequence", "pretokenizers": [
         {"type": "Split", "pattern": {"Regex": r"\d|[a-z]+|\s+"}, "behavior": "Isolated", "invert": False},
@@ -140,7 +140,7 @@ def test_a_split_rule_llama_cpp_lacks_is_refused_in_one_line(gpt2_source, tmp_pa
     ({"activation_function": "relu"}, "activation_function 'relu'"),
     ({"scale_attn_by_inverse_layer_idx": True}, "per-layer attention scaling"),
 ])
-def test_options_llama_cpp_does_not_compute_are_refused(gpt2_source, tmp_path, change, message):  # noqa: F811
+def test_options_llama_cpp_does_not_compute_are_refused(gpt2_source, tmp_path, change, message):
     folder = shutil.copytree(gpt2_source, tmp_path / "src")
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, **change}))

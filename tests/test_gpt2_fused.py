@@ -39,13 +39,13 @@ def torch_logits(source: Path, ids: list[int]) -> np.ndarray:
 
 
 @pytest.fixture(scope="session")
-def gpt2_int4_mobile(gpt2_source, tmp_path_factory) -> Path:  # noqa: F811
+def gpt2_int4_mobile(gpt2_source, tmp_path_factory) -> Path:
     return export_to(gpt2_source, tmp_path_factory.mktemp("art") / "gpt2-int4-mobile", quant="int4",
                      target="mobile")
 
 
 # -- the graph ----------------------------------------------------------------------------------
-def test_fp32_graph_is_fused_and_has_no_cache_concatenation(gpt2_fp32):  # noqa: F811
+def test_fp32_graph_is_fused_and_has_no_cache_concatenation(gpt2_fp32):
     model = manifest_of(gpt2_fp32)["model"]
     assert model["graph"] == "fused-gqa" and model["weight_bits"] is None
     nodes = graph_nodes(gpt2_fp32 / "model.onnx")
@@ -56,7 +56,7 @@ def test_fp32_graph_is_fused_and_has_no_cache_concatenation(gpt2_fp32):  # noqa:
                                    "logits_index"]
 
 
-def test_every_cached_step_matches_torch(gpt2_fp32, gpt2_source):  # noqa: F811
+def test_every_cached_step_matches_torch(gpt2_fp32, gpt2_source):
     import edgelm
 
     with edgelm.load(gpt2_fp32) as model:
@@ -68,7 +68,7 @@ def test_every_cached_step_matches_torch(gpt2_fp32, gpt2_source):  # noqa: F811
     np.testing.assert_allclose(scored, reference, atol=1e-4)
 
 
-def test_batch_rows_of_different_lengths_match_torch_at_every_step(gpt2_fp32, gpt2_source):  # noqa: F811
+def test_batch_rows_of_different_lengths_match_torch_at_every_step(gpt2_fp32, gpt2_source):
     import edgelm
 
     with edgelm.load(gpt2_fp32) as model:
@@ -83,7 +83,7 @@ def test_batch_rows_of_different_lengths_match_torch_at_every_step(gpt2_fp32, gp
 
 
 # -- the shared buffer -------------------------------------------------------------------------
-def test_buffers_are_reused_across_generations_and_rebuilt_for_a_new_batch_size(gpt2_fp32):  # noqa: F811
+def test_buffers_are_reused_across_generations_and_rebuilt_for_a_new_batch_size(gpt2_fp32):
     import edgelm
 
     with edgelm.load(gpt2_fp32) as model:
@@ -97,7 +97,7 @@ def test_buffers_are_reused_across_generations_and_rebuilt_for_a_new_batch_size(
     assert again == first and batch == [first, second]
 
 
-def test_the_buffer_ends_at_the_context_length(gpt2_fp32):  # noqa: F811
+def test_the_buffer_ends_at_the_context_length(gpt2_fp32):
     import edgelm
 
     with edgelm.load(gpt2_fp32) as model:
@@ -118,7 +118,7 @@ def test_the_buffer_ends_at_the_context_length(gpt2_fp32):  # noqa: F811
 
 
 # -- weight-only quantization ------------------------------------------------------------------
-def test_int8_and_int4_are_weight_only_and_record_their_blocks(gpt2_int8, gpt2_int4_mobile, gpt2_fp32):  # noqa: F811
+def test_int8_and_int4_are_weight_only_and_record_their_blocks(gpt2_int8, gpt2_int4_mobile, gpt2_fp32):
     from edgelm.families import FAMILIES
 
     for folder, bits, block in ((gpt2_int8, 8, 128), (gpt2_int4_mobile, 4, 32)):
@@ -135,7 +135,7 @@ def test_int8_and_int4_are_weight_only_and_record_their_blocks(gpt2_int8, gpt2_i
     assert sizes == sorted(sizes)
 
 
-def test_int4_greedy_stays_close_to_transformers(gpt2_int4_mobile, gpt2_source):  # noqa: F811
+def test_int4_greedy_stays_close_to_transformers(gpt2_int4_mobile, gpt2_source):
     import edgelm
 
     with edgelm.load(gpt2_int4_mobile) as model:
@@ -164,7 +164,7 @@ def test_ort_copy_loads_and_generates_as_the_onnx_file(gpt2_int4_mobile):
             onnx_model.generate_batch(PROMPTS, max_tokens=6, temperature=0.8, seed=1))
 
 
-def test_ort_format_is_refused_where_it_was_not_exported(gpt2_int8, gpt2_source, tmp_path):  # noqa: F811
+def test_ort_format_is_refused_where_it_was_not_exported(gpt2_int8, gpt2_source, tmp_path):
     import edgelm
 
     with pytest.raises(ArtifactError, match="no ORT-format model .*--target mobile"):
@@ -176,7 +176,7 @@ def test_ort_format_is_refused_where_it_was_not_exported(gpt2_int8, gpt2_source,
     assert not (tmp_path / "out").exists()
 
 
-def test_cli_target_mobile_writes_the_ort_copy(gpt2_source, tmp_path):  # noqa: F811
+def test_cli_target_mobile_writes_the_ort_copy(gpt2_source, tmp_path):
     from click.testing import CliRunner
 
     from edgelm.cli import main
