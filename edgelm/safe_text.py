@@ -62,11 +62,22 @@ def decode_utf8(data: bytes, where: str) -> str:
         raise InputError(f"{where} is not valid UTF-8 (byte 0x{data[err.start]:02x} at offset {err.start})") from None
 
 
-def read_text(path: Path, what: str) -> str:
-    """A UTF-8 file's text (`-` is stdin) or an InputError naming the file and the first bad byte."""
+MAX_TEXT_BYTES = 256 << 20  # far beyond any prompt or training text edgelm handles in memory
+
+
+def read_text(path: Path, what: str, limit: int = MAX_TEXT_BYTES) -> str:
+    """A UTF-8 file's text (`-` is stdin) or an InputError naming the file and the first bad byte.
+
+    At most `limit` bytes are read: a larger file (or an endless stdin) is refused, not loaded."""
     where = f"{what} {printable(path)}"
     try:
-        data = sys.stdin.buffer.read() if str(path) == "-" else Path(path).read_bytes()
+        if str(path) == "-":
+            data = sys.stdin.buffer.read(limit + 1)
+        else:
+            with open(path, "rb") as handle:
+                data = handle.read(limit + 1)
     except OSError as err:
         raise InputError(f"{where}: cannot read it ({printable(err.strerror or err)})") from None
+    if len(data) > limit:
+        raise InputError(f"{where}: larger than {limit} bytes; give a smaller file")
     return decode_utf8(data, where)

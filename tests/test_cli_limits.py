@@ -111,3 +111,14 @@ def test_chat_lines_that_are_not_utf8_are_refused_and_the_chat_goes_on(tmp_path)
     assert "error: that line is not valid UTF-8 (byte 0xe9 at offset 3); type it again" in result.output
     assert "(reply cut at --max-tokens 2)" in result.output  # the next line was still read and answered
     assert "Traceback" not in result.output
+
+
+def test_a_text_file_over_the_limit_is_refused_without_loading_it(tmp_path):
+    from edgelm.errors import InputError
+    from edgelm.safe_text import read_text
+
+    big = tmp_path / "big.txt"
+    big.write_bytes(b"a" * 101)
+    with pytest.raises(InputError, match="big.txt: larger than 100 bytes"):
+        read_text(big, "the prompt file", limit=100)
+    assert read_text(big, "the prompt file", limit=101) == "a" * 101
