@@ -95,3 +95,21 @@ def test_kl_and_top1_on_known_distributions():
     result = metrics.compare(q, [0, 1], base_logits=p)
     assert result.perplexity_ratio == pytest.approx(np.exp((np.log(2) + np.log(1 / 0.9)) / 2 - np.log(2) / 2
                                                            - np.log(10) / 2))
+
+
+def test_a_held_out_text_linked_out_of_the_source_folder_is_refused(tmp_path):
+    from types import SimpleNamespace
+
+    from edgelm.commands.eval import default_text
+
+    secret = tmp_path / "elsewhere.txt"
+    secret.write_text("not the source's text", encoding="utf-8")
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "held_out.txt").symlink_to(secret)
+    manifest = SimpleNamespace(source=SimpleNamespace(path=str(source)))
+    with pytest.raises(InputError, match="held_out.txt"):
+        default_text(manifest)
+    (source / "held_out.txt").unlink()
+    (source / "held_out.txt").write_text("the source's own text", encoding="utf-8")
+    assert default_text(manifest).text == "the source's own text"

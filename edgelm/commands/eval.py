@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from edgelm.errors import InputError, UsageError
+from edgelm.paths import confined
 from edgelm.safe_text import printable, read_text
 
 DEFAULT_CTX = 512  # llama-perplexity's usual context, or the model's own where it is shorter
@@ -27,7 +28,9 @@ def default_text(manifest) -> EvalText:
     source = getattr(manifest, "source", None)
     folder = Path(source.path) if source is not None and source.path else None
     if folder is not None and (folder / "held_out.txt").is_file():
-        return EvalText(read_text(folder / "held_out.txt", "the held-out text"), f"held-out text of {folder}")
+        # the folder comes from the manifest: the file must really lie in it (no link out of it)
+        path = confined(folder, "held_out.txt", "held-out text", error=InputError)
+        return EvalText(read_text(path, "the held-out text"), f"held-out text of {folder}")
     from edgelm.models.corpus import builtin_text, split_held_out
 
     return EvalText(split_held_out(builtin_text())[1], "the built-in corpus's held-out slice")
