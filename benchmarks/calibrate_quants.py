@@ -20,8 +20,11 @@ import math
 import time
 from pathlib import Path
 
+from edgelm.families import GGUF_DECODER_QUANTS
+
 ONNX_TYPES = ("int8", "int4")
-GGUF_TYPES = ("q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0")
+# every quantized (not float) GGUF decoder type the registry offers
+GGUF_TYPES = tuple(q.name for q in GGUF_DECODER_QUANTS if q.method == "llama.cpp")
 # threshold = the worst measured mean KL times KL_MARGIN, rounded up to one significant digit: sharper
 # models move further under the same quantization (on these models mean KL grew about 3x between
 # 450 and 850 training steps), and larger ones are sharper still. The perplexity ratio's bound follows
