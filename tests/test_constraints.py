@@ -190,7 +190,7 @@ def test_at_most_one_constraint_per_call(gguf_model):
         gguf_model.complete("The ", json_object="yes")
 
 
-def test_batch_rows_are_each_constrained(gpt2_fp32):  # noqa: F811
+def test_batch_rows_are_each_constrained(gpt2_fp32):
     prompts = ["The ", "Lists and", "x", "def f"]
     with load(gpt2_fp32, threads=1) as gpt2:
         rows = gpt2.complete_batch(prompts, max_tokens=48, temperature=1.0, seed=7, json_schema=SCHEMAS["nested"])
