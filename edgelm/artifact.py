@@ -22,6 +22,7 @@ from typing import Any
 from edgelm._version import __version__
 from edgelm.contract import (
     GenerationSection,
+    MachineSection,
     ModelSection,
     SourceSection,
     TokenizerSection,
@@ -35,6 +36,7 @@ from edgelm.contract import (
 )
 from edgelm.errors import ArtifactError, ExportError
 from edgelm.locking import export_lock
+from edgelm.machine import machine_facts
 from edgelm.paths import confined, read_json_file
 
 MANIFEST_NAME = "edgelm.json"
@@ -97,6 +99,8 @@ class Manifest:
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
     versions: dict[str, str | None] = field(default_factory=dict)
     created: str = ""
+    machine: MachineSection | None = None  # the exporting machine; None in artifacts made before it was recorded
+    validation_reference: str | None = None  # the listed file holding validation's probes and torch's outputs
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -137,7 +141,10 @@ class Manifest:
                  for name, meta in top.files.items()}
         manifest = cls(family=top.family, task=top.task, format=top.format, quant=top.quant,
                        validation=checks, validation_skipped=top.validation_skipped, files=files,
-                       versions=dict(top.versions), created=top.created, schema_version=SCHEMA_VERSION)
+                       versions=dict(top.versions), created=top.created, schema_version=SCHEMA_VERSION,
+                       validation_reference=top.validation_reference)
+        if top.machine is not None:
+            manifest.machine = parse_section(MachineSection, top.machine, "machine", where)
         manifest._set_sections(data, where, required=True)
         check_task_fields(manifest.task, manifest.tokenizer, manifest.model, where)
         return manifest
@@ -156,6 +163,8 @@ class _TopLevel:
     files: dict[str, Any] = spec(factory=dict)
     versions: dict[str, str | None] = spec(factory=dict)
     created: str = ""
+    machine: dict[str, Any] | None = None
+    validation_reference: str | None = None
 
 
 @dataclass(frozen=True)
@@ -276,6 +285,8 @@ def _seal(tmp: Path, manifest: Manifest) -> None:
     manifest.files = {p.name: {"size": p.stat().st_size, "sha256": sha256_of(p)}
                       for p in entries if p.name != MANIFEST_NAME}
     manifest.versions = {**runtime_versions(), **manifest.versions}
+    if manifest.machine is None:
+        manifest.machine = MachineSection(**machine_facts())
     manifest.created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     manifest.schema_version = SCHEMA_VERSION
     (tmp / MANIFEST_NAME).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
@@ -318,7 +329,10 @@ def _check_files(folder: Path, manifest: Manifest, verify: bool) -> None:
             raise ArtifactError(f"{path}: size {size} does not match the manifest ({meta['size']})")
         if verify and sha256_of(path) != meta["sha256"]:
             raise ArtifactError(f"{path}: sha256 does not match the manifest")
-    for field_name, name in (("model.file", manifest.model.file), ("tokenizer.file", manifest.tokenizer.file)):
+    named = [("model.file", manifest.model.file), ("tokenizer.file", manifest.tokenizer.file)]
+    if manifest.validation_reference is not None:
+        named.append(("validation_reference", manifest.validation_reference))
+    for field_name, name in named:
         if name not in manifest.files:
             raise ArtifactError(f"{where}: {field_name} {show_value(name)} is not among the files it lists")
 

@@ -165,6 +165,17 @@ def info(artifact, as_json, verify):
     describe(artifact, as_json, verify)
 
 
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object: passed, checks, both machines.")
+@click.option("--threads", type=int, default=None, help="Threads to run with [default: physical cores].")
+def verify(artifact, as_json, threads):
+    """Prove an artifact on this machine: hash its files, rerun its reference set, check every bound."""
+    from edgelm.commands.verify import verify_artifact
+
+    verify_artifact(artifact, as_json, threads)
+
+
 def sampling_options(fn):
     """The generation flags shared by `run` and `chat`."""
     options = [

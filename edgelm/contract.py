@@ -96,6 +96,21 @@ class SourceSection(Section):
 
 
 @dataclass(frozen=True)
+class MachineSection(Section):
+    """The machine that exported and validated the artifact (edgelm/machine.py): its kernel paths."""
+
+    section: typing.ClassVar[str] = "machine"
+    cpu: str | None = None
+    arch: str | None = None
+    os: str | None = None
+    isa: tuple[str, ...] = ()  # the kernel-selecting instruction sets present (avx2, avx512_vnni, dotprod, ...)
+    vnni: bool = False  # int8 dot products summed in 32 bits (VNNI, AMX, arm dot product)
+    onnxruntime: str | None = None
+    llama_cpp_python: str | None = None
+    threads: int | None = spec(minimum=1)
+
+
+@dataclass(frozen=True)
 class ModelSection(Section):
     """What every model kind has."""
 

@@ -35,6 +35,10 @@ class ValidationError(ExportError):
         self.checks = checks or []
 
 
+class VerificationError(EdgelmError):
+    """An artifact whose reference set, run on this machine, missed a bound (`edgelm verify`)."""
+
+
 class ContextOverflowError(EdgelmError):
     """Prompt plus requested tokens do not fit the model's context."""
 

@@ -62,7 +62,7 @@ def test_fp32_export_validates_and_records_the_graph(gpt2_fp32):
     assert model["past_names"][-1] == "past_key_values.1.value" and model["present_names"][0] == "present.0.key"
     eos = manifest["tokenizer"]["eos_id"]
     assert eos is not None and manifest["tokenizer"]["bos_id"] == eos
-    assert sorted(manifest["files"]) == ["model.onnx", "tokenizer.json"]
+    assert sorted(manifest["files"]) == ["model.onnx", "reference.npz", "tokenizer.json"]
 
 
 def test_int8_export_validates_and_is_smaller(gpt2_int8, gpt2_fp32):

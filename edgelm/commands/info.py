@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import click
@@ -27,6 +28,12 @@ def describe(path: Path, as_json: bool, verify: bool) -> None:
         click.echo(f"validation: {'passed' if manifest.validation_passed else 'FAILED'}")
         for check in manifest.validation:
             click.echo(f"  {printable(check.describe())}")
+    if manifest.validation_reference:
+        click.echo(printable(f"reference set: {manifest.validation_reference} (run `edgelm verify` on the device)"))
+    if manifest.machine is not None:
+        from edgelm.commands.verify import describe_machine
+
+        click.echo(f"exported on: {describe_machine(dataclasses.asdict(manifest.machine))}")
     if manifest.created:
         click.echo(printable(f"created {manifest.created} by edgelm {manifest.versions.get('edgelm')}"))
     else:

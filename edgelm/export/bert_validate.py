@@ -12,8 +12,6 @@ from pathlib import Path
 import numpy as np
 
 from edgelm.artifact import Check, Manifest, staged
-from edgelm.families import family_named
-from edgelm.metrics import cosine_rows, top1_agreement
 
 TORCH_BATCH = 8
 ORT_MAX_ABS = 1e-4  # the .ort copy runs the same kernels
@@ -54,22 +52,14 @@ def probe_texts(max_length: int, mask_token: str | None = None) -> list[str]:
 
 
 def validate_encoder(source: Path, folder: Path, manifest: Manifest) -> list[Check]:
-    from edgelm.runtime.device import RuntimeOptions
-    from edgelm.runtime.encoders import load_encoder
+    """torch's outputs for the probes become the reference file; the checks are `edgelm verify`'s."""
+    from edgelm.export.checks import checks_from_reference
+    from edgelm.reference.encoder import reference_arrays
 
-    max_length = int(manifest.model.context_length)
     mask = manifest.tokenizer.mask_token if manifest.task == "fill-mask" else None
-    texts = probe_texts(max_length, mask)
-    with load_encoder(folder, staged(manifest, folder), RuntimeOptions()) as task:
-        if manifest.task == "embed":
-            ours = task.embed(texts)
-            truncated = len(ours.truncated)
-        elif manifest.task == "fill-mask":
-            ours, truncated = task.mask_logits(texts), None
-        else:
-            ours, truncated = task.logits(texts), None
+    texts = probe_texts(int(manifest.model.context_length), mask)
     reference = torch_outputs(source, manifest, texts)
-    return compare(np.asarray(ours), reference, manifest, truncated)
+    return checks_from_reference(folder, manifest, reference_arrays(texts, reference))
 
 
 def ort_agreement(folder: Path, manifest: Manifest) -> Check:
@@ -85,26 +75,6 @@ def ort_agreement(folder: Path, manifest: Manifest) -> Check:
             name = {"embed": "embed", "fill-mask": "mask_logits"}.get(manifest.task, "logits")
             outputs.append(np.asarray(getattr(task, name)(texts), np.float64))
     return Check.at_most("max_abs_diff_ort_vs_onnx", float(np.abs(outputs[0] - outputs[1]).max()), ORT_MAX_ABS)
-
-
-def compare(ours: np.ndarray, reference: np.ndarray, manifest: Manifest, truncated: int | None) -> list[Check]:
-    """Per-probe cosine (minimum over probes), and for heads also top-1 agreement."""
-    a = ours.astype(np.float64)
-    b = reference.astype(np.float64)
-    cosines = cosine_rows(a, b)
-    # thresholds: edgelm/families.py (int8 may flip near-ties between the two best candidates, rarely more)
-    bound = family_named("bert").spec("onnx").quant(manifest.quant).bound
-    checks = [
-        Check.at_least("min_cosine_vs_torch", float(cosines.min()), bound("min_cosine_vs_torch")),
-        Check.measured("max_abs_diff_vs_torch", float(np.abs(a - b).max())),
-    ]
-    if manifest.task != "embed":
-        agreement = top1_agreement(a, b)
-        checks.append(Check.at_least("top1_agreement_vs_torch", agreement, bound("top1_agreement_vs_torch")))
-    checks.append(Check.measured("probe_texts", len(a), "probes compared"))
-    if truncated is not None:
-        checks.append(Check.measured("probe_texts_truncated", truncated, "probes longer than max_length"))
-    return checks
 
 
 def torch_outputs(source: Path, manifest: Manifest, texts: list[str]) -> np.ndarray:

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
-from edgelm.artifact import Check, Manifest
+import numpy as np
+
+from edgelm.artifact import Check, Manifest, staged
 from edgelm.errors import ValidationError
 from edgelm.metrics import max_abs_diff, top1_agreement  # noqa: F401  (the exporters' comparisons, one place)
 
@@ -26,3 +30,18 @@ def validate_into(manifest: Manifest, enabled: bool, run_checks: Callable[[], li
         return
     manifest.validation = run_checks()
     raise_if_failed(manifest.validation)
+
+
+def checks_from_reference(folder: Path, manifest: Manifest, arrays: dict[str, np.ndarray],
+                          options: Any = None) -> list[Check]:
+    """Store torch's outputs as the artifact's reference file, then run the checks `edgelm verify` runs.
+
+    One code path for both: validation is the reference checks on the exporting machine.
+    """
+    from edgelm.reference import reference_checks
+    from edgelm.reference.store import REFERENCE_NAME, write_reference
+    from edgelm.runtime.device import RuntimeOptions
+
+    write_reference(folder, arrays)
+    manifest.validation_reference = REFERENCE_NAME
+    return reference_checks(folder, staged(manifest, folder), options or RuntimeOptions())

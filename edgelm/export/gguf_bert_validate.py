@@ -10,33 +10,25 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import numpy as np
-
 from edgelm.artifact import Check, Manifest, staged
 from edgelm.export.bert_validate import probe_texts, torch_outputs
 from edgelm.export.gguf_parity import PROBES as TOKENIZER_PROBES
-from edgelm.families import family_named
 
 
 def validate_gguf_embedder(path: Path, source: Path, manifest: Manifest) -> list[Check]:
+    """Vectors through the reference path `edgelm verify` runs; WordPiece parity needs transformers: export only."""
+    from edgelm.export.checks import checks_from_reference
+    from edgelm.reference.encoder import reference_arrays
     from edgelm.runtime.device import RuntimeOptions
     from edgelm.runtime.llama_embed import load_gguf_embedder
 
-    quant = family_named("bert").spec("gguf").quant(manifest.quant)
     texts = probe_texts(int(manifest.model.context_length))
-    with load_gguf_embedder(path.parent, staged(manifest, path.parent), RuntimeOptions(threads=1)) as embedder:
-        ours = embedder.embed(texts)
-        parity = _token_parity(embedder, source, manifest, [*texts, *(p for p in TOKENIZER_PROBES if p.strip())])
     reference = torch_outputs(source, manifest, texts)
-    a, b = np.asarray(ours, np.float64), reference.astype(np.float64)
-    cosines = (a * b).sum(axis=1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
-    return [
-        Check.at_least("min_cosine_vs_torch", float(cosines.min()), quant.bound("min_cosine_vs_torch")),
-        Check.measured("max_abs_diff_vs_torch", float(np.abs(a - b).max())),
-        *parity,
-        Check.measured("probe_texts", len(a), "probes compared"),
-        Check.measured("probe_texts_truncated", len(ours.truncated), "probes longer than max_length"),
-    ]
+    options = RuntimeOptions(threads=1)
+    checks = checks_from_reference(path.parent, manifest, reference_arrays(texts, reference), options)
+    with load_gguf_embedder(path.parent, staged(manifest, path.parent), options) as embedder:
+        parity = _token_parity(embedder, source, manifest, [*texts, *(p for p in TOKENIZER_PROBES if p.strip())])
+    return [*checks, *parity]
 
 
 # Hangul syllables and jamo: after NFD, llama.cpp's WordPiece drops the vowel and final jamo that
