@@ -79,8 +79,8 @@ def gguf_artifacts(qwen2_sources, gpt2_source, tmp_path_factory) -> dict[str, Pa
     return {
         "qwen2-f32": export_to(qwen2_sources[0], root / "qwen2-f32", quant="f32"),
         "qwen2-q8_0": export_to(qwen2_sources[0], root / "qwen2-q8", quant="q8_0"),
-        "phi3-f16": export_to(build_tiny_phi3(root / "phi3"), root / "phi3-f16", quant="f16"),
-        "llama-f32": export_to(build_tiny_llama(root / "llama"), root / "llama-f32", quant="f32"),
+        "phi3-f16": export_to(build_tiny_phi3(root / "phi3" / "source"), root / "phi3-f16", quant="f16"),
+        "llama-f32": export_to(build_tiny_llama(root / "llama" / "source"), root / "llama-f32", quant="f32"),
         "gpt2-gguf-f32": export_to(gpt2_source, root / "gpt2-f32", format="gguf", quant="f32"),
     }
 
