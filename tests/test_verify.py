@@ -214,3 +214,52 @@ print(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformer
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def manifest_with(folder: Path, tmp_path: Path, change) -> Path:
+    copy = copy_artifact(folder, tmp_path / "changed")
+    path = copy / MANIFEST_NAME
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+    return copy
+
+
+@pytest.mark.parametrize("change, field", [
+    (lambda d: d.__setitem__("machine", "x86"), "machine must be an object"),
+    (lambda d: d["machine"].__setitem__("isa", "avx2"), "machine.isa must be a list"),
+    (lambda d: d["machine"].__setitem__("vnni", 1), "machine.vnni must be true or false"),
+    (lambda d: d["machine"].__setitem__("threads", 0), "machine.threads must be an integer >= 1"),
+    (lambda d: d.__setitem__("validation_reference", 3), "validation_reference must be a string"),
+    (lambda d: d.__setitem__("validation_reference", "other.npz"), "validation_reference 'other.npz' is not among"),
+])
+def test_wrong_machine_or_reference_fields_name_the_field(lstm_artifact, tmp_path, change, field):
+    from edgelm.artifact import read_manifest
+
+    with pytest.raises(ArtifactError, match=field):
+        read_manifest(manifest_with(lstm_artifact, tmp_path, change))
+
+
+def test_manifests_from_before_the_reference_still_load(lstm_artifact, tmp_path):
+    from edgelm.artifact import read_manifest
+
+    def older(data):
+        del data["machine"], data["validation_reference"], data["files"][REFERENCE_NAME]
+
+    folder = manifest_with(lstm_artifact, tmp_path, older)
+    (folder / REFERENCE_NAME).unlink()
+    manifest = read_manifest(folder, verify=True)
+    assert manifest.machine is None and manifest.validation_reference is None
+    with edgelm.load(folder) as model:
+        assert model.generate("The ", max_tokens=2, temperature=0) is not None
+    with pytest.raises(ArtifactError, match="no reference set"):
+        edgelm.verify(folder)
+
+
+def test_machine_facts_are_plain_and_sorted():
+    from edgelm.machine import machine_facts
+
+    facts = machine_facts()
+    assert facts["isa"] == sorted(facts["isa"]) and isinstance(facts["vnni"], bool)
+    assert facts["threads"] >= 1 and isinstance(facts["arch"], str)
+    json.dumps(facts)
