@@ -138,6 +138,19 @@ def test_minilm_matches_sentence_transformers(quant, bound, minilm_fp32, minilm_
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("name", ["minilm", "mlm-int8", "cls-int8"])
+def test_int8_encoders_are_right_on_every_cpu(name, minilm_int8, tiny_artifacts):
+    """Structural: no int8 weight a non-VNNI kernel could saturate; validated on the emulated path too."""
+    from test_int8_safety import assert_no_kernel_can_saturate
+
+    artifact = minilm_int8 if name == "minilm" else tiny_artifacts[name]
+    assert_no_kernel_can_saturate(artifact)
+    checks = checks_of(artifact)
+    assert checks["int8_weight_peak_u8s8"].passed
+    emulated = checks["min_cosine_vs_torch_non_vnni_emulated"]
+    assert emulated.passed and emulated.threshold == checks["min_cosine_vs_torch"].threshold
+
+
 def test_minilm_batching_and_order_do_not_change_vectors(minilm_fp32):
     with edgelm.load(minilm_fp32) as model:
         together = model.embed(SENTENCES, batch_size=3)

@@ -36,12 +36,16 @@ def checks_from_reference(folder: Path, manifest: Manifest, arrays: dict[str, np
                           options: Any = None) -> list[Check]:
     """Store torch's outputs as the artifact's reference file, then run the checks `edgelm verify` runs.
 
-    One code path for both: validation is the reference checks on the exporting machine.
+    One code path for both: validation is the reference checks on the exporting machine. A
+    quantized ONNX file is then also checked as a CPU without VNNI would run it (kernel_paths.py).
     """
+    from edgelm.export.kernel_paths import kernel_path_checks
     from edgelm.reference import reference_checks
     from edgelm.reference.store import REFERENCE_NAME, write_reference
     from edgelm.runtime.device import RuntimeOptions
 
     write_reference(folder, arrays)
     manifest.validation_reference = REFERENCE_NAME
-    return reference_checks(folder, staged(manifest, folder), options or RuntimeOptions())
+    options = options or RuntimeOptions()
+    checks = reference_checks(folder, staged(manifest, folder), options)
+    return checks + kernel_path_checks(folder, manifest, options)

@@ -28,12 +28,17 @@ class WeightOnly:
 
 
 def quantize_int8(src: Path, dst: Path) -> None:
-    """Weights to int8 ahead of time, activations quantized on the fly per batch."""
+    """Weights to int8 ahead of time, activations quantized on the fly per batch.
+
+    Signed weights within [-64, 64] (reduce_range): onnxruntime's LSTM kernel takes only signed
+    weights, and without VNNI a pair of u8 x s8 products must stay below 2**15
+    (edgelm/export/int8_safety.py).
+    """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     # the quantizer logs a warning per skipped node on the root logger; expected, not for the user
     with quiet_root_calls("onnxruntime/quantization"):
-        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, reduce_range=True)
 
 
 def quantize_weight_only(src: Path, dst: Path, how: WeightOnly, exclude: tuple[str, ...] = ()) -> None:

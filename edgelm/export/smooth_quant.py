@@ -26,10 +26,13 @@ ALPHA = 0.75  # measured on MiniLM: 0.5 and 0.9 left short inputs lower (see qua
 
 
 def smoothed_int8(src: Path, dst: Path, feeds: Sequence[dict[str, np.ndarray]], keep: Callable[[str], bool],
-                  alpha: float = ALPHA) -> list[str]:
-    """Write the smoothed, dynamically quantized graph to `dst`; return the MatMuls kept in fp32."""
+                  unsigned: Callable[[str], bool], alpha: float = ALPHA) -> list[str]:
+    """Write the smoothed, dynamically quantized graph to `dst`; return the MatMuls kept in fp32.
+
+    MatMuls named by `unsigned` get 8-bit unsigned weights, the others 7-bit signed ones: the two
+    schemes no CPU kernel can saturate (edgelm/export/int8_safety.py).
+    """
     import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
 
     model = onnx.load(str(src))
     weights = {t.name: t for t in model.graph.initializer}
@@ -42,14 +45,30 @@ def smoothed_int8(src: Path, dst: Path, feeds: Sequence[dict[str, np.ndarray]], 
     peaks = _activation_peaks(src, list(groups), feeds)
     _insert_smoothing(model, groups, weights, peaks, alpha)
     smoothed = dst.with_name(dst.name + ".smoothed")
+    signed = dst.with_name(dst.name + ".signed")
     onnx.save(model, str(smoothed))
+    quantized = [n.name for n in matmuls if n.name not in kept]
     try:
-        with quiet_root_calls("onnxruntime/quantization"):  # one warning per skipped node, expected
-            quantize_dynamic(str(smoothed), str(dst), weight_type=QuantType.QInt8, per_channel=True,
-                             nodes_to_exclude=kept)
+        _quantize(smoothed, signed, [n for n in quantized if not unsigned(n)], unsigned_weights=False)
+        _quantize(signed, dst, [n for n in quantized if unsigned(n)], unsigned_weights=True)
     finally:
         smoothed.unlink(missing_ok=True)
+        signed.unlink(missing_ok=True)
     return kept
+
+
+def _quantize(src: Path, dst: Path, nodes: list[str], unsigned_weights: bool) -> None:
+    """Dynamic int8 with per-channel weights for `nodes` only (an empty list quantizes nothing)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    if not nodes:
+        dst.write_bytes(src.read_bytes())
+        return
+    # signed weights within [-64, 64] (reduce_range): a pair of u8 x s8 products stays below 2**15
+    kind = {"weight_type": QuantType.QUInt8} if unsigned_weights else {"weight_type": QuantType.QInt8,
+                                                                      "reduce_range": True}
+    with quiet_root_calls("onnxruntime/quantization"):  # one warning per skipped node, expected
+        quantize_dynamic(str(src), str(dst), per_channel=True, nodes_to_quantize=nodes, **kind)
 
 
 def _activation_peaks(src: Path, names: list[str], feeds: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
