@@ -2,8 +2,9 @@
 
 A quantized model's numbers depend on the kernel path onnxruntime or llama.cpp picks (x86 without
 VNNI sums int8 products in 16 bits, for one), so an export records these facts of the machine
-that proved it, and `edgelm verify` prints them beside this machine's. Stdlib only and cheap: no
-backend is imported (versions come from package metadata).
+that proved it, and `edgelm verify` prints them beside this machine's. Cheap: no backend is
+imported (versions come from package metadata); numpy, already loaded by the runtime, tells which
+features the executing CPU reports.
 """
 
 from __future__ import annotations
@@ -64,12 +65,44 @@ def _cpu_model(cpuinfo: str) -> str | None:
 
 
 def _isa(cpuinfo: str) -> list[str]:
-    flags = set((_first_value(cpuinfo, ("flags", "features")) or "").split())
+    flags = set((_first_value(cpuinfo, ("flags", "features")) or "").split()) & set(X86_FEATURES + ARM_FEATURES)
     if platform.system() == "Darwin" and platform.machine() == "arm64":
         flags |= {"neon", "asimd"}  # every Apple silicon core has them
         if _sysctl("hw.optional.arm.FEAT_DotProd") == "1":
             flags.add("dotprod")
-    return sorted(flags & set(X86_FEATURES + ARM_FEATURES))
+    return sorted(_as_executed(flags))
+
+
+def _as_executed(listed: set[str]) -> set[str]:
+    """The features of the CPU this process runs on, by CPUID where numpy has read it.
+
+    /proc/cpuinfo describes the host, which is not always the CPU that executes: under an emulator
+    or a hypervisor that masks features, only CPUID tells what the kernels will find. numpy reads
+    CPUID at import (the same probe its own dispatch uses); for the features it knows its answer
+    wins, and the ones it does not know (avx_vnni, amx) are kept from /proc/cpuinfo only when the
+    two agree on everything else.
+    """
+    probed = _numpy_features()
+    if probed is None:
+        return listed
+    known = {name for name, _ in NUMPY_FEATURES}
+    present = {name for name, numpy_name in NUMPY_FEATURES if probed.get(numpy_name)}
+    agree = (listed & known) == present
+    return present | (listed - known if agree else set())
+
+
+# edgelm's feature names and numpy's for them (numpy/_core/src/common/npy_cpu_features.h)
+NUMPY_FEATURES = (("avx2", "AVX2"), ("fma", "FMA3"), ("f16c", "F16C"), ("avx512f", "AVX512F"),
+                  ("avx512bw", "AVX512BW"), ("avx512_vnni", "AVX512VNNI"), ("asimd", "ASIMD"),
+                  ("asimddp", "ASIMDDP"), ("neon", "NEON"))
+
+
+def _numpy_features() -> dict[str, bool] | None:
+    try:  # a private table of numpy's; absent or renamed in some version: fall back to /proc/cpuinfo
+        from numpy._core._multiarray_umath import __cpu_features__
+    except ImportError:
+        return None
+    return dict(__cpu_features__) if isinstance(__cpu_features__, dict) else None
 
 
 def _sysctl(name: str) -> str | None:
