@@ -15,7 +15,9 @@ def describe(path: Path, as_json: bool, verify: bool) -> None:
 
     manifest = info(path, verify=verify)
     if as_json:
-        click.echo(terminal_json(manifest.to_dict(), indent=2))
+        from edgelm.machine import machine_facts
+
+        click.echo(terminal_json({**manifest.to_dict(), "this_machine": machine_facts()}, indent=2))
         return
     # every string here comes from a file made elsewhere: escaped before it reaches the terminal
     head = f"{path}: {manifest.family} {manifest.task}, {manifest.format} {manifest.quant}"
@@ -30,10 +32,13 @@ def describe(path: Path, as_json: bool, verify: bool) -> None:
             click.echo(f"  {printable(check.describe())}")
     if manifest.validation_reference:
         click.echo(printable(f"reference set: {manifest.validation_reference} (run `edgelm verify` on the device)"))
-    if manifest.machine is not None:
-        from edgelm.commands.verify import describe_machine
+    from edgelm.commands.verify import describe_machine
+    from edgelm.machine import machine_facts
 
-        click.echo(f"exported on: {describe_machine(dataclasses.asdict(manifest.machine))}")
+    # both machines: a quantized file's numbers depend on the CPU that runs it
+    exported = describe_machine(dataclasses.asdict(manifest.machine)) if manifest.machine else "not recorded"
+    click.echo(f"exported on:  {exported}")
+    click.echo(f"this machine: {describe_machine(machine_facts())}")
     if manifest.created:
         click.echo(printable(f"created {manifest.created} by edgelm {manifest.versions.get('edgelm')}"))
     else:
