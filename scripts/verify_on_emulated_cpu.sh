@@ -8,13 +8,15 @@
 # lacks AVX-512 and VNNI, so onnxruntime and llama.cpp pick the kernels such a laptop would. It is
 # tens of times slower than native: use it on small artifacts or be patient. Exits as verify does.
 set -euo pipefail
+artifacts=()
+for artifact in "$@"; do artifacts+=("$(realpath -m -- "$artifact")"); done  # before the cd below
 cd "$(dirname "$0")/.."
 command -v qemu-x86_64 >/dev/null || { echo "error: qemu-x86_64 not found (apt-get install qemu-user)" >&2; exit 1; }
 [ "$#" -gt 0 ] || { echo "usage: $0 ARTIFACT..." >&2; exit 2; }
 python=$(readlink -f .venv/bin/python)
 site=$(.venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 status=0
-for artifact in "$@"; do
+for artifact in "${artifacts[@]}"; do
     echo "== $artifact on an emulated ${QEMU_CPU:-EPYC-Rome}"
     # qemu warns once per CPU feature its emulator lacks (pcid, x2apic, ...): not about the artifact
     PYTHONPATH="$site:$PWD" qemu-x86_64 -cpu "${QEMU_CPU:-EPYC-Rome}" "$python" -m edgelm.cli verify "$artifact" \
