@@ -131,8 +131,71 @@ def test_int8_and_int4_are_weight_only_and_record_their_blocks(gpt2_int8, gpt2_i
         checks = {c["name"]: c for c in manifest["validation"]}
         ratio = checks[f"held_out_perplexity_ratio_{manifest['quant']}_vs_fp32"]
         assert ratio["threshold"] == bound and ratio["value"] <= bound and manifest["validation_passed"]
-    sizes = [(f / "model.onnx").stat().st_size for f in (gpt2_int4_mobile, gpt2_int8, gpt2_fp32)]
+        assert_embedding_stored_once(folder / "model.onnx", bits)
+        assert "model.onnx_data" in manifest["files"]  # weights onnxruntime maps instead of copying
+        modes = {(folder / name).stat().st_mode & 0o777 for name in ("model.onnx", "model.onnx_data")}
+        assert len(modes) == 1  # as readable as the graph (onnx writes the data file owner-only)
+    sizes = [sum(p.stat().st_size for p in f.glob("model.onnx*")) for f in (gpt2_int4_mobile, gpt2_int8, gpt2_fp32)]
     assert sizes == sorted(sizes)
+
+
+def assert_embedding_stored_once(path: Path, bits: int) -> None:
+    """The tied embedding is the head's packed blocks: no fp32 (vocab, width) table beside them."""
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    gathers = [n for n in graph.node if n.op_type == "GatherBlockQuantized"]
+    heads = [n for n in graph.node if n.op_type == "MatMulNBits" and n.input[1] == f"lm_head.weight_Q{bits}"]
+    assert len(gathers) == 1 and len(heads) == 1 and gathers[0].input[0] == heads[0].input[1]
+    assert "wte" not in {t.name for t in graph.initializer}
+
+
+def tied_graph(vocab: int, width: int, untie: bool = False):
+    """Gather rows of a (vocab, width) table and multiply by its transpose, as a tied GPT-2 does."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    table = np.random.default_rng(0).standard_normal((vocab, width)).astype(np.float32)
+    head = table.T.copy() + (1e-3 if untie else 0)
+    nodes = [helper.make_node("Gather", ["wte", "ids"], ["rows"]), helper.make_node("MatMul", ["x", "head"], ["logits"])]
+    graph = helper.make_graph(
+        nodes, "tied", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "s"]),
+                        helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", width])],
+        [helper.make_tensor_value_info("rows", TensorProto.FLOAT, None),
+         helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(table, "wte"), numpy_helper.from_array(head, "head")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), table
+
+
+@pytest.mark.parametrize("width, bits, block", [(256, 8, 128), (64, 8, 128), (80, 4, 32), (256, 4, 32)])
+def test_tied_table_is_gathered_from_the_heads_blocks(tmp_path, width, bits, block):
+    """Each gathered row is exactly the head's dequantized column, whole blocks or a zero-padded last one."""
+    import onnx
+    import onnxruntime as ort
+
+    from edgelm.export.onnx_quantize import WeightOnly, quantize_weight_only
+
+    model, table = tied_graph(300, width)
+    onnx.save(model, str(tmp_path / "fp32.onnx"))
+    quantize_weight_only(tmp_path / "fp32.onnx", tmp_path / "q.onnx", WeightOnly(bits, block), tied=(("wte", "head"),))
+    assert "wte" not in {t.name for t in onnx.load(str(tmp_path / "q.onnx")).graph.initializer}
+    session = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"])
+    rows, columns = session.run(None, {"ids": np.arange(300)[None], "x": np.eye(width, dtype=np.float32)})
+    assert rows.shape == (1, 300, width)
+    np.testing.assert_allclose(rows[0], columns.T, atol=1e-6)  # one table, read by both kernels
+    step = np.abs(table).max() / (2 ** (bits - 1) - 1)  # at most one quantization step per entry
+    assert np.abs(rows[0] - table).max() <= step
+
+
+def test_untied_table_keeps_its_own_gather(tmp_path):
+    import onnx
+
+    from edgelm.export.onnx_quantize import WeightOnly, quantize_weight_only
+
+    model, _ = tied_graph(300, 256, untie=True)
+    onnx.save(model, str(tmp_path / "fp32.onnx"))
+    quantize_weight_only(tmp_path / "fp32.onnx", tmp_path / "q.onnx", WeightOnly(8, 128), tied=(("wte", "head"),))
+    graph = onnx.load(str(tmp_path / "q.onnx")).graph
+    assert "Gather" in {n.op_type for n in graph.node} and "wte" in {t.name for t in graph.initializer}
 
 
 def test_int4_greedy_stays_close_to_transformers(gpt2_int4_mobile, gpt2_source):
@@ -153,6 +216,7 @@ def test_ort_copy_loads_and_generates_as_the_onnx_file(gpt2_int4_mobile):
     assert {"model.ort", "model.required_operators.config"} <= set(manifest["files"])
     config = (gpt2_int4_mobile / "model.required_operators.config").read_text()
     assert "com.microsoft;1;" in config and "GroupQueryAttention" in config and "MatMulNBits" in config
+    assert "GatherBlockQuantized" in config  # a reduced build must keep the quantized embedding's kernel
     assert "partial" not in config and "# - model.ort" in config  # no temporary paths from the export
     checks = {c["name"]: c for c in manifest["validation"]}
     assert checks["greedy_32_identical_prompts_ort_vs_onnx"]["passed"]

@@ -115,7 +115,7 @@ def export_gpt2(source: Path, config: dict, out: Path, options: ExportOptions) -
             fp32 = _optimum_export(source, Path(scratch) / "onnx")
         options.progress("export", 1, 3)
         if quantized:
-            quantize_weight_only(fp32, tmp / MODEL_FILE, WEIGHT_ONLY[options.quant])
+            quantize_weight_only(fp32, tmp / MODEL_FILE, WEIGHT_ONLY[options.quant], tied=gpt2_graph.TIED_TABLES)
         else:
             _move_model(fp32, tmp)
         if options.target == "mobile":

@@ -32,6 +32,9 @@ OPSET = 18
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf caps a file at 2 GB; larger graphs keep weights outside
 ACTIVATIONS = {"gelu_new": "FastGelu", "gelu_pytorch_tanh": "FastGelu", "gelu_fast": "FastGelu"}
 HEAD_DIM_MULTIPLE = 8  # onnxruntime's CPU GroupQueryAttention kernel refuses other head sizes
+# a quantized graph's separate head is the embedding transposed when the checkpoint ties them (GPT-2
+# does): the quantizer then lets the embedding gather read the head's packed blocks (onnx_quantize.py)
+TIED_TABLES = (("wte", "lm_head.weight"),)
 
 
 @dataclass(frozen=True)
