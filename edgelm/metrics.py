@@ -1,4 +1,5 @@
-"""Fidelity numbers, written once: log-softmax, perplexity, KL divergence and top-1 agreement.
+"""Fidelity numbers, written once: log-softmax, perplexity, KL divergence (full and over a stored
+top-k), and top-1 agreement.
 
 Used by `edgelm eval`, the exporters' validation, training and the benchmarks. numpy only, so
 the runtime may import it. Perplexity follows llama.cpp's `llama-perplexity`: the text is
@@ -62,6 +63,44 @@ def kl_divergence(reference: np.ndarray, other: np.ndarray) -> np.ndarray:
 
 def mean_kl(reference: np.ndarray, other: np.ndarray) -> float:
     return float(np.mean(kl_divergence(reference, other)))
+
+
+REST_NOISE = 1e-6  # a rest bucket this small is the rounding of float32 log-probs, not probability
+
+
+def top_k_log_probs(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's k most likely ids (int32) and their log-probs (float32), most likely first.
+
+    Ties keep the lower id first, so column 0 is np.argmax's choice: the reference's top-1.
+    """
+    logp = log_softmax(logits)
+    k = min(k, logp.shape[-1])
+    ids = np.argsort(-logp, axis=-1, kind="stable")[:, :k]
+    return ids.astype(np.int32), np.take_along_axis(logp, ids, -1).astype(np.float32)
+
+
+def coarsened_kl(top_ids: np.ndarray, top_logp: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """KL(reference || other) per row over the reference's top-k tokens plus one bucket for the rest.
+
+    Only the reference's top-k log-probs are stored (top_ids, top_logp: (T, k)); `other` is a full
+    logits row (T, V). Merging tokens into one bucket can only lose divergence (the data-processing
+    inequality), so this is a lower bound of the full KL, equal to it when k is the vocabulary.
+    """
+    p_top = np.exp(np.asarray(top_logp, np.float64))
+    p_rest = 1.0 - p_top.sum(-1)
+    p_rest = np.where(p_rest > REST_NOISE, p_rest, 0.0)  # below it: the float32 rounding of the stored log-probs
+    q_log = log_softmax(other)
+    q_top_log = np.take_along_axis(q_log, np.asarray(top_ids, np.int64), -1)
+    rest_mask = np.ones(q_log.shape, bool)
+    np.put_along_axis(rest_mask, np.asarray(top_ids, np.int64), False, -1)
+    q_rest = np.maximum(np.where(rest_mask, np.exp(q_log), 0.0).sum(-1), 1e-300)  # summed, not 1 - top: exact
+    top = np.sum(p_top * (np.asarray(top_logp, np.float64) - q_top_log), axis=-1)
+    rest = np.where(p_rest > 0, p_rest * (np.log(np.maximum(p_rest, 1e-300)) - np.log(q_rest)), 0.0)
+    return np.maximum(top + rest, 0.0)
+
+
+def mean_coarsened_kl(top_ids: np.ndarray, top_logp: np.ndarray, other: np.ndarray) -> float:
+    return float(np.mean(coarsened_kl(top_ids, top_logp, other)))
 
 
 def top1_agreement(a: np.ndarray, b: np.ndarray) -> float:

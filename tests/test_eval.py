@@ -7,6 +7,8 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from trained_fixtures import train_tiny_hf
 
 from conftest import export_to
@@ -95,6 +97,37 @@ def test_kl_and_top1_on_known_distributions():
     result = metrics.compare(q, [0, 1], base_logits=p)
     assert result.perplexity_ratio == pytest.approx(np.exp((np.log(2) + np.log(1 / 0.9)) / 2 - np.log(2) / 2
                                                            - np.log(10) / 2))
+
+
+def test_coarsened_kl_on_a_hand_computed_case():
+    """p = (.5, .3, .2), q = (.2, .3, .5): the reference's top-k tokens kept, the rest one bucket."""
+    p, q = np.log([[0.5, 0.3, 0.2]]), np.log([[0.2, 0.3, 0.5]])
+    expected = {1: 0.5 * np.log(0.5 / 0.2) + 0.5 * np.log(0.5 / 0.8),
+                2: 0.5 * np.log(0.5 / 0.2) + 0.3 * np.log(1.0) + 0.2 * np.log(0.2 / 0.5),
+                3: float(metrics.kl_divergence(p, q)[0])}
+    for k, value in expected.items():
+        ids, logp = metrics.top_k_log_probs(p, k)
+        assert ids.dtype == np.int32 and logp.dtype == np.float32 and ids[0].tolist() == [0, 1, 2][:k]
+        assert metrics.mean_coarsened_kl(ids, logp, q) == pytest.approx(value, rel=1e-6)
+
+
+def test_top_k_keeps_argmax_first_on_ties():
+    ids, logp = metrics.top_k_log_probs(np.array([[1.0, 3.0, 3.0, 0.0]]), 3)
+    assert ids[0].tolist() == [1, 2, 0] and ids[0, 0] == np.argmax([1.0, 3.0, 3.0, 0.0])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(2, 40), st.floats(0.01, 8.0), st.floats(0.0, 3.0))
+def test_coarsened_kl_is_a_lower_bound_equal_at_full_vocabulary(seed, vocab, scale, noise):
+    rng = np.random.default_rng(seed)
+    p = rng.normal(size=(4, vocab)) * scale
+    q = p + rng.normal(size=(4, vocab)) * noise
+    full = metrics.kl_divergence(p, q)
+    for k in range(1, vocab + 1):
+        ids, logp = metrics.top_k_log_probs(p, k)
+        assert (metrics.coarsened_kl(ids, logp, q) <= full + 1e-5 + 1e-4 * full).all(), k
+    ids, logp = metrics.top_k_log_probs(p, vocab)
+    np.testing.assert_allclose(metrics.coarsened_kl(ids, logp, q), full, rtol=1e-4, atol=1e-5)
 
 
 def test_a_held_out_text_linked_out_of_the_source_folder_is_refused(tmp_path):

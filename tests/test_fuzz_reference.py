@@ -1,6 +1,7 @@
 """Fuzzing reference files: every hostile reference.npz ends in checks or a one-line ArtifactError.
 
-Seeds: the reference files of the tiny LSTM and GPT-2 artifacts (conftest.py). Each example is
+Seeds: the reference files of the tiny LSTM and GPT-2 artifacts (conftest.py) and of a tiny Qwen2
+F32 GGUF (its top-k, held-out log-probs and budgeted full rows). Each example is
 the file with its bytes mutated, a zip of hostile `.npy` members (object and structured dtypes,
 shapes claiming far more than the bytes, names outside the schema), or the file with one array
 replaced by another of a random type and shape. The reference is then loaded and run through the
@@ -36,7 +37,8 @@ from edgelm.runtime.device import RuntimeOptions  # noqa: E402
 DESCRS = ["<f4", "<f8", ">f4", "<i8", "<i4", "|u1", "|b1", "<c8", "<U8", "|S4", "|O", "<M8[s]", "[('a', '<f4')]",
           "('<f4', (2,))", "<f2", "not a dtype"]
 NAMES = ["logits", "ids", "chunks", "states", "held_out", "held_out_top1", "prompts", "prompt_lengths", "texts",
-         "outputs", "held_out_perplexity_fp32", "../evil", "x" * 80, "", "logits.npy"]
+         "outputs", "held_out_perplexity_fp32", "top_ids", "top_logp", "held_out_logp", "logits_positions",
+         "held_out_top_ids", "held_out_top_logp", "../evil", "x" * 80, "", "logits.npy"]
 
 
 def npy_bytes(descr: str, fortran: bool, shape: tuple, body: bytes, version: int = 1) -> bytes:
@@ -62,9 +64,22 @@ random_arrays = st.tuples(
 
 
 @pytest.fixture(scope="session")
-def seeds(lstm_artifact, gpt2_int8) -> list[tuple[Path, object, bytes]]:
+def qwen2_f32(tmp_path_factory) -> Path:
+    from gguf_fixtures import build_tiny_qwen2
+
+    from conftest import export_to
+
+    root = tmp_path_factory.mktemp("fuzz-qwen2")
+    return export_to(build_tiny_qwen2(root / "source"), root / "f32", quant="f32")
+
+
+@pytest.fixture(scope="session")
+def seeds(lstm_artifact, gpt2_int8, qwen2_f32) -> list[tuple[Path, object, bytes]]:
     return [(folder, read_manifest(folder), (folder / REFERENCE_NAME).read_bytes())
-            for folder in (lstm_artifact, gpt2_int8)]
+            for folder in (lstm_artifact, gpt2_int8, qwen2_f32)]
+
+
+SEEDS = 3
 
 
 def run_reference(seed, data: bytes) -> None:
@@ -105,7 +120,7 @@ def test_mutated_reference_bytes_are_checks_or_one_line_errors(seeds, data):
 
 
 @settings(max_examples=fuzz_examples(ci=150))
-@given(st.integers(0, 1), hostile_members)
+@given(st.integers(0, SEEDS - 1), hostile_members)
 def test_hostile_npy_members_are_one_line_errors(seeds, which, members):
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:
@@ -115,7 +130,7 @@ def test_hostile_npy_members_are_one_line_errors(seeds, which, members):
 
 
 @settings(max_examples=fuzz_examples(ci=100))
-@given(st.integers(0, 1), st.data(), random_arrays)
+@given(st.integers(0, SEEDS - 1), st.data(), random_arrays)
 def test_an_array_of_another_type_or_shape_is_one_line_error(seeds, which, data, spec):
     dtype, shape, seed_value = spec
     folder, manifest, original = seeds[which]
@@ -139,3 +154,66 @@ def test_a_huge_claimed_shape_is_refused_before_allocating(seeds):
             copy = Path(shutil.copytree(folder, Path(scratch) / "artifact"))
             (copy / REFERENCE_NAME).write_bytes(buffer.getvalue())
             reference_checks(copy, manifest, RuntimeOptions(threads=1))
+
+
+def loaded(seed) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(seed[2]), allow_pickle=False) as data:
+        return {key: data[key] for key in data.files}
+
+
+def _swap_first_two(ids):
+    ids = ids.copy()
+    ids[:, [0, 1]] = ids[:, [1, 0]]
+    return ids
+
+
+TOP_K_ATTACKS = [  # (array, change, words of the error): values a schema of kinds and ranks lets through
+    ("top_ids", lambda a: np.where(a == a[0, 0], a[0, 1], a), "twice"),
+    ("top_ids", lambda a: a + 10_000, "outside the vocabulary"),
+    ("top_ids", lambda a: a[:, :1], "tokens per position"),
+    ("top_ids", lambda a: a[:-1], "has shape"),
+    ("top_logp", lambda a: a + np.float32(10.0), "not finite and <= 0"),
+    ("top_logp", lambda a: np.where(a == a[0, 0], np.nan, a).astype(a.dtype), "not finite"),
+    ("top_logp", lambda a: a[:, ::-1].copy(), "most-likely-first"),
+    ("top_logp", lambda a: np.maximum(a, np.float32(-0.01)), "most-likely-first or holds more"),
+    ("held_out_logp", lambda a: -a, "not finite and <= 0"),
+    ("held_out_logp", lambda a: a[1:], "has shape"),
+    ("logits_positions", lambda a: a[::-1].copy(), "increasing"),
+    ("logits_positions", lambda a: a + 100_000, "increasing positions below"),
+    ("logits_positions", lambda a: a[:-1], "has shape"),
+    ("logits", None, "no array 'logits'"),
+]
+
+
+@pytest.mark.parametrize("name, change, words", TOP_K_ATTACKS)
+def test_hostile_top_k_values_are_one_line_errors(seeds, name, change, words):
+    arrays = loaded(seeds[2])
+    if change is None:
+        del arrays[name]
+        arrays.pop("logits_positions")
+    else:
+        arrays[name] = change(arrays[name])
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    folder, manifest, _ = seeds[2]
+    with tempfile.TemporaryDirectory() as scratch:
+        copy = Path(shutil.copytree(folder, Path(scratch) / "artifact"))
+        (copy / REFERENCE_NAME).write_bytes(buffer.getvalue())
+        with pytest.raises(ArtifactError, match=words) as caught:
+            reference_checks(copy, manifest, RuntimeOptions(threads=1))
+    assert "\n" not in str(caught.value)
+
+
+def test_gpt2_top1_comes_from_its_top_k(seeds):
+    """The held-out top-1 is column 0 of the stored top-k: swapping the first two is a check's miss,
+    or a refusal when it breaks most-likely-first order."""
+    arrays = loaded(seeds[1])
+    arrays["held_out_top_ids"] = _swap_first_two(arrays["held_out_top_ids"])
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    folder, manifest, _ = seeds[1]
+    with tempfile.TemporaryDirectory() as scratch:
+        copy = Path(shutil.copytree(folder, Path(scratch) / "artifact"))
+        (copy / REFERENCE_NAME).write_bytes(buffer.getvalue())
+        checks = {c.name: c for c in reference_checks(copy, manifest, RuntimeOptions(threads=1))}
+    assert not checks["top1_agreement_vs_torch"].passed

@@ -2,7 +2,9 @@
 
 llama.cpp runs with an F32 KV cache and every position's logits; transformers runs in F32.
 F32 files must match to 1e-4; F16/BF16 must pick the same top token wherever torch's choice is
-decisive; quantized files are judged by mean KL divergence and held-out perplexity change.
+decisive; quantized files are judged by mean KL divergence and held-out perplexity change, over
+the prompts and HELD_OUT_TOKENS of held-out text at any vocabulary size (the reference keeps
+torch's top-k per position, not full rows: edgelm/reference/gguf_decoder.py).
 """
 
 from __future__ import annotations
@@ -28,24 +30,25 @@ def validate_gguf(path: Path, source: Path, manifest: Manifest, options: ExportO
     does; tokenizer and chat-template parity need the source's own libraries, so they run here only."""
     from edgelm.export.checks import checks_from_reference
     from edgelm.export.gguf_parity import chat_template_checks, tokenizer_checks
-    from edgelm.reference.gguf_decoder import open_llama_for_logits, reference_arrays
-    from edgelm.reference.store import LOGIT_BUDGET
+    from edgelm.reference.gguf_decoder import needs_full_rows, open_llama_for_logits, reference_arrays
+    from edgelm.reference.store import rows_within_budget
 
     options.progress("validate", 0, 3)
     quant = family_named(manifest.family).spec("gguf").quant(manifest.quant)  # its bounds
     torch_model, hf_tokenizer = _load_source(source)
     bos = manifest.tokenizer.bos_id if manifest.generation.add_bos else None
     prompts = [_ids(hf_tokenizer, text, bos) for text in PROMPTS]
-    width = int(torch_model.config.vocab_size)
-    # the reference keeps full logits rows: a large vocabulary leaves room for fewer held-out positions
-    room = max(16, LOGIT_BUDGET // width - sum(len(ids) for ids in prompts))
-    held_out_tokens = min(HELD_OUT_TOKENS, room, int(manifest.model.context_length or HELD_OUT_TOKENS))
+    held_out_tokens = min(HELD_OUT_TOKENS, int(manifest.model.context_length or HELD_OUT_TOKENS))
     held_out = _ids(hf_tokenizer, held_out_text(), bos)[:held_out_tokens]
     inputs = [*prompts, held_out]
     logits = [_torch_logits(torch_model, ids) for ids in inputs]
     exact = _ggml_activation_reference(torch_model, manifest, quant, inputs)
+    # the reference stores every position's top-k; full rows only for F32's exactness check, budgeted
+    width = int(torch_model.config.vocab_size) * (1 if exact is None else 2)
+    full_rows = rows_within_budget(sum(len(ids) for ids in inputs), width, 1) if needs_full_rows(quant) else 0
     options.progress("validate", 1, 3)
-    checks = checks_from_reference(path.parent, manifest, reference_arrays(prompts, held_out, logits, exact))
+    arrays = reference_arrays(prompts, held_out, logits, exact, full_rows)
+    checks = checks_from_reference(path.parent, manifest, arrays)
     llm = open_llama_for_logits(path, max(len(ids) for ids in inputs) + 8)
     try:
         checks += tokenizer_checks(llm, source, manifest)

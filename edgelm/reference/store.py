@@ -25,6 +25,9 @@ MAX_REFERENCE_BYTES = 64 << 20  # what exporters write stays within a few MiB (r
 MAX_ARRAYS = 32
 MAX_HEADER_BYTES = 4096
 LOGIT_BUDGET = 1 << 20  # float32 logits per reference file (4 MiB): long rows are kept for fewer positions
+MAX_TOP_K = 1024  # tokens per position in a stored top-k (edgelm writes TOP_K)
+TOP_K = 128  # torch's most likely tokens kept per position: the coarsened KL's resolution (metrics.py)
+MASS_SLACK = 1e-3  # float32 log-probs of a top-k may sum to a hair over probability 1
 ARRAY_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
 KINDS = {"float": ("f", (4, 8)), "int": ("i", (4, 8)), "text": ("U", None)}
 
@@ -122,6 +125,32 @@ def expect_shape(arrays: dict[str, np.ndarray], name: str, shape: tuple[int | No
     if len(actual) != len(shape) or any(want is not None and got != want for got, want in zip(actual, shape)):
         shown = tuple("*" if want is None else want for want in shape)
         raise ArtifactError(f"{path}: array {name!r} has shape {actual}, expected {shown}")
+
+
+def check_top_k(arrays: dict[str, np.ndarray], ids: str, logp: str, positions: int, vocab: int,
+                path: Path) -> None:
+    """torch's top-k at every position: ids unique and within the vocabulary, log-probs finite, <= 0,
+    most likely first, their mass at most 1 (the coarsened KL's rest bucket must not be negative)."""
+    k = arrays[ids].shape[1] if arrays[ids].ndim == 2 else 0
+    if not 2 <= k <= min(vocab, MAX_TOP_K):
+        raise ArtifactError(f"{path}: array {ids!r} must keep 2..{min(vocab, MAX_TOP_K)} tokens per position")
+    expect_shape(arrays, ids, (positions, k), path)
+    expect_shape(arrays, logp, (positions, k), path)
+    top, values = arrays[ids], arrays[logp].astype(np.float64)
+    if not ((top >= 0) & (top < vocab)).all():
+        raise ArtifactError(f"{path}: array {ids!r} holds token ids outside the vocabulary of {vocab}")
+    ordered = np.sort(top, axis=-1)
+    if (ordered[:, 1:] == ordered[:, :-1]).any():
+        raise ArtifactError(f"{path}: array {ids!r} names a token twice at one position")
+    check_log_probs(arrays, logp, path)
+    if (np.diff(values, axis=-1) > 0).any() or (np.exp(values).sum(-1) > 1 + MASS_SLACK).any():
+        raise ArtifactError(f"{path}: array {logp!r} is not most-likely-first or holds more than all the probability")
+
+
+def check_log_probs(arrays: dict[str, np.ndarray], name: str, path: Path) -> None:
+    values = arrays[name]
+    if not (np.isfinite(values) & (values <= 0)).all():
+        raise ArtifactError(f"{path}: array {name!r} holds log-probabilities that are not finite and <= 0")
 
 
 def rows_within_budget(positions: int, width: int, minimum: int = 16) -> int:
