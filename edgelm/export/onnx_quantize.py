@@ -11,9 +11,9 @@ fly with its own scale (finer than dynamic quantization's one scale per tensor).
 A table that is both gathered (an embedding) and multiplied (a tied output head) is stored once:
 after quantization the Gather reads the head's packed blocks through `GatherBlockQuantized`
 (com.microsoft), which dequantizes only the rows it picks. MatMulNBits keeps B as (N, K/block,
-block bytes) with scales (N, K/block), row n of the (K, N) weight being row n of the (N, K) table,
-so both kernels read the same initializers. Without this the fp32 table stayed beside its 8-bit
-copy (GPT-2 124M: 154 MB of a 294 MB file).
+block bytes) with scales (N, K/block): column n of the (K, N) weight is row n of the (N, K)
+table, so both kernels read the same initializers. Without this the fp32 table stayed beside
+its 8-bit copy (GPT-2 124M: 154 MB of a 285 MB file).
 """
 
 from __future__ import annotations
