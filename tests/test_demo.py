@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
+import pytest
 from click.testing import CliRunner
 
 from edgelm.artifact import read_manifest
@@ -10,12 +15,24 @@ from edgelm.cli import main
 ARTIFACTS = {"rnn-int8": ("rnn", "onnx", "int8"), "lstm-int8": ("lstm", "onnx", "int8"),
              "gpt2-int8": ("gpt2", "onnx", "int8"), "gpt2-q8_0": ("gpt2", "gguf", "q8_0"),
              "llama-q4_k_m": ("llama", "gguf", "q4_k_m"), "bert-fill-mask-none": ("bert", "onnx", "none")}
+# what the demo's timed generation runs in: the child generate() starts, and whether it loaded torch
+CHILD = ("import runpy, sys; sys.argv = ['demo', *sys.argv[1:]]; "
+         "runpy.run_module('edgelm.commands.demo', run_name='__main__'); "
+         "print(sorted(m for m in ('torch', 'transformers', 'optimum') if m in sys.modules))")
 
 
-def test_quick_demo_writes_every_artifact_under_out_and_prints_the_table(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # nothing may land in the working directory
-    out = tmp_path / "demo"
-    result = CliRunner().invoke(main, ["demo", "--out", str(out), "--quick"])
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    home = tmp_path_factory.mktemp("demo-cwd")
+    out = home / "demo"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(home)  # nothing may land in the working directory
+        result = CliRunner().invoke(main, ["demo", "--out", str(out), "--quick"])
+    return home, out, result
+
+
+def test_quick_demo_writes_every_artifact_under_out_and_prints_the_table(quick_demo):
+    home, out, result = quick_demo
     assert result.exit_code == 0, result.output
     for name, (family, fmt, quant) in ARTIFACTS.items():
         manifest = read_manifest(out / name)
@@ -23,7 +40,37 @@ def test_quick_demo_writes_every_artifact_under_out_and_prints_the_table(tmp_pat
         assert manifest.validation and not manifest.validation_skipped
     for family in ("rnn", "lstm", "gpt2", "llama", "bert"):
         assert (out / f"{family}-model" / "config.json").is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]
+    assert sorted(p.name for p in home.iterdir()) == ["demo"]
     table = result.output[result.output.index("family  format"):].splitlines()
+    table = [line for line in table if not line.startswith("* ")]  # the busy-machine note, when printed
     assert len(table) == 2 + len(ARTIFACTS)  # header, rule, one row per artifact
     assert all("MB" in row for row in table[2:]) and "tok/s" in table[2]
+    assert result.output.count("tokens/s, a fresh process") == 5  # every printed speed: rnn, lstm, gpt2 x2, llama
+
+
+@pytest.mark.parametrize("name, kind", [("gpt2-int8", "text"), ("llama-q4_k_m", "chat")])
+def test_timed_generation_runs_in_a_process_without_torch(quick_demo, name, kind):
+    """The speeds the demo prints come from a process that has only the runtime, as a user's has."""
+    _, out, _ = quick_demo
+    done = subprocess.run([sys.executable, "-c", CHILD, str(out / name), kind], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    row, loaded = done.stdout.strip().splitlines()[-2:]
+    assert loaded == "[]"
+    row = json.loads(row)
+    assert row["completion_tokens"] >= 1 and row["seconds"] > 0 and isinstance(row["text"], str)
+
+
+@pytest.mark.parametrize("waited, cell", [(0.01, "10 tok/s"), (0.5, "10 tok/s*"), (None, "10 tok/s")])
+def test_a_speed_measured_while_the_cpus_were_busy_is_marked(monkeypatch, tmp_path, waited, cell):
+    from edgelm.commands import demo
+
+    child = {"text": "the return", "completion_tokens": 10, "seconds": 1.0, "cpu_wait_seconds": waited}
+    monkeypatch.setattr(demo, "_run_child", lambda artifact, chat: child)
+    assert demo.generate(tmp_path, chat=True)[0] == cell
+
+
+def test_cpu_wait_is_read_from_the_scheduler():
+    from edgelm.commands.demo import cpu_wait_seconds
+
+    waited = cpu_wait_seconds()
+    assert waited is None or waited >= 0

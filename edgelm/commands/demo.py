@@ -8,6 +8,9 @@ fits in about ten minutes on 2 cores; `quick` (for tests) shrinks every model to
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +21,9 @@ from edgelm.safe_text import printable
 
 PROMPT = "The "
 CHAT_QUESTION = "What does the return statement do?"
+WARMUP_PROMPT, WARMUP_QUESTION, WARMUP_TOKENS = "A ", "What is a list?", 8
+BUSY_WAIT_SHARE = 0.1  # threads waiting for a CPU longer than this share of the time: a busy machine's speed
+BUSY_MARK = "*"
 FILL_MASK_TEXT = "the [MASK] statement is used to return a value from a function."
 EMBED_SENTENCES = ("How do I open a file for reading?", "Reading the contents of a file",
                    "The garden was full of red roses.")
@@ -92,6 +98,9 @@ def run_demo(out: Path, quick: bool = False) -> list[Row]:
         minilm_demo(demo)
     click.echo(f"\nall artifacts are under {out} ({time.perf_counter() - started:.0f}s)\n")
     click.echo(render_table(demo.rows))
+    if any(r.decode.endswith(BUSY_MARK) for r in demo.rows):
+        click.echo(f"{BUSY_MARK} measured while other processes held the CPUs; a quiet machine is faster")
+    # issue 16: the demo ends by running `edgelm verify` on every artifact it made; that step goes here
     return demo.rows
 
 
@@ -183,27 +192,78 @@ def minilm_demo(demo: Demo) -> None:
 
 
 def generate(artifact: Path, chat: bool = False) -> tuple[str, str]:
-    """Sample a continuation (or a chat reply); print it; return (tokens/s, real-word share)."""
+    """Sample a continuation (or a chat reply); print it; return (tokens/s, real-word share).
+
+    The timed generation runs in a fresh process that imports the runtime only, after a short
+    warm-up, so the speed is a user's process's. In this process torch has trained and validated
+    (llama.cpp would even run on torch's OpenMP runtime, loaded first), and its first-call setup
+    was already paid. The child also reports how long its threads waited for a CPU: llama.cpp's
+    threads meet at a barrier after every graph node, so while other processes hold the cores its
+    speed falls far more than onnxruntime's (GPT-2 124M Q8_0 here: 150 tok/s quiet, 55 beside one
+    busy process, 7 at a load of 5 on 2 cores; int8 ONNX 90 at that load). Such a speed is marked.
+    """
     from edgelm.models.corpus import real_word_fraction
+
+    done = _run_child(artifact, chat)
+    shown = done["text"] if chat else PROMPT + done["text"]
+    click.echo("    " + printable(shown, keep_lines=True).replace("\n", "\n    "))
+    share = real_word_fraction(done["text"])
+    tokens, seconds, waited = done["completion_tokens"], done["seconds"], done["cpu_wait_seconds"]
+    speed = tokens / seconds if seconds > 0 else 0.0
+    busy = waited is not None and waited > BUSY_WAIT_SHARE * seconds
+    note = f"; {BUSY_MARK} its threads waited {waited * 1000:.0f} ms in all for CPUs others held" if busy else ""
+    click.echo(f"    {tokens} tokens in {seconds:.2f}s ({speed:.0f} tokens/s, a fresh process{note}); "
+               f"real corpus words: {share:.0%}")
+    return f"{speed:.0f} tok/s" + (BUSY_MARK if busy else ""), f"{share:.0%}"
+
+
+def _run_child(artifact: Path, chat: bool) -> dict:
+    from edgelm.errors import ArtifactError
+
+    command = [sys.executable, "-m", "edgelm.commands.demo", str(artifact), "chat" if chat else "text"]
+    done = subprocess.run(command, capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ArtifactError(f"{artifact}: generating in a fresh process failed ({last})")
+    return json.loads(lines[-1])
+
+
+def child_generate(artifact: Path, chat: bool) -> dict:
+    """In the child: one warm-up, then the timed generation; what the parent prints."""
     from edgelm.runtime import load
 
     with load(artifact) as model:
         # at most half the context: the prompt (a chat turn's template included) takes the rest
         budget = min(MAX_TOKENS, (model.decoder.context_length or 2 * MAX_TOKENS) // 2)
-        started = time.perf_counter()
-        if chat:
-            done = model.chat_complete([{"role": "user", "content": CHAT_QUESTION}], max_tokens=budget,
-                                       temperature=0.6, seed=0)
-        else:
-            done = model.complete(PROMPT, max_tokens=budget, temperature=0.6, seed=0)
-        seconds = time.perf_counter() - started
-    shown = done.text if chat else PROMPT + done.text
-    click.echo("    " + printable(shown, keep_lines=True).replace("\n", "\n    "))
-    share = real_word_fraction(done.text)
-    speed = done.completion_tokens / seconds if seconds > 0 else 0.0
-    click.echo(f"    {done.completion_tokens} tokens in {seconds:.2f}s ({speed:.0f} tokens/s); "
-               f"real corpus words: {share:.0%}")
-    return f"{speed:.0f} tok/s", f"{share:.0%}"
+        # first-call setup (buffers, lazy imports) is not decoding; another prompt, so no cached prefix helps
+        _sample(model, chat, WARMUP_QUESTION if chat else WARMUP_PROMPT, WARMUP_TOKENS)
+        waited, started = cpu_wait_seconds(), time.perf_counter()
+        done = _sample(model, chat, CHAT_QUESTION if chat else PROMPT, budget)
+        seconds, after = time.perf_counter() - started, cpu_wait_seconds()
+    return {"text": done.text, "completion_tokens": done.completion_tokens, "seconds": seconds,
+            "cpu_wait_seconds": None if None in (waited, after) else after - waited}
+
+
+def cpu_wait_seconds() -> float | None:
+    """Time this process's threads have spent runnable but waiting for a CPU (Linux schedstat; None elsewhere)."""
+    tasks = Path("/proc/self/task")
+    if not tasks.is_dir():
+        return None
+    total = 0
+    for task in tasks.iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[1])  # ns on a run queue
+        except (OSError, IndexError, ValueError):
+            continue  # a thread that ended meanwhile, or a kernel without schedstat
+    return total / 1e9
+
+
+def _sample(model, chat: bool, text: str, max_tokens: int):
+    if chat:
+        return model.chat_complete([{"role": "user", "content": text}], max_tokens=max_tokens, temperature=0.6,
+                                   seed=0)
+    return model.complete(text, max_tokens=max_tokens, temperature=0.6, seed=0)
 
 
 def artifact_bytes(folder: Path) -> int:
@@ -227,3 +287,7 @@ def render_table(rows: list[Row]) -> str:
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+if __name__ == "__main__":  # the child process generate() starts: ARTIFACT chat|text
+    print(json.dumps(child_generate(Path(sys.argv[1]), sys.argv[2] == "chat")))
