@@ -41,9 +41,12 @@ def test_quick_demo_writes_every_artifact_under_out_and_prints_the_table(quick_d
     for family in ("rnn", "lstm", "gpt2", "llama", "bert"):
         assert (out / f"{family}-model" / "config.json").is_file()
     assert sorted(p.name for p in home.iterdir()) == ["demo"]
-    table = result.output[result.output.index("family  format"):].splitlines()
-    table = [line for line in table if not line.startswith("* ")]  # the busy-machine note, when printed
+    table_text, verified = result.output[result.output.index("family  format"):].split("\nedgelm verify")
+    table = [line for line in table_text.strip().splitlines() if not line.startswith("* ")]  # busy note
     assert len(table) == 2 + len(ARTIFACTS)  # header, rule, one row per artifact
+    # the demo ends by verifying every artifact it made, each in a fresh process
+    assert sorted(line.split()[1].rstrip(":") for line in verified.splitlines() if line.startswith("  ok ")) \
+        == sorted(ARTIFACTS)
     assert all("MB" in row for row in table[2:]) and "tok/s" in table[2]
     assert result.output.count("tokens/s, a fresh process") == 5  # every printed speed: rnn, lstm, gpt2 x2, llama
 
@@ -74,3 +77,18 @@ def test_cpu_wait_is_read_from_the_scheduler():
 
     waited = cpu_wait_seconds()
     assert waited is None or waited >= 0
+
+
+def test_the_closing_verify_fails_the_demo_on_a_broken_artifact(quick_demo, tmp_path, capsys):
+    import shutil
+
+    from edgelm.commands.demo import verify_all
+    from edgelm.errors import VerificationError
+
+    _, out, _ = quick_demo
+    broken = shutil.copytree(out / "rnn-int8", tmp_path / "rnn-int8")
+    (broken / "model.onnx").write_bytes(b"not a graph")  # the manifest's size and hash no longer match
+    with pytest.raises(VerificationError, match="rnn-int8"):
+        verify_all([out / "lstm-int8", broken])
+    printed = capsys.readouterr().out
+    assert "ok   lstm-int8" in printed and "FAIL rnn-int8" in printed

@@ -56,6 +56,7 @@ class Demo:
     out: Path
     quick: bool = False
     rows: list[Row] = field(default_factory=list)
+    artifacts: list[Path] = field(default_factory=list)  # every folder exported, for the closing verify
 
     def train(self, family: str) -> Path:
         from edgelm.commands.train import run_train
@@ -79,6 +80,7 @@ class Demo:
         from edgelm.export.options import ExportOptions
 
         manifest = export(source, self.out / name, ExportOptions(**options))
+        self.artifacts.append(self.out / name)
         for check in manifest.validation:
             click.echo(f"    {check.describe()}")
         return manifest
@@ -100,8 +102,33 @@ def run_demo(out: Path, quick: bool = False) -> list[Row]:
     click.echo(render_table(demo.rows))
     if any(r.decode.endswith(BUSY_MARK) for r in demo.rows):
         click.echo(f"{BUSY_MARK} measured while other processes held the CPUs; a quiet machine is faster")
-    # issue 16: the demo ends by running `edgelm verify` on every artifact it made; that step goes here
+    verify_all(demo.artifacts)
     return demo.rows
+
+
+def verify_all(artifacts: list[Path]) -> None:
+    """`edgelm verify` on every artifact, each in a fresh process with the runtime only, as a device runs it."""
+    from edgelm.errors import VerificationError
+
+    click.echo("\nedgelm verify, each artifact in a fresh process (no torch), on this machine:")
+    failed = []
+    for artifact in artifacts:
+        command = [sys.executable, "-m", "edgelm.cli", "verify", str(artifact), "--json"]
+        done = subprocess.run(command, capture_output=True, text=True)
+        lines = [line for line in done.stdout.splitlines() if line.strip()]
+        try:
+            result = json.loads("\n".join(lines))
+        except json.JSONDecodeError:
+            result = None
+        if done.returncode != 0 or not isinstance(result, dict):
+            failed.append(artifact.name)
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            click.echo(printable(f"  FAIL {artifact.name}: {last}"))
+            continue
+        bounded = [c for c in result["checks"] if c.get("threshold") is not None]
+        click.echo(printable(f"  ok   {artifact.name}: {len(bounded)} bounded checks passed"))
+    if failed:
+        raise VerificationError(f"verify failed on this machine for: {', '.join(failed)}")
 
 
 def _section(family: str, step: int, total: int, text: str) -> None:
