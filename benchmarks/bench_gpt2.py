@@ -252,6 +252,10 @@ def main() -> None:
     bandwidth = read_bandwidth(args.threads)
     print(f"\nGPT-2 {shape} (random weights), {args.threads} threads, median of {args.rounds} interleaved rounds; "
           f"read bandwidth {bandwidth / 1e9:.1f} GB/s; load average {os.getloadavg()[0]:.1f}\n")
+    from edgelm.machine import machine_facts
+
+    facts = machine_facts(args.threads)  # int8 kernels differ by CPU: say which ones ran
+    print(f"machine: {facts['cpu']}; isa: {' '.join(facts['isa'])}; vnni: {facts['vnni']}")
     print(table(rows, args, bandwidth))
     print("\n" + "\n".join(verdict(rows)))
 
