@@ -23,6 +23,7 @@ PROMPT = "The "
 CHAT_QUESTION = "What does the return statement do?"
 WARMUP_PROMPT, WARMUP_QUESTION, WARMUP_TOKENS = "A ", "What is a list?", 8
 BUSY_WAIT_SHARE = 0.1  # threads waiting for a CPU longer than this share of the time: a busy machine's speed
+BUSY_MIN_WAIT = 0.05  # seconds; below this a wait is the scheduler's ordinary jitter, even on a short run
 BUSY_MARK = "*"
 FILL_MASK_TEXT = "the [MASK] statement is used to return a value from a function."
 EMBED_SENTENCES = ("How do I open a file for reading?", "Reading the contents of a file",
@@ -126,7 +127,8 @@ def verify_all(artifacts: list[Path]) -> None:
             click.echo(printable(f"  FAIL {artifact.name}: {last}"))
             continue
         bounded = [c for c in result["checks"] if c.get("threshold") is not None]
-        click.echo(printable(f"  ok   {artifact.name}: {len(bounded)} bounded checks passed"))
+        click.echo(printable(f"  ok   {artifact.name}: {len(bounded)} bounded check{'s' * (len(bounded) != 1)} "
+                             "passed"))
     if failed:
         raise VerificationError(f"verify failed on this machine for: {', '.join(failed)}")
 
@@ -237,7 +239,7 @@ def generate(artifact: Path, chat: bool = False) -> tuple[str, str]:
     share = real_word_fraction(done["text"])
     tokens, seconds, waited = done["completion_tokens"], done["seconds"], done["cpu_wait_seconds"]
     speed = tokens / seconds if seconds > 0 else 0.0
-    busy = waited is not None and waited > BUSY_WAIT_SHARE * seconds
+    busy = waited is not None and waited > max(BUSY_WAIT_SHARE * seconds, BUSY_MIN_WAIT)
     note = f"; {BUSY_MARK} its threads waited {waited * 1000:.0f} ms in all for CPUs others held" if busy else ""
     click.echo(f"    {tokens} tokens in {seconds:.2f}s ({speed:.0f} tokens/s, a fresh process{note}); "
                f"real corpus words: {share:.0%}")
