@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from edgelm.escaping import printable
+
 
 class EdgelmError(Exception):
     """Base of every error a user can cause; the message is one line, meant for them."""
@@ -55,8 +57,6 @@ def first_line(err: BaseException | str, limit: int = 200) -> str:
     """The first non-empty line of an error's message, at most `limit` characters, control
     characters escaped; the exception's type name when the message is empty. Foreign libraries'
     messages are shortened through this one function so every one-line error looks alike."""
-    from edgelm.safe_text import printable
-
     text = str(err).strip()
     line = next((part.strip() for part in text.splitlines() if part.strip()), "")
     if not line:

@@ -2,9 +2,10 @@
 
 Model files, manifests and their metadata come from strangers. A string from them printed raw
 could move the cursor, retitle the window or hide text (ANSI escapes, bidi overrides), so
-`printable` escapes those. Text given by the user must be valid Unicode: Linux hands a
-program its arguments with undecodable bytes as lone surrogates (surrogateescape), which no
-tokenizer can encode, so they are refused with a one-line error naming where they came from.
+`printable` escapes those (it lives in `escaping.py`, beneath `errors.py`, which needs it too).
+Text given by the user must be valid Unicode: Linux hands a program its arguments with
+undecodable bytes as lone surrogates (surrogateescape), which no tokenizer can encode, so
+they are refused with a one-line error naming where they came from.
 """
 
 from __future__ import annotations
@@ -15,25 +16,11 @@ import sys
 from pathlib import Path
 
 from edgelm.errors import InputError
+from edgelm.escaping import printable
 
-# C0 and C1 control characters, DEL, lone surrogates, and the Unicode bidi controls
-_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff\u200e\u200f\u202a-\u202e\u2066-\u2069]")
-_UNSAFE_KEEPING_LINES = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+# DEL, C1 controls, lone surrogates and bidi controls: json.dumps leaves these raw
 _UNSAFE_IN_JSON = re.compile("[\x7f-\x9f\ud800-\udfff\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def _escape(match: re.Match) -> str:
-    code = ord(match.group())
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
-
-
-def printable(text: object, keep_lines: bool = False) -> str:
-    """`text` safe to print to a terminal: control characters shown as \\xNN / \\uNNNN escapes.
-
-    With keep_lines, newlines and tabs pass through (generated text, multi-line output)."""
-    pattern = _UNSAFE_KEEPING_LINES if keep_lines else _UNSAFE
-    return pattern.sub(_escape, str(text))
 
 
 def terminal_json(value: object, indent: int | None = None) -> str:
