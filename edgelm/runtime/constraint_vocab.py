@@ -58,12 +58,12 @@ def _build(generator: Any) -> Vocabulary:
 def _llama_tokenizer(vocab, tokens: list[bytes], end_ids: list[int]):
     """llama.cpp's pieces, and llama.cpp's own tokenize function called natively by llguidance
     (which knows to keep SentencePiece's dummy-prefix space off the text it encodes)."""
-    import ctypes
-
     import llama_cpp
     import llguidance
 
-    tokenize = ctypes.cast(llama_cpp.llama_cpp._lib.llama_tokenize, ctypes.c_void_p).value
+    from edgelm.runtime.llama_native import native_tokenize_address
+
+    tokenize = native_tokenize_address()
     return llguidance.LLTokenizer.from_llamacpp(tokens=tokens, vocab_ptr=vocab, tokenize_fptr=tokenize,
                                                 eos_token=end_ids or llama_cpp.llama_vocab_eos(vocab), slices=None)
 

@@ -21,6 +21,7 @@ from edgelm.runtime.device import RuntimeOptions, thread_count
 from edgelm.runtime.generator import Decoder
 from edgelm.runtime.gguf_file import read_gguf_header
 from edgelm.runtime.llama_log import GGML_LOG_ERROR, captured_llama_log, log_lines
+from edgelm.runtime.llama_native import context_pointer, vocab_pointer
 from edgelm.runtime.loading import check_gguf, manifest_where
 from edgelm.runtime.memory import check_fits
 from edgelm.runtime.params import check_token_ids
@@ -120,7 +121,8 @@ class LlamaCppDecoder(Decoder):
 
         # the last evaluated position's row, read in place: no copy of llama.cpp's buffer. The row
         # sits at the same address step after step, so its numpy view is made once and reused.
-        address = ctypes.cast(llama_cpp.llama_get_logits_ith(self.llm._ctx.ctx, -1), ctypes.c_void_p).value
+        row = llama_cpp.llama_get_logits_ith(context_pointer(self.llm), -1)
+        address = ctypes.cast(row, ctypes.c_void_p).value
         view = self.views.get(address)
         if view is None:
             if not address:
@@ -217,5 +219,5 @@ def load_llama(folder: Path, manifest: Manifest, options: RuntimeOptions):
     where = str(path) if manifest.source.bare_gguf else manifest_where(folder)
     check_gguf(read_gguf_header(path), manifest, where)
     llm, n_ctx = open_llama(path, options, manifest.model.context_length)
-    tokenizer = LlamaCppTokenizer(llm._model.vocab)
+    tokenizer = LlamaCppTokenizer(vocab_pointer(llm))
     return ChatGenerator(LlamaCppDecoder(llm, n_ctx), tokenizer, manifest)

@@ -19,6 +19,7 @@ from edgelm.errors import ArtifactError, InputError
 from edgelm.runtime.device import RuntimeOptions
 from edgelm.runtime.encoders import Embeddings
 from edgelm.runtime.llama import LlamaCppTokenizer, open_llama
+from edgelm.runtime.llama_native import context_pointer, decode_whole_sequences, vocab_pointer
 from edgelm.safe_text import check_text
 
 # texts per decode by default: llama.cpp attends over every token of a decode (other texts masked
@@ -39,11 +40,11 @@ class GgufEmbedder:
         self.batch_tokens = batch_tokens
         self.max_sequences = max(1, int(llm.context_params.n_seq_max))
         self.manifest = manifest
-        self.tokenizer = LlamaCppTokenizer(llm._model.vocab)
+        self.tokenizer = LlamaCppTokenizer(vocab_pointer(llm))
         self.max_length = int(manifest.model.context_length)
         self.normalize = bool(manifest.model.normalize)
         self.dim = int(llm.n_embd())
-        self.sep_id = int(llama_cpp.llama_vocab_sep(llm._model.vocab))
+        self.sep_id = int(llama_cpp.llama_vocab_sep(vocab_pointer(llm)))
         self.closed = False
 
     def ids(self, text: str) -> tuple[list[int], bool]:
@@ -92,15 +93,10 @@ class GgufEmbedder:
         """One decode for several texts, each its own sequence; llama.cpp pools each (dim,)."""
         import llama_cpp
 
-        llm = self.llm
-        llm._ctx.kv_cache_clear()
-        llm._batch.reset()
-        for seq, ids in enumerate(group):
-            llm._batch.add_sequence(ids, seq, True)  # every token an output: the pooling reads them all
-        llm._ctx.decode(llm._batch)
+        decode_whole_sequences(self.llm, group)  # every token an output: the pooling reads them all
         vectors = []
         for seq in range(len(group)):
-            pointer = llama_cpp.llama_get_embeddings_seq(llm._ctx.ctx, seq)
+            pointer = llama_cpp.llama_get_embeddings_seq(context_pointer(self.llm), seq)
             if not pointer:
                 raise ArtifactError("llama.cpp returned no pooled embedding (is the file's pooling_type none?)")
             vectors.append(np.ctypeslib.as_array(pointer, shape=(self.dim,)).copy())  # (dim,)

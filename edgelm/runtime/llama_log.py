@@ -22,7 +22,8 @@ def captured_llama_log(min_level: int = 0) -> Iterator[list[str]]:
     """Every llama.cpp log line of the block at `min_level` or above (continuations joined to
     their line), collected instead of printed."""
     import llama_cpp
-    from llama_cpp import _logger
+
+    from edgelm.runtime.llama_native import library_log_callback
 
     lines: list[str] = []
     last_kept = [False]
@@ -43,7 +44,7 @@ def captured_llama_log(min_level: int = 0) -> Iterator[list[str]]:
         try:
             yield lines
         finally:
-            llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+            llama_cpp.llama_log_set(library_log_callback(), ctypes.c_void_p(0))
 
 
 def log_lines(log: list[str]) -> list[str]:
