@@ -14,7 +14,7 @@ from test_llama_runtime import spm_vocab, write_tiny_gguf
 
 from edgelm.errors import ArtifactError, EdgelmError
 from edgelm.runtime import load
-from edgelm.runtime.gguf_file import read_gguf_header
+from edgelm.runtime.gguf_metadata import read_gguf_header
 from edgelm.runtime.text import IncrementalDetokenizer
 from edgelm.runtime.tokenizer import load_tokenizer
 

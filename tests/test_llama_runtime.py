@@ -20,7 +20,8 @@ from edgelm.errors import ArtifactError, ContextOverflowError, InputError, Provi
 from edgelm.runtime import load
 from edgelm.runtime.chat_template import render_chat
 from edgelm.runtime.device import RuntimeOptions
-from edgelm.runtime.gguf_file import GGML_TYPES, parse_gguf_header, read_gguf_header
+from edgelm.runtime.gguf_file import GGML_TYPES, parse_gguf_header
+from edgelm.runtime.gguf_metadata import read_gguf_header
 from edgelm.runtime.llama import load_llama
 
 WORDS = ["hello", "world", "the", "cat", "sat", "on", "mat", "and", "dog", "ran"]

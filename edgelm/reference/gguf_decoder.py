@@ -124,7 +124,7 @@ def inputs_of(arrays: dict[str, np.ndarray]) -> list[list[int]]:
 
 def run_checks(folder: Path, manifest: Manifest, arrays: dict[str, np.ndarray], options: Any) -> list[Check]:
     from edgelm.runtime.device import thread_count
-    from edgelm.runtime.gguf_file import read_gguf_header
+    from edgelm.runtime.gguf_metadata import read_gguf_header
 
     path = artifact_file(folder, manifest, manifest.model.file, "model.file")
     read_gguf_header(path)  # the header is checked in Python before llama.cpp opens the file

@@ -22,8 +22,6 @@ def load(path: str | Path, *, threads: int | None = None, provider: str = "cpu",
                              verify=verify, model_format=model_format)
     path = Path(path)
     if path.is_file() and path.suffix == ".gguf":
-        from edgelm.runtime.gguf_file import load_bare_gguf
-
         return load_bare_gguf(path, options)
     manifest = read_manifest(path, verify=verify)
     runtime = family_named(manifest.family).runtime_fn(manifest.format)
@@ -34,7 +32,24 @@ def info(path: str | Path, verify: bool = False) -> Manifest:
     """The manifest of an artifact folder, or the stand-in manifest of a bare .gguf file."""
     path = Path(path)
     if path.is_file() and path.suffix == ".gguf":
-        from edgelm.runtime.gguf_file import manifest_from_header, read_gguf_header
+        from edgelm.runtime.gguf_file import manifest_from_header
+        from edgelm.runtime.gguf_metadata import read_gguf_header
 
         return manifest_from_header(path, read_gguf_header(path))
     return read_manifest(path, verify=verify)
+
+
+def load_bare_gguf(path: Path, options: RuntimeOptions) -> Any:
+    """Run a GGUF file that came without an edgelm.json (from elsewhere): checked, then loaded.
+    It lives here, beside load(), so the header parser never imports the loaders it guards."""
+    from edgelm.runtime.gguf_file import manifest_from_header
+    from edgelm.runtime.gguf_metadata import read_gguf_header
+
+    manifest = manifest_from_header(path, read_gguf_header(path))
+    if manifest.task == "embed":
+        from edgelm.runtime.llama_embed import load_gguf_embedder
+
+        return load_gguf_embedder(path.parent, manifest, options)
+    from edgelm.runtime.llama import load_llama
+
+    return load_llama(path.parent, manifest, options)

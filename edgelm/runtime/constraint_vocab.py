@@ -17,7 +17,7 @@ import json
 import re
 import weakref
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 SPECIAL_PREFIX = b"\xff"  # llguidance's mark for a token that is not text
 VIRTUAL_END = b"\xff<|edgelm-end|>"  # the end token of a model without one (see `_with_end`)
@@ -42,15 +42,25 @@ def llg_vocabulary(generator: Any) -> Vocabulary:
     return _CACHE[generator]
 
 
-def _build(generator: Any) -> Vocabulary:
-    from edgelm.runtime.llama import LlamaCppTokenizer
+@runtime_checkable
+class LlamaVocabTokenizer(Protocol):
+    """A tokenizer over a loaded llama.cpp vocabulary (llama.py's LlamaCppTokenizer): its pieces
+    are read from `vocab`. Recognised by shape, so this module never imports the backend that
+    makes one (the generation loop imports this module)."""
 
-    if isinstance(generator.tokenizer, LlamaCppTokenizer):
+    vocab: Any  # llama_vocab_p
+
+    def decode_bytes(self, ids, skip_special_tokens: bool = True) -> bytes: ...
+
+
+def _build(generator: Any) -> Vocabulary:
+    native = isinstance(generator.tokenizer, LlamaVocabTokenizer)
+    if native:
         tokens, specials = llama_token_bytes(generator.tokenizer.vocab)
     else:
         tokens, specials = token_bytes(generator.tokenizer)
     end_ids = sorted(i for i in {generator.eos_id, *generator.end_ids} - {None} if i < len(tokens))
-    if isinstance(generator.tokenizer, LlamaCppTokenizer):
+    if native:
         return Vocabulary(_llama_tokenizer(generator.tokenizer.vocab, tokens, end_ids), len(tokens))
     return _with_end(tokens, specials, end_ids, generator.tokenizer)
 

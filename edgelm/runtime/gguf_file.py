@@ -12,7 +12,6 @@ the key-values, the tensor infos, padding to the alignment, then the tensor data
 
 from __future__ import annotations
 
-import mmap
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -278,27 +277,6 @@ def parse_gguf_header(buffer, size: int) -> GgufHeader:
     return header
 
 
-def read_gguf_header(path: str | Path) -> GgufHeader:
-    """Check a GGUF file from its header to the end of its last tensor, and what its metadata
-    means to llama.cpp; ArtifactError if bad."""
-    from edgelm.runtime.gguf_metadata import check_model_metadata
-
-    path = Path(path)
-    try:
-        with open(path, "rb") as handle:
-            size = path.stat().st_size
-            if size == 0:
-                raise ArtifactError(f"{path}: not a valid GGUF file (the file is empty)")
-            with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as view:
-                header = parse_gguf_header(view, size)
-        check_model_metadata(header)
-        return header
-    except MalformedGguf as err:
-        raise ArtifactError(f"{path}: not a valid GGUF file ({err})") from None
-    except OSError as err:
-        raise ArtifactError(f"{path}: cannot read the file ({err.strerror or err})") from None
-
-
 TOKENIZER_KINDS = {"llama": "spm", "gpt2": "bpe", "bert": "wordpiece"}
 POOLING_TYPES = {1: "mean", 2: "cls"}  # {arch}.pooling_type values edgelm's GGUF embedder reports
 
@@ -352,16 +330,3 @@ def _embedder_fields(path: Path, header: GgufHeader, arch: str) -> dict:
         raise ArtifactError(f"{path}: {arch}.pooling_type {header.get(f'{arch}.pooling_type')!r} is not a pooling "
                             f"edgelm's GGUF embedder runs ({', '.join(POOLING_TYPES.values())})")
     return {"pooling": [pooling], "dim": header.get(f"{arch}.embedding_length"), "normalize": False}
-
-
-def load_bare_gguf(path: Path, options):
-    """Run a GGUF file that came without an edgelm.json (from elsewhere): checked, then loaded."""
-    from edgelm.runtime.llama import load_llama
-
-    path = Path(path)
-    manifest = manifest_from_header(path, read_gguf_header(path))
-    if manifest.task == "embed":
-        from edgelm.runtime.llama_embed import load_gguf_embedder
-
-        return load_gguf_embedder(path.parent, manifest, options)
-    return load_llama(path.parent, manifest, options)

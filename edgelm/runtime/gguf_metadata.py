@@ -1,6 +1,7 @@
 """What a GGUF file's metadata must mean before llama.cpp may load it.
 
-`gguf_file.parse_gguf_header` checks the file's structure; this checks its values. llama.cpp
+`gguf_file.parse_gguf_header` checks the file's structure; this checks its values, and
+`read_gguf_header` (the one entry the loaders call) does both. llama.cpp
 refuses most wrong values with an exception, but some end in an abort (`GGML_ASSERT`) that takes
 the embedding process down: a repeated token, a layer count of 0 or above 512, an expert count
 that contradicts itself, an unknown rope scaling type, a head count that leaves a head of size
@@ -12,8 +13,11 @@ checked against the tensors' shapes, before anything is allocated.
 from __future__ import annotations
 
 import math
+import mmap
+from pathlib import Path
 
-from edgelm.runtime.gguf_file import ArrayValue, GgufHeader, MalformedGguf
+from edgelm.errors import ArtifactError
+from edgelm.runtime.gguf_file import ArrayValue, GgufHeader, MalformedGguf, parse_gguf_header
 
 # llama.cpp's LLM_ARCH_NAMES in the llama-cpp-python build edgelm pins (a test checks each name
 # is in the installed library); any other name is refused before llama.cpp is asked.
@@ -245,3 +249,22 @@ def _check_against_tensors(header: GgufHeader, arch: str, n_vocab: int | None) -
     embedding = header.get(f"{arch}.embedding_length")
     if embedding is not None and embedding != width:
         raise MalformedGguf(f"{arch}.embedding_length is {embedding}, but token_embd.weight rows are {width} wide")
+
+
+def read_gguf_header(path: str | Path) -> GgufHeader:
+    """Check a GGUF file from its header to the end of its last tensor, and what its metadata
+    means to llama.cpp; ArtifactError if bad."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as handle:
+            size = path.stat().st_size
+            if size == 0:
+                raise ArtifactError(f"{path}: not a valid GGUF file (the file is empty)")
+            with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as view:
+                header = parse_gguf_header(view, size)
+        check_model_metadata(header)
+        return header
+    except MalformedGguf as err:
+        raise ArtifactError(f"{path}: not a valid GGUF file ({err})") from None
+    except OSError as err:
+        raise ArtifactError(f"{path}: cannot read the file ({err.strerror or err})") from None

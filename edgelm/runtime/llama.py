@@ -19,7 +19,7 @@ from edgelm.artifact import Manifest, artifact_file
 from edgelm.errors import ArtifactError, ContextOverflowError, ProviderError, UsageError, first_line
 from edgelm.runtime.device import RuntimeOptions, thread_count
 from edgelm.runtime.generator import Decoder
-from edgelm.runtime.gguf_file import read_gguf_header
+from edgelm.runtime.gguf_metadata import read_gguf_header
 from edgelm.runtime.llama_log import GGML_LOG_ERROR, captured_llama_log, log_lines
 from edgelm.runtime.llama_native import context_pointer, vocab_pointer
 from edgelm.runtime.loading import check_gguf, manifest_where
