@@ -45,6 +45,10 @@ class ContextOverflowError(EdgelmError):
     """Prompt plus requested tokens do not fit the model's context."""
 
 
+class CapacityError(EdgelmError):
+    """Every sequence slot of a batched model is in use (a scheduler queues rather than raise)."""
+
+
 class ProviderError(EdgelmError):
     """An execution provider or device that is not available here."""
 

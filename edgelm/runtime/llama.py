@@ -30,6 +30,10 @@ from edgelm.runtime.params import check_token_ids
 # would need gigabytes for it. Contexts longer than this are capped (and the cap is the limit
 # the context policy enforces, named in its error message).
 MAX_CONTEXT = 4096
+# What a Llama's own context holds when a batched decoder brings its own (llama.cpp pads a
+# context to 256 cells; a small batch keeps its compute buffer small)
+MINIMAL_CONTEXT = 256
+MINIMAL_BATCH = 8
 
 
 @dataclass
@@ -175,10 +179,14 @@ def context_for(header, requested: int | None, user_n_ctx: int | None = None) ->
     return min(trained, MAX_CONTEXT)
 
 
-def open_llama(path: Path, options: RuntimeOptions, n_ctx: int | None = None, extra: dict | None = None):
+def open_llama(path: Path, options: RuntimeOptions, n_ctx: int | None = None, extra: dict | None = None,
+               sequences: int | None = None):
     """A llama_cpp.Llama for a GGUF file whose header has been checked first, and its context.
 
-    `extra`: further Llama arguments (the embedder's embedding=True and batch sizes)."""
+    `extra`: further Llama arguments (the embedder's embedding=True and batch sizes).
+    `sequences`: the caller makes its own context for that many sequences of `n_ctx` tokens each
+    (LlamaBatchDecoder): the preflight counts the KV cache of all of them, and the Llama's own
+    context, which then serves nothing, is kept minimal."""
     header = read_gguf_header(path)
     n_ctx = context_for(header, n_ctx, options.n_ctx)
     if options.provider != "cpu":
@@ -193,11 +201,13 @@ def open_llama(path: Path, options: RuntimeOptions, n_ctx: int | None = None, ex
         )
     threads = thread_count(options.threads)
     if not options.n_gpu_layers:  # layers on a GPU live in its memory, which is not measured here
-        check_fits(path, header, header.file_size or path.stat().st_size, n_ctx)
+        check_fits(path, header, header.file_size or path.stat().st_size, n_ctx, sequences=sequences or 1)
+    if sequences is not None:
+        extra = {**(extra or {}), "n_batch": MINIMAL_BATCH, "n_ubatch": MINIMAL_BATCH}
     with captured_llama_log(GGML_LOG_ERROR) as log:
         try:
             llm = llama_cpp.Llama(
-                model_path=str(path), n_ctx=n_ctx, n_threads=threads,
+                model_path=str(path), n_ctx=n_ctx if sequences is None else MINIMAL_CONTEXT, n_threads=threads,
                 n_threads_batch=threads, n_gpu_layers=options.n_gpu_layers, use_mmap=True,
                 logits_all=False, verbose=False, **(extra or {}),
             )
@@ -221,3 +231,18 @@ def load_llama(folder: Path, manifest: Manifest, options: RuntimeOptions):
     llm, n_ctx = open_llama(path, options, manifest.model.context_length)
     tokenizer = LlamaCppTokenizer(vocab_pointer(llm))
     return ChatGenerator(LlamaCppDecoder(llm, n_ctx), tokenizer, manifest)
+
+
+def open_batch_decoder(path: Path, options: RuntimeOptions, slots: int, n_ctx: int | None = None,
+                       batch_tokens: int | None = None):
+    """A LlamaBatchDecoder over a GGUF file: `slots` sequences of up to `n_ctx` tokens each (the
+    model's context, capped as `context_for` says), in one unified KV cache."""
+    from edgelm.runtime.llama_batch import DEFAULT_BATCH_TOKENS, LlamaBatchDecoder, check_slots
+
+    check_slots(slots)
+    llm, n_ctx = open_llama(path, options, n_ctx, sequences=slots)
+    try:
+        return LlamaBatchDecoder(llm, slots, n_ctx, batch_tokens or DEFAULT_BATCH_TOKENS)
+    except BaseException:
+        llm.close()
+        raise

@@ -50,8 +50,10 @@ def _count(header, key: str) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
-def estimate_need(header, file_size: int, n_ctx: int) -> MemoryNeed:
-    """Weights (the file, mapped), the F16 KV cache for `n_ctx`, and a logits/compute scratch."""
+def estimate_need(header, file_size: int, n_ctx: int, sequences: int = 1) -> MemoryNeed:
+    """Weights (the file, mapped), the F16 KV cache for `sequences` x `n_ctx` tokens, and a
+    logits/compute scratch. A batched decoder gives every sequence (slot) its whole context in one
+    unified cache, so all of them are counted, not the one being decoded."""
     arch = header.get("general.architecture", "llama")
     layers = _count(header, f"{arch}.block_count") or 0
     embd = _count(header, f"{arch}.embedding_length") or 0
@@ -59,23 +61,27 @@ def estimate_need(header, file_size: int, n_ctx: int) -> MemoryNeed:
     kv_heads = _count(header, f"{arch}.attention.head_count_kv") or heads
     key_len = _count(header, f"{arch}.attention.key_length") or embd // heads
     value_len = _count(header, f"{arch}.attention.value_length") or embd // heads
-    kv_cache = layers * n_ctx * kv_heads * (key_len + value_len) * KV_BYTES
+    kv_cache = layers * sequences * n_ctx * kv_heads * (key_len + value_len) * KV_BYTES
     vocab = _count(header, f"{arch}.vocab_size") or 0
     scratch = BATCH * (vocab + 4 * embd) * 4
     return MemoryNeed(file_size, kv_cache, scratch)
 
 
-def check_fits(path: Path, header, file_size: int, n_ctx: int, available: int | None = None) -> None:
-    """An ArtifactError with the numbers when the model and its context need more than is free."""
+def check_fits(path: Path, header, file_size: int, n_ctx: int, available: int | None = None,
+               sequences: int = 1) -> None:
+    """An ArtifactError with the numbers when the model and the contexts of its `sequences`
+    need more than is free."""
     available = available_memory() if available is None else available
     if available is None:
         return
-    need = estimate_need(header, file_size, n_ctx)
+    need = estimate_need(header, file_size, n_ctx, sequences)
     if need.total <= available:
         return
+    context = f"a context of {n_ctx} tokens" if sequences == 1 else f"{sequences} sequences of {n_ctx} tokens"
+    fewer = "" if sequences == 1 else " or fewer parallel sequences"
     raise ArtifactError(
         f"{path.name}: needs about {need.total / GIB:.2f} GiB (weights {need.weights / GIB:.2f} GiB + "
-        f"KV cache {need.kv_cache / GIB:.2f} GiB for a context of {n_ctx} tokens) but only "
-        f"{available / GIB:.2f} GiB of memory is available; use a smaller --n-ctx (n_ctx=) or a "
+        f"KV cache {need.kv_cache / GIB:.2f} GiB for {context}) but only "
+        f"{available / GIB:.2f} GiB of memory is available; use a smaller --n-ctx (n_ctx=){fewer} or a "
         "smaller quantization"
     )

@@ -1,0 +1,230 @@
+"""LlamaBatchDecoder: batched logits against solo ones, slot reuse by prefix, release, errors.
+
+The model is the tiny random LLaMA GGUF of test_llama_runtime (F32, 2 layers); every sequence is
+teacher-forced with fixed tokens, so batched and solo runs see the same inputs even where their
+top-1 differs. Bounds are issue 17's: mean KL <= 1e-4, top-1 agreement >= 99%.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from test_llama_runtime import write_tiny_gguf
+
+from edgelm.errors import CapacityError, ContextOverflowError, InputError, UsageError
+from edgelm.metrics import mean_kl, top1_agreement
+from edgelm.runtime import load
+from edgelm.runtime.device import RuntimeOptions
+from edgelm.runtime.gguf_metadata import read_gguf_header
+from edgelm.runtime.llama import open_batch_decoder
+from edgelm.runtime.memory import estimate_need
+
+THREADS = 2
+CONTEXT = 256
+MAX_KL = 1e-4
+MIN_TOP1 = 0.99
+STEPS = 24
+CHUNK = 8  # prompt tokens per prefill call: prompts are fed in pieces between decode steps
+
+
+@pytest.fixture(scope="module")
+def gguf_path(tmp_path_factory):
+    return write_tiny_gguf(tmp_path_factory.mktemp("llama_batch") / "tiny.gguf", context=CONTEXT)
+
+
+@pytest.fixture(scope="module")
+def solo(gguf_path):
+    with load(gguf_path, threads=THREADS) as generator:
+        yield generator.decoder
+
+
+def sequences(seed: int, lengths: list[int], steps: int = STEPS) -> list[tuple[list[int], list[int]]]:
+    """(prompt, forced continuation) pairs of random ids past the special tokens, BOS first."""
+    rng = np.random.default_rng(seed)
+    return [([1, *map(int, rng.integers(3, 320, n - 1))], list(map(int, rng.integers(3, 320, steps))))
+            for n in lengths]
+
+
+def solo_logits(solo, prompt: list[int], forced: list[int]) -> np.ndarray:
+    """(len(forced) + 1, vocab): after the prompt, then after each forced token, one sequence alone."""
+    rows = [solo.prefill(prompt).copy()]
+    for token in forced:
+        rows.append(solo.step(token).copy())
+    return np.stack(rows)
+
+
+def run_batched(decoder, seqs, starts: list[int], release_at: dict[int, int] | None = None) -> list[np.ndarray]:
+    """Drives the decoder as a scheduler would: at tick t, sequence i (if starts[i] == t) is
+    admitted; each tick is ONE step call that advances every decoding sequence by its next forced
+    token and feeds every prefilling one a chunk. Returns each sequence's logits rows (prompt's
+    last, then after each forced token). `release_at[i]`: release sequence i after that many
+    forced tokens."""
+    release_at = release_at or {}
+    slots: dict[int, int] = {}
+    rows: dict[int, list[np.ndarray]] = {i: [] for i in range(len(seqs))}
+    done: set[int] = set()
+    tick = 0
+    while len(done) < len(seqs):
+        for i, start in enumerate(starts):
+            if start == tick:
+                slots[i] = decoder.admit(seqs[i][0])
+        live = [i for i in slots if i not in done]
+        stepping = {slots[i]: seqs[i][1][len(rows[i]) - 1] for i in live if rows[i]}
+        filling = {slots[i]: CHUNK for i in live if not rows[i]}
+        before = decoder.decodes
+        out = decoder.step(stepping, filling)
+        assert decoder.decodes == before + (1 if stepping or filling else 0)  # one llama_decode per tick
+        by_slot = {slot: i for i, slot in slots.items() if i in live}
+        for slot, logits in out.items():
+            rows[by_slot[slot]].append(logits)
+        for i in live:
+            forced = len(rows[i]) - 1
+            if forced == len(seqs[i][1]) or forced == release_at.get(i):
+                decoder.release(slots[i])
+                done.add(i)
+        tick += 1
+    return [np.stack(rows[i]) for i in range(len(seqs))]
+
+
+def agreement(reference: list[np.ndarray], other: list[np.ndarray]) -> tuple[float, float]:
+    ref, oth = np.concatenate(reference), np.concatenate(other)
+    return mean_kl(ref, oth), top1_agreement(ref, oth)
+
+
+def test_four_sequences_stepped_together_match_solo_runs(gguf_path, solo):
+    seqs = sequences(0, [6, 23, 11, 40])
+    with open_batch_decoder(gguf_path, RuntimeOptions(threads=THREADS), slots=4) as decoder:
+        batched = run_batched(decoder, seqs, starts=[0, 2, 5, 9])  # admitted at different times
+    reference = [solo_logits(solo, prompt, forced) for prompt, forced in seqs]
+    kl, top1 = agreement(reference, batched)
+    print(f"4 sequences, {sum(len(r) for r in reference)} rows: mean KL {kl:.3g}, top-1 {top1:.2%}")
+    assert kl <= MAX_KL
+    assert top1 >= MIN_TOP1
+
+
+def test_a_released_sequence_leaves_the_others_unchanged(gguf_path):
+    seqs = sequences(1, [9, 30, 14])
+    options = RuntimeOptions(threads=THREADS)
+    with open_batch_decoder(gguf_path, options, slots=3) as decoder:
+        with_third = run_batched(decoder, seqs, starts=[0, 1, 2], release_at={2: 5})  # released mid-batch
+    with open_batch_decoder(gguf_path, options, slots=3) as decoder:
+        without = run_batched(decoder, seqs[:2], starts=[0, 1])  # as if it never existed
+    assert len(with_third[2]) == 6
+    kl, top1 = agreement(without, with_third[:2])
+    print(f"release mid-batch: mean KL {kl:.3g}, top-1 {top1:.2%}")
+    assert kl <= MAX_KL
+    assert top1 >= MIN_TOP1
+
+
+def turn(decoder, prompt: list[int], forced: list[int]) -> tuple[int, int, np.ndarray]:
+    """One conversation turn: admit, prefill, step the forced reply, release. (slot, tokens
+    evaluated, the prompt's last logits)."""
+    before = decoder.evaluated
+    slot = decoder.admit(prompt)
+    first = None
+    while first is None:
+        first = decoder.prefill(slot, CHUNK)
+    for token in forced:
+        decoder.step({slot: token})
+    decoder.release(slot)
+    return slot, decoder.evaluated - before, first
+
+
+def test_a_next_turn_evaluates_only_its_new_tokens(gguf_path, solo):
+    (a1, reply_a), (b1, reply_b), (new_a, _) = sequences(2, [20, 17, 9], steps=6)
+    with open_batch_decoder(gguf_path, RuntimeOptions(threads=THREADS), slots=2) as decoder:
+        slot_a, count_a, _ = turn(decoder, a1, reply_a)
+        slot_b, count_b, _ = turn(decoder, b1, reply_b)  # another conversation in between
+        assert slot_b != slot_a  # both start with BOS; sharing one token must not evict A
+        history = [*a1, *reply_a, *new_a[1:]]  # the chat re-sends everything, then the new turn
+        slot_a2, count_a2, logits = turn(decoder, history, [])
+    print(f"prefix reuse: turn 1 evaluated {count_a}, other conversation {count_b}, "
+          f"turn 2 {count_a2} of {len(history)} prompt tokens")
+    assert count_a == len(a1) + len(reply_a)
+    assert count_b == len(b1) + len(reply_b)
+    assert slot_a2 == slot_a
+    assert count_a2 == len(new_a) - 1  # only the new turn's tokens
+    reference = solo.prefill(history).copy()
+    assert mean_kl(reference[None], logits[None]) <= MAX_KL
+    assert top1_agreement(reference[None], logits[None]) == 1.0
+
+
+def test_release_and_readmit_reuses_the_whole_prompt(gguf_path):
+    (prompt, _), = sequences(3, [30], steps=0)
+    with open_batch_decoder(gguf_path, RuntimeOptions(threads=THREADS), slots=2) as decoder:
+        slot, count, first = turn(decoder, prompt, [])
+        assert decoder.cached_tokens(slot) == tuple(prompt)
+        again, count_again, second = turn(decoder, prompt, [])
+    assert (slot, count) == (again, len(prompt))
+    assert count_again == 1  # the last token is evaluated again for its logits
+    assert mean_kl(first[None], second[None]) <= MAX_KL
+
+
+def test_a_prefix_shared_with_a_longer_cache_cuts_only_that_slot(gguf_path):
+    (prompt, forced), = sequences(4, [24], steps=8)
+    with open_batch_decoder(gguf_path, RuntimeOptions(threads=THREADS), slots=2) as decoder:
+        slot, _, _ = turn(decoder, prompt, forced)
+        other, _, _ = turn(decoder, sequences(5, [12], steps=0)[0][0], [])
+        branch = [*prompt, *forced[:3], 7]  # an edited reply: shares prompt + 3 tokens
+        same, count, _ = turn(decoder, branch, [])
+        assert same == slot and count == 1
+        assert decoder.cached_tokens(same) == tuple(branch)
+        assert len(decoder.cached_tokens(other)) == 12  # the other conversation's cache is untouched
+
+
+def test_prompt_chunks_and_decode_steps_share_one_decode(gguf_path):
+    (long, _), (short, forced) = sequences(6, [60, 5], steps=3)
+    with open_batch_decoder(gguf_path, RuntimeOptions(threads=THREADS), slots=2) as decoder:
+        a = decoder.admit(short)
+        assert decoder.prefill(a, 100) is not None
+        b = decoder.admit(long)
+        out = decoder.step({a: forced[0]}, {b: 16})
+        assert set(out) == {a} and decoder.pending_tokens(b) == 44
+        out = decoder.step({a: forced[1]}, {b: 100})
+        assert set(out) == {a, b} and decoder.pending_tokens(b) == 0
+        assert decoder.decodes == 3
+
+
+def test_errors_a_user_can_cause_are_one_line(gguf_path):
+    options = RuntimeOptions(threads=THREADS)
+    with pytest.raises(UsageError, match="parallel sequences"):
+        open_batch_decoder(gguf_path, options, slots=0)
+    with open_batch_decoder(gguf_path, options, slots=2) as decoder:
+        decoder.admit([1, 5])
+        decoder.admit([1, 6])
+        with pytest.raises(CapacityError, match="all 2 sequence slots are in use"):
+            decoder.admit([1, 7])
+        decoder.release(0)
+        with pytest.raises(ContextOverflowError, match="exceeds the context length 256"):
+            decoder.admit([1] * (CONTEXT + 1))
+        with pytest.raises(InputError, match="not an id"):
+            decoder.admit([1, 10**6])
+        with pytest.raises(InputError, match="at least one token"):
+            decoder.admit([])
+        with pytest.raises(UsageError, match="holds no admitted sequence"):
+            decoder.step({0: 5})
+        with pytest.raises(UsageError, match="prompt tokens to prefill"):
+            decoder.step({1: 5})
+        with pytest.raises(UsageError, match="slot must be an integer"):
+            decoder.release(9)
+        slot = decoder.admit([1] * CONTEXT)  # a full context: no room for one more token
+        while decoder.prefill(slot, 128) is None:
+            pass
+        with pytest.raises(ContextOverflowError, match="257 tokens exceed the context length 256"):
+            decoder.step({slot: 5})
+    with pytest.raises(InputError, match="closed"):
+        decoder.admit([1])
+
+
+def test_the_memory_preflight_counts_every_slot(gguf_path, monkeypatch):
+    from edgelm.errors import ArtifactError
+    from edgelm.runtime import memory
+
+    header = read_gguf_header(gguf_path)
+    size = gguf_path.stat().st_size
+    one, four = estimate_need(header, size, CONTEXT), estimate_need(header, size, CONTEXT, sequences=4)
+    assert four.kv_cache == 4 * one.kv_cache > 0
+    monkeypatch.setattr(memory, "available_memory", lambda: one.total + one.kv_cache)  # fits 2 slots, not 4
+    open_batch_decoder(gguf_path, RuntimeOptions(threads=1), slots=2).close()
+    with pytest.raises(ArtifactError, match="for 4 sequences of 256 tokens.*fewer parallel sequences"):
+        open_batch_decoder(gguf_path, RuntimeOptions(threads=1), slots=4)
