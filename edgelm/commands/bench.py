@@ -105,14 +105,15 @@ def measure_one(path: Path, prompt_tokens: int, new_tokens: int, threads: int | 
     """One measurement of one artifact, in this process."""
     import edgelm
     from edgelm.runtime import info
+    from edgelm.runtime.capabilities import EmbeddingModel, TextModel
 
     manifest = info(path)
     row = {"artifact": str(path), "family": manifest.family, "format": manifest.format, "quant": manifest.quant,
            "task": manifest.task, "size_bytes": artifact_size(path)}
     with edgelm.load(path, threads=threads) as model:
-        if hasattr(model, "decoder"):
+        if isinstance(model, TextModel):
             row.update(measure_generator(model, prompt_tokens, new_tokens))
-        elif hasattr(model, "embed"):
+        elif isinstance(model, EmbeddingModel):
             row.update(measure_embedder(model, prompt_tokens))
         else:
             raise UsageError(f"{path}: bench measures text generators and embedders, not {manifest.task}")

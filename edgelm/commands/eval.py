@@ -38,9 +38,10 @@ def default_text(manifest) -> EvalText:
 
 def open_generator(path: Path, threads: int | None, n_ctx: int | None):
     from edgelm.runtime import load
+    from edgelm.runtime.capabilities import TextModel
 
     model = load(path, threads=threads, n_ctx=n_ctx)
-    if not hasattr(model, "decoder"):
+    if not isinstance(model, TextModel):
         model.close()
         raise UsageError(f"{path}: eval scores text generators; this is a {model.task} artifact")
     return model

@@ -14,10 +14,11 @@ def run_prompt(artifact: Path, prompt: str, as_json: bool, device: dict, samplin
     import dataclasses
 
     from edgelm.runtime import load
+    from edgelm.runtime.capabilities import TextModel
 
     sampling = {k: v for k, v in sampling.items() if v is not None and v != ()}
     with load(artifact, **device) as model:
-        if not hasattr(model, "stream"):
+        if not isinstance(model, TextModel):
             raise UsageError(f"{artifact} was exported for task {model.task}; `run` needs text-generation")
         constraint = constraint_flags(sampling)  # taken out of `sampling`
         stream = model.stream(prompt, **constraint, **sampling)

@@ -27,12 +27,16 @@ Progress = Callable[[int, int], None]  # (texts done, texts in all)
 
 
 class Embeddings(np.ndarray):
-    """(n, dim) float32 sentence vectors; `truncated` holds the indices of texts cut to max length."""
+    """(n, dim) float32 sentence vectors; `truncated` holds the indices of texts cut to max length,
+    `token_counts` how many tokens each text ran as (special tokens included, after truncation),
+    so a caller reporting usage need not tokenise the texts again."""
 
     truncated: tuple[int, ...] = ()
+    token_counts: tuple[int, ...] = ()
 
     def __array_finalize__(self, obj: Any) -> None:
         self.truncated = getattr(obj, "truncated", ())
+        self.token_counts = getattr(obj, "token_counts", ())
 
 
 class MaskPredictions(list):
@@ -109,8 +113,9 @@ class EncoderTask:
             yield Batch(rows, {n: inputs[n] for n in self.input_names}, mask)
 
     def _run(self, texts: list[str], batch_size: int | None, reduce: Callable[[np.ndarray, Batch], np.ndarray],
-             progress: Progress | None = None) -> tuple[list[np.ndarray], tuple[int, ...]]:
-        """Per-text outputs of `reduce(graph_output, batch)` in the caller's order, and truncated rows."""
+             progress: Progress | None = None) -> tuple[list[np.ndarray], tuple[int, ...], tuple[int, ...]]:
+        """Per-text outputs of `reduce(graph_output, batch)` in the caller's order, the truncated
+        rows, and each text's token count."""
         if self.session is None:
             raise InputError("this model was closed; load it again to use it")
         encodings = self._encode(texts)
@@ -124,7 +129,7 @@ class EncoderTask:
             if progress is not None:
                 progress(done, len(texts))
         truncated = tuple(i for i, e in enumerate(encodings) if e.overflowing)
-        return results, truncated
+        return results, truncated, tuple(len(e.ids) for e in encodings)
 
     def close(self) -> None:
         self.session = None
@@ -200,10 +205,11 @@ class Embedder(EncoderTask):
                 vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
             return vectors
 
-        rows, truncated = self._run(texts, batch_size, reduce, progress)
+        rows, truncated, token_counts = self._run(texts, batch_size, reduce, progress)
         matrix = np.stack(rows).astype(np.float32) if rows else np.zeros((0, self.dim), np.float32)
         result = matrix.view(Embeddings)
         result.truncated = truncated
+        result.token_counts = token_counts
         return result
 
 
@@ -228,7 +234,7 @@ class MaskFiller(EncoderTask):
             ids = batch.feed["input_ids"]  # (B, T)
             return np.stack([logits[r, int(np.argmax(ids[r] == self.mask_id))] for r in range(len(ids))])
 
-        rows, _ = self._run(texts, batch_size, reduce)
+        rows, _, _ = self._run(texts, batch_size, reduce)
         return np.stack(rows) if rows else np.zeros((0, 0), np.float32)
 
     def fill_mask(self, text: str, top_k: int = 5) -> MaskPredictions:
@@ -279,13 +285,13 @@ class Classifier(EncoderTask):
 
     def logits(self, texts: str | Sequence[str], *, batch_size: int | None = None) -> np.ndarray:
         """Raw class logits (n, labels)."""
-        rows, _ = self._run(self._as_texts(texts), batch_size, lambda out, batch: out)
+        rows, _, _ = self._run(self._as_texts(texts), batch_size, lambda out, batch: out)
         return np.stack(rows) if rows else np.zeros((0, len(self.labels)), np.float32)
 
     def classify(self, texts: str | Sequence[str], *, batch_size: int | None = None) -> list[dict[str, Any]]:
         """The most likely label per text: [{label, score, truncated}]; scores are probabilities."""
         texts = self._as_texts(texts)
-        rows, truncated_rows = self._run(texts, batch_size, lambda out, batch: out)
+        rows, truncated_rows, _ = self._run(texts, batch_size, lambda out, batch: out)
         truncated = set(truncated_rows)
         results = []
         for i, logits in enumerate(rows):

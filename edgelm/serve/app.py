@@ -20,6 +20,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from edgelm.errors import EdgelmError, UsageError
+from edgelm.runtime.capabilities import EmbeddingModel, TextModel, TokenIdsModel, Tokenized, can_chat
 from edgelm.runtime.params import GenerationParams
 from edgelm.serve import constrained
 from edgelm.serve.errors import ApiError, from_edgelm, quoted
@@ -50,21 +51,21 @@ class ServedModel:
 
     @property
     def can_chat(self) -> bool:
-        return hasattr(self.task, "chat_stream") and bool(getattr(self.task, "chat_template", ""))
+        return can_chat(self.task)
 
     @property
     def can_complete(self) -> bool:
-        return hasattr(self.task, "stream")
+        return isinstance(self.task, TextModel)
 
     @property
     def can_embed(self) -> bool:
-        return hasattr(self.task, "embed")
+        return isinstance(self.task, EmbeddingModel)
 
     @property
     def endpoints(self) -> list[str]:
         pairs = ((self.can_chat, "/v1/chat/completions"), (self.can_complete, "/v1/completions"),
                  (self.can_embed, "/v1/embeddings"))
-        tokens = ["/tokenize", "/detokenize"] if hasattr(self.task, "tokenizer") else []
+        tokens = ["/tokenize", "/detokenize"] if isinstance(self.task, Tokenized) else []
         return [path for ok, path in pairs if ok] + tokens
 
     def describe(self) -> dict[str, Any]:
@@ -148,7 +149,8 @@ class Server:
         task = served.task
 
         def compute() -> tuple[np.ndarray, int]:
-            return task.embed(req.inputs), _embedded_tokens(task, req.inputs)
+            vectors = task.embed(req.inputs)
+            return vectors, _embedded_tokens(task, req.inputs, vectors)
 
         def shape(result: tuple[np.ndarray, int]) -> dict[str, Any]:
             vectors, tokens = result
@@ -172,7 +174,7 @@ class Server:
         tokenizer = served.task.tokenizer
 
         def run() -> dict[str, Any]:
-            if hasattr(served.task, "encode") and req.add_special:
+            if isinstance(served.task, TextModel) and req.add_special:
                 ids = served.task.encode(req.content)  # the model's own rule for BOS
             else:
                 ids = tokenizer.encode(req.content, add_special_tokens=req.add_special).ids
@@ -214,12 +216,14 @@ class Server:
         return JobResponse(served.worker, job, lambda job, send: render_result(job, send, shaper.whole))
 
 
-def _embedded_tokens(task: Any, texts: list[str]) -> int:
-    """How many tokens the embedder saw (special tokens and truncation included), by its own rule."""
-    if hasattr(task, "ids"):  # GGUF embedders: ids(text) -> (ids, truncated)
+def _embedded_tokens(task: Any, texts: list[str], vectors: Any) -> int:
+    """How many tokens the embedder saw (special tokens and truncation included), by its own rule:
+    the counts it returned with the vectors, else the ids it says it runs each text as."""
+    counts = getattr(vectors, "token_counts", ())
+    if len(counts) == len(texts):
+        return sum(counts)
+    if isinstance(task, TokenIdsModel):  # GgufEmbedder: ids(text) -> (ids, truncated)
         return sum(len(task.ids(t)[0]) for t in texts)
-    if hasattr(task, "_encode"):  # ONNX encoders: lower-casing and truncation as configured
-        return sum(len(e.ids) for e in task._encode(texts))
     return sum(len(task.tokenizer.encode(t).ids) for t in texts)
 
 

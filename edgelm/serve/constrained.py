@@ -14,6 +14,7 @@ import inspect
 from typing import Any
 
 from edgelm.errors import EdgelmError
+from edgelm.runtime.capabilities import ChatModel, TextModel
 from edgelm.serve.errors import ApiError
 from edgelm.serve.schema import Check, bad, boolean, checked_fields, text
 
@@ -78,8 +79,7 @@ def _parallel(value: Any, name: str) -> None:
 
 
 def supports_tools(task: Any) -> bool:
-    chat_stream = getattr(task, "chat_stream", None)
-    return chat_stream is not None and "tools" in inspect.signature(chat_stream).parameters
+    return isinstance(task, ChatModel) and "tools" in inspect.signature(task.chat_stream).parameters
 
 
 def supports_constraints() -> bool:
@@ -102,7 +102,7 @@ def chat_fields(task: Any) -> dict[str, Check] | None:
 
 def completion_fields(task: Any) -> dict[str, Check] | None:
     """`response_format` on /v1/completions too (an edgelm extension: every generator can be constrained)."""
-    return {"response_format": response_format} if supports_constraints() and hasattr(task, "stream") else None
+    return {"response_format": response_format} if supports_constraints() and isinstance(task, TextModel) else None
 
 
 def options(extra: dict[str, Any]) -> dict[str, Any]:
