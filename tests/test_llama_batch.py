@@ -17,6 +17,7 @@ from edgelm.runtime import load
 from edgelm.runtime.device import RuntimeOptions
 from edgelm.runtime.gguf_metadata import read_gguf_header
 from edgelm.runtime.llama import open_batch_decoder
+from edgelm.runtime.llama_log import captured_llama_log
 from edgelm.runtime.memory import estimate_need
 
 THREADS = 2
@@ -36,6 +37,18 @@ def gguf_path(tmp_path_factory):
 def solo(gguf_path):
     with load(gguf_path, threads=THREADS) as generator:
         yield generator.decoder
+
+
+def quantized(source, ftype: int):
+    """The tiny model re-quantized by llama.cpp (quantized kernels choose their path by batch shape)."""
+    import llama_cpp
+
+    out = source.with_name(f"tiny-{ftype}.gguf")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    with captured_llama_log():  # the per-tensor fallback notes (64 columns) are expected
+        assert llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), params) == 0
+    return out
 
 
 def sequences(seed: int, lengths: list[int], steps: int = STEPS) -> list[tuple[list[int], list[int]]]:
@@ -91,13 +104,19 @@ def agreement(reference: list[np.ndarray], other: list[np.ndarray]) -> tuple[flo
     return mean_kl(ref, oth), top1_agreement(ref, oth)
 
 
-def test_four_sequences_stepped_together_match_solo_runs(gguf_path, solo):
+@pytest.mark.parametrize("ftype", [None, 7, 2], ids=["f32", "q8_0", "q4_0"])
+def test_four_sequences_stepped_together_match_solo_runs(gguf_path, solo, ftype):
+    path = gguf_path if ftype is None else quantized(gguf_path, ftype)
     seqs = sequences(0, [6, 23, 11, 40])
-    with open_batch_decoder(gguf_path, RuntimeOptions(threads=THREADS), slots=4) as decoder:
+    with open_batch_decoder(path, RuntimeOptions(threads=THREADS), slots=4) as decoder:
         batched = run_batched(decoder, seqs, starts=[0, 2, 5, 9])  # admitted at different times
-    reference = [solo_logits(solo, prompt, forced) for prompt, forced in seqs]
+    if ftype is None:
+        reference = [solo_logits(solo, prompt, forced) for prompt, forced in seqs]
+    else:
+        with load(path, threads=THREADS) as generator:
+            reference = [solo_logits(generator.decoder, prompt, forced) for prompt, forced in seqs]
     kl, top1 = agreement(reference, batched)
-    print(f"4 sequences, {sum(len(r) for r in reference)} rows: mean KL {kl:.3g}, top-1 {top1:.2%}")
+    print(f"{path.name}, 4 sequences, {sum(len(r) for r in reference)} rows: mean KL {kl:.3g}, top-1 {top1:.2%}")
     assert kl <= MAX_KL
     assert top1 >= MIN_TOP1
 
@@ -228,3 +247,21 @@ def test_the_memory_preflight_counts_every_slot(gguf_path, monkeypatch):
     open_batch_decoder(gguf_path, RuntimeOptions(threads=1), slots=2).close()
     with pytest.raises(ArtifactError, match="for 4 sequences of 256 tokens.*fewer parallel sequences"):
         open_batch_decoder(gguf_path, RuntimeOptions(threads=1), slots=4)
+
+
+def test_four_interleaved_chats_each_prefill_only_new_tokens(gguf_path):
+    """Issue 17's case: a chat interleaved with 3 others, no more conversations than slots."""
+    rng = np.random.default_rng(7)
+    histories: list[list[int]] = [[1] for _ in range(4)]
+    counts: list[list[int]] = [[] for _ in range(4)]
+    with open_batch_decoder(gguf_path, RuntimeOptions(threads=THREADS), slots=4) as decoder:
+        for _ in range(5):
+            for chat in range(4):
+                new = list(map(int, rng.integers(3, 320, 6)))
+                reply = list(map(int, rng.integers(3, 320, 3)))
+                histories[chat] += new
+                _, count, _ = turn(decoder, histories[chat], reply)
+                histories[chat] += reply
+                counts[chat].append(count - len(reply))  # prompt tokens evaluated this turn
+    print(f"prompt tokens evaluated per turn, chat 0: {counts[0]}")
+    assert all(c == [7, 6, 6, 6, 6] for c in counts)  # BOS + 6, then only each turn's 6 new tokens

@@ -21,7 +21,11 @@ kernel shapes than a lone sequence, so logits may differ slightly from a solo ru
 tiny random LLaMA GGUF (F32, 2 layers, 2 threads): 4 sequences of 6-40 prompt tokens admitted at
 different times, prompts fed 8 tokens per step, 24 teacher-forced steps each, against `edgelm.load`
 of the same file one sequence at a time: mean KL 7.2e-11 over 100 rows, top-1 agreement 100%
-(issue 17's bounds: 1e-4 and 99%); a sequence released mid-batch moves the others by KL 6.7e-11.
+(issue 17's bounds: 1e-4 and 99%); its Q8_0 and Q4_0 requantizations were bit-identical (KL 0);
+a sequence released mid-batch moves the others by KL 6.7e-11. On real weights (GPT-2 124M Q8_0,
+edgelm's export, 4 prose/code prompts, 24 steps each): mean KL 9.2e-6 and top-1 99% over 100 rows
+with random forced tokens (the one differing row a near tie, top-2 margin 0.002), KL 1.6e-5 and
+top-1 100% forcing the solo run's greedy tokens; max |logit difference| 0.04.
 """
 
 from __future__ import annotations
