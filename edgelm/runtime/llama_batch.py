@@ -82,6 +82,7 @@ class LlamaBatchDecoder:
 
     The Llama object only keeps the model alive (its own context is unused; `open_batch_decoder`
     in llama.py opens it minimal); `close()` frees this decoder's context before the model.
+    Not thread-safe: one scheduler loop owns it and makes every call.
     """
 
     def __init__(self, llm, slots: int, context_length: int, batch_tokens: int = DEFAULT_BATCH_TOKENS):
@@ -175,7 +176,7 @@ class LlamaBatchDecoder:
         for slot, ids, _ in plan:  # the cache holds them now
             state = self.states[slot]
             state.cached.extend(ids)
-            del state.pending[: len(ids) if state.pending else 0]
+            del state.pending[: len(ids)]  # a decoding slot has none; a prefilling one loses its chunk
             state.used = self._tick()
         return {slot: self._logits(row) for slot, row in rows.items()}
 
@@ -287,6 +288,12 @@ class LlamaBatchDecoder:
             llama_cpp.llama_free(self.ctx)
             self.ctx = None
             self.llm.close()
+
+    def __del__(self) -> None:
+        # a context outliving its model would read freed memory; free ours first even when
+        # the caller forgot close()
+        if getattr(self, "ctx", None) is not None:
+            self.close()
 
     def __enter__(self) -> LlamaBatchDecoder:
         return self
