@@ -80,14 +80,23 @@ def test_emulated_graph_computes_the_saturating_sums(batch, steps, k, n, a_zero,
     np.testing.assert_array_equal(emulated.reshape(-1, n), expected)
 
 
-def test_emulation_changes_what_saturates_and_nothing_else():
+def test_emulation_changes_what_saturates_and_matches_this_cpus_kernel():
+    """The kernel here sums in 32 bits with VNNI and saturates like the emulation without it.
+
+    Seen: 129540 on an AVX-512 VNNI CPU; 65534, the emulation's number, under an emulated Zen 2.
+    """
+    from edgelm.machine import machine_facts
+
     w = np.full((4, 2), 127, np.int8)
     w[:, 1] = 64  # the second column is within the limit
     a = np.full((1, 1, 4), 255, np.uint8)
     model = matmul_integer_model(w, 0, None)
     native, emulated = run(model, {"a": a}), run(emulated_graph(model), {"a": a})
-    assert native[0, 0, 0] == 4 * 255 * 127 and emulated[0, 0, 0] == 2 * 32767
-    assert native[0, 0, 1] == emulated[0, 0, 1] == 4 * 255 * 64
+    assert emulated[0, 0, 0] == 2 * 32767
+    facts = machine_facts()
+    if facts["arch"] in ("x86_64", "AMD64") and "avx2" in facts["isa"]:
+        assert native[0, 0, 0] == (4 * 255 * 127 if facts["vnni"] else emulated[0, 0, 0])
+    assert native[0, 0, 1] == emulated[0, 0, 1] == 4 * 255 * 64  # within the limit: the same everywhere
 
 
 def dynamic_quantize_matmul_model(w: np.ndarray, scale: np.ndarray) -> onnx.ModelProto:
