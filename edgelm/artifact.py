@@ -266,8 +266,8 @@ def write_artifact(out: str | Path, manifest: Manifest) -> Iterator[Path]:
         _check_replaceable(out)
         _remove_stale_partials(out)
         tmp = out.parent / f".{out.name}{PARTIAL_MARK}{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        try:
+        try:  # mkdir inside: a signal handled as mkdir returns must still find the cleanup below
+            tmp.mkdir()
             yield tmp
             _seal(tmp, manifest)
             _swap_into_place(tmp, out)
