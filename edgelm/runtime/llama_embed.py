@@ -87,6 +87,7 @@ class GgufEmbedder:
             matrix = matrix / np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
         result = matrix.view(Embeddings)
         result.truncated = tuple(truncated)
+        result.token_counts = tuple(len(ids) for ids, _ in encoded)  # what each text ran as: usage needs it
         return result
 
     def _vectors(self, group: list[list[int]]) -> list[np.ndarray]:
