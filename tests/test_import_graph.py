@@ -192,6 +192,7 @@ GENERATION_CORE = [
     "edgelm.runtime.text",
     "edgelm.runtime.params",
     "edgelm.runtime.constraints",
+    "edgelm.runtime.scheduler",
 ]
 BACKENDS = {"kv_decoder", "kv_buffer_decoder", "recurrent", "encoders"}
 

@@ -11,15 +11,21 @@ from edgelm.runtime.device import RuntimeOptions
 
 
 def load(path: str | Path, *, threads: int | None = None, provider: str = "cpu",
-         n_gpu_layers: int = 0, n_ctx: int | None = None, verify: bool = False, model_format: str = "onnx") -> Any:
+         n_gpu_layers: int = 0, n_ctx: int | None = None, verify: bool = False, model_format: str = "onnx",
+         parallel: int | None = None) -> Any:
     """Load an artifact folder (or a bare .gguf file) and return its task object.
 
     Text generators have generate()/stream(); every task object is a context manager that
     frees its backend session on exit. model_format="ort" runs the ORT-format copy of an ONNX
     artifact exported with --target mobile.
+
+    parallel=N (GGUF text generators): N sequence slots over one KV cache, driven by one scheduler
+    thread, so generate/stream/chat/chat_stream may be called from several threads at once and
+    share batched steps; each slot can hold a whole context. Other models ignore it and run
+    one call at a time.
     """
     options = RuntimeOptions(threads=threads, provider=provider, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx,
-                             verify=verify, model_format=model_format)
+                             verify=verify, model_format=model_format, parallel=parallel)
     path = Path(path)
     if path.is_file() and path.suffix == ".gguf":
         return load_bare_gguf(path, options)

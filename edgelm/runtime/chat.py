@@ -24,8 +24,9 @@ from edgelm.runtime.tools import (
 class ChatGenerator(TextGenerator):
     """A TextGenerator with `chat`, `chat_complete` and `chat_stream` over message lists."""
 
-    def __init__(self, decoder, tokenizer, manifest: Any = None, defaults: GenerationParams | None = None):
-        super().__init__(decoder, tokenizer, manifest, defaults)
+    def __init__(self, decoder, tokenizer, manifest: Any = None, defaults: GenerationParams | None = None,
+                 scheduler: Any = None):
+        super().__init__(decoder, tokenizer, manifest, defaults, scheduler)
         generation = manifest.generation if manifest is not None else GenerationSection()
         self.chat_template: str = generation.chat_template or ""
         self.end_ids |= set(generation.stop_ids)  # the exporter's end-of-turn ids
@@ -142,8 +143,8 @@ class ChatGenerator(TextGenerator):
 def _reading_tool_calls(pieces: Iterator[str], holder: dict[str, Completion]) -> Iterator[str]:
     """Pass the pieces on; once the reply is complete, read the tool call it makes (if any)."""
     yield from pieces
-    completion = holder["completion"]
-    if not completion.constraint_incomplete:
+    completion = holder.get("completion")  # none when the stream was cancelled
+    if completion is not None and not completion.constraint_incomplete:
         completion.tool_calls = parse_tool_calls(completion.text)
 
 

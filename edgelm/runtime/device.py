@@ -26,6 +26,9 @@ class RuntimeOptions:
     n_ctx: int | None = None  # GGUF artifacts: context to allocate (None: trained length, at most 4096)
     verify: bool = False  # check sha256 of every file before loading
     model_format: str = "onnx"  # ONNX artifacts: "ort" runs the ORT-format copy (--target mobile exports)
+    # GGUF text generators: sequences decoded together by a scheduler (None: one call at a time,
+    # on the single-sequence decoder); other models ignore it
+    parallel: int | None = None
 
     def __post_init__(self) -> None:
         if self.threads is not None:
@@ -34,6 +37,8 @@ class RuntimeOptions:
             raise UsageError(f"n_gpu_layers must be an integer >= -1, got {self.n_gpu_layers!r:.40}")
         if self.model_format not in ("onnx", "ort"):
             raise UsageError(f"model_format must be 'onnx' or 'ort', got {self.model_format!r:.40}")
+        if self.parallel is not None and not _integer_at_least(self.parallel, 1):
+            raise UsageError(f"parallel must be a positive integer, got {self.parallel!r:.40}")
         if self.n_ctx is not None and not _integer_at_least(self.n_ctx, 1):
             raise UsageError(f"n_ctx must be a positive integer, got {self.n_ctx!r:.40}")
 

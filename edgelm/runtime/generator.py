@@ -37,7 +37,9 @@ class Completion:
 
 
 class TextStream:
-    """Iterates over text pieces; `completion` is filled in once the iteration has finished."""
+    """Iterates over text pieces; `completion` is filled in once the iteration has finished.
+    `cancel()` (from any thread) stops the generation before its next decoder call; the
+    iteration then ends without a completion."""
 
     def __init__(self, pieces: Iterator[str], holder: dict[str, Completion]):
         self._pieces = pieces
@@ -52,6 +54,12 @@ class TextStream:
     @property
     def completion(self) -> Completion | None:
         return self._holder.get("completion")
+
+    def cancel(self) -> None:
+        self._holder["cancelled"] = True  # the one-sequence loop looks before every step
+        stop = self._holder.get("cancel")  # a scheduled sequence: its ticket's cancel
+        if stop is not None:
+            stop()
 
 
 class Decoder(ABC):
@@ -72,12 +80,18 @@ class Decoder(ABC):
 
 
 class TextGenerator:
-    """`generate` and `stream` over a decoder and a `tokenizers.Tokenizer`."""
+    """`generate` and `stream` over a decoder and a `tokenizers.Tokenizer`.
+
+    With a `scheduler` (runtime/scheduler.py, over a batched decoder) every call becomes one
+    sequence of the scheduler's shared loop, so calls from several threads at once share batched
+    steps; without one, a call runs its own loop over `decoder` and calls must not overlap."""
 
     task = "text-generation"
 
-    def __init__(self, decoder: Decoder, tokenizer, manifest: Any = None, defaults: GenerationParams | None = None):
+    def __init__(self, decoder: Decoder, tokenizer, manifest: Any = None, defaults: GenerationParams | None = None,
+                 scheduler: Any = None):
         self.decoder = decoder
+        self.scheduler = scheduler
         self.tokenizer = tokenizer
         self.manifest = manifest
         generation = manifest.generation if manifest is not None else GenerationSection()
@@ -119,8 +133,10 @@ class TextGenerator:
         return ids
 
     def close(self) -> None:
-        self.decoder.close()
         self.closed = True
+        if self.scheduler is not None:
+            self.scheduler.close()  # its loop has stopped stepping before the decoder goes
+        self.decoder.close()
 
     def __enter__(self) -> TextGenerator:
         return self
@@ -154,6 +170,15 @@ class TextGenerator:
     def _run(self, ids: list[int], dropped: int, params: GenerationParams, holder: dict,
              constraint: Constraint | None = None) -> Iterator[str]:
         sequence = Continuation(self, ids, dropped, params, constraint)
+        if self.scheduler is not None:
+            # submitted now, not at the first next(): a stream is queued in the order it was asked for
+            ticket = self.scheduler.submit(ids, sequence)
+            holder["cancel"] = ticket.cancel
+            return _relayed(ticket, holder)
+        return self._own_loop(sequence, holder)
+
+    def _own_loop(self, sequence: Continuation, holder: dict) -> Iterator[str]:
+        ids = sequence.ids
         started = time.perf_counter()
         logits = self.decoder.prefill(ids)
         prefill_s = time.perf_counter() - started
@@ -163,12 +188,24 @@ class TextGenerator:
                 yield piece
             if sequence.done:
                 break
+            if holder.get("cancelled"):
+                return
             logits = self.decoder.step(token)
         tail = sequence.finish()
         if tail:
             yield tail
         holder["completion"] = sequence.completion(
             {"prefill_s": prefill_s, "total_s": time.perf_counter() - started})
+
+
+def _relayed(ticket: Any, holder: dict) -> Iterator[str]:
+    """A scheduled sequence's pieces as the scheduler's loop sends them."""
+    try:
+        yield from ticket.pieces()
+    finally:
+        ticket.cancel()  # a no-op once finished; a stream closed or dropped early frees its slot
+    if ticket.completion is not None:
+        holder["completion"] = ticket.completion
 
 
 class Continuation:

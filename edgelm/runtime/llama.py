@@ -228,9 +228,21 @@ def load_llama(folder: Path, manifest: Manifest, options: RuntimeOptions):
     path = artifact_file(folder, manifest, manifest.model.file, "model.file")
     where = str(path) if manifest.source.bare_gguf else manifest_where(folder)
     check_gguf(read_gguf_header(path), manifest, where)
+    if options.parallel is not None:
+        return _scheduled_llama(path, manifest, options)
     llm, n_ctx = open_llama(path, options, manifest.model.context_length)
     tokenizer = LlamaCppTokenizer(vocab_pointer(llm))
     return ChatGenerator(LlamaCppDecoder(llm, n_ctx), tokenizer, manifest)
+
+
+def _scheduled_llama(path: Path, manifest: Manifest, options: RuntimeOptions):
+    """A chat generator whose calls are sequences of one scheduler over `options.parallel` slots."""
+    from edgelm.runtime.chat import ChatGenerator
+    from edgelm.runtime.scheduler import Scheduler
+
+    decoder = open_batch_decoder(path, options, options.parallel, manifest.model.context_length)
+    tokenizer = LlamaCppTokenizer(vocab_pointer(decoder.llm))
+    return ChatGenerator(decoder, tokenizer, manifest, scheduler=Scheduler(decoder, name=path.stem))
 
 
 def open_batch_decoder(path: Path, options: RuntimeOptions, slots: int, n_ctx: int | None = None,
