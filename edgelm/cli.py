@@ -366,13 +366,17 @@ def bench(artifacts, prompt_tokens, new_tokens, threads, rounds, as_json):
 @click.option("--n-gpu-layers", type=int, default=0, show_default=True, help="GGUF layers on the GPU.")
 @click.option("--n-ctx", type=int, default=None, help="GGUF context [default: trained length, at most 4096].")
 @click.option("--verify", is_flag=True, help="Check every file's sha256 against the manifest first.")
+@click.option("--parallel", type=click.IntRange(1), default=4, show_default=True,
+              help="Sequences each GGUF text model decodes together (slots of one KV cache, each holding "
+              "a whole context); other models take one request at a time.")
 @click.pass_context
 def serve(ctx, artifacts, host, port, api_key, cors_origins, names, max_queue, allow_remote, threads, provider,
-          n_gpu_layers, n_ctx, verify):
+          n_gpu_layers, n_ctx, verify, parallel):
     """Serve artifacts over HTTP in OpenAI's protocol (needs `pip install edgelm[serve]`)."""
     from edgelm.commands.serve import run_serve
 
-    device = dict(threads=threads, provider=provider, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, verify=verify)
+    device = dict(threads=threads, provider=provider, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, verify=verify,
+                  parallel=parallel)
     debug = bool(ctx.find_root().params.get("debug"))
     run_serve(artifacts, names, host, port, api_key, cors_origins, max_queue, allow_remote, device, debug)
 

@@ -502,3 +502,53 @@ def test_generators_get_their_constraint_vocabulary_at_load(models, base_url):
 
     assert models["chat"] in _CACHE and models["lstm"] in _CACHE  # built by create_app, not by the first request
     assert models["embed"] not in _CACHE
+
+
+# -- GGUF through the scheduler (parallel slots) ------------------------------------------------
+@pytest.fixture(scope="module")
+def scheduled_url(gguf_path):
+    model = edgelm.load(gguf_path, threads=1, parallel=4)
+    with running(create_app({"chat": model})) as url:
+        yield url, model
+    model.close()
+
+
+def test_four_concurrent_streams_on_a_scheduled_model_each_equal_their_solo_answer(scheduled_url, models):
+    url, model = scheduled_url
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=30)
+    talks = [[{"role": "user", "content": f"tell me about item {i}"}] for i in range(4)]
+
+    def chat(i: int) -> str:
+        reply = client.chat.completions.create(model="chat", messages=talks[i], stream=True, max_tokens=24,
+                                               temperature=0.8, seed=i)
+        return "".join(c.choices[0].delta.content or "" for c in reply if c.choices)
+
+    alone = [models["chat"].chat(talks[i], max_tokens=24, temperature=0.8, seed=i) for i in range(4)]
+    decodes = model.decoder.decodes
+    with ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(chat, range(4))) == alone
+    assert model.decoder.decodes - decodes < 4 * 24  # the four shared steps
+    health = httpx.get(f"{url}/health").json()["models"]["chat"]
+    assert health["slots"] == 4 and health["active"] == health["queued"] == 0 and health["cached_tokens"] > 0
+
+
+def test_a_client_that_leaves_frees_its_slot_on_a_scheduled_model(scheduled_url, monkeypatch):
+    url, model = scheduled_url
+    step = model.decoder.step
+    monkeypatch.setattr(model.decoder, "step", lambda *a, **k: time.sleep(0.02) or step(*a, **k))  # watchable
+    health = lambda: httpx.get(f"{url}/health").json()["models"]["chat"]  # noqa: E731
+    connection, response = stream_request(url, {"model": "chat", "prompt": "the cat", "max_tokens": 100,
+                                                "temperature": 0.8, "seed": 3, "stop": []})
+    assert response.status == 200
+    read_events(response, 2)
+    assert health()["active"] == 1
+    connection.close()
+    wait_for(lambda: health()["active"] == 0, timeout=2.0)
+    decodes = model.decoder.decodes
+    time.sleep(0.2)
+    assert model.decoder.decodes == decodes < 50  # nothing more was decoded
+
+
+def test_cli_serve_takes_parallel(gguf_path):
+    result = CliRunner().invoke(main, ["serve", str(gguf_path), "--parallel", "0"])
+    assert result.exit_code == 2 and "--parallel" in result.output

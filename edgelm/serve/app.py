@@ -35,17 +35,18 @@ from edgelm.serve.schema import (
 )
 from edgelm.serve.security import Guard
 from edgelm.serve.shapes import Shaper
-from edgelm.serve.worker import Cancelled, Job, ModelWorker, cancel_checks
+from edgelm.serve.worker import Cancelled, Job, ModelWorker, SequenceWorker, cancel_checks
 
 log = logging.getLogger("edgelm.serve")
 MAX_BODY_BYTES = 4 * 1024 * 1024
+DEFAULT_PARALLEL = 4  # sequences per GGUF text model, as llama.cpp's server defaults to
 
 
 @dataclass
 class ServedModel:
     id: str
     task: Any  # what edgelm.load returned
-    worker: ModelWorker
+    worker: ModelWorker | SequenceWorker
     owned: bool  # loaded by the app from a path: closed when the app shuts down
     created: int
 
@@ -111,7 +112,8 @@ class Server:
 
     # -- endpoints -----------------------------------------------------------------------------------
     async def health(self, request: Request) -> JSONResponse:
-        models = {m.id: {"active": m.worker.active, "queued": m.worker.queued} for m in self.models.values()}
+        # a scheduled model adds its slots and the tokens their caches hold
+        models = {m.id: m.worker.health() for m in self.models.values()}
         return JSONResponse({"status": "ok", "models": models})
 
     async def list_models(self, request: Request) -> JSONResponse:
@@ -210,7 +212,8 @@ class Server:
     def _generation(self, served: ServedModel, req: GenerationRequest, start, chat: bool,
                     tools: bool = False) -> JobResponse:
         shaper = Shaper(served.id, chat, req.include_usage)
-        job = Job(_generation_job(served.task, start, req.stream))
+        scheduled = isinstance(served.worker, SequenceWorker)
+        job = Job(_generation_job(served.task, start, req.stream, scheduled))
         if req.stream:
             return JobResponse(served.worker, job, lambda job, send: _render_stream(job, send, shaper, tools))
         return JobResponse(served.worker, job, lambda job, send: render_result(job, send, shaper.whole))
@@ -259,8 +262,12 @@ def _call_job(compute):
     return run
 
 
-def _generation_job(task: Any, start, send_pieces: bool):
+def _generation_job(task: Any, start, send_pieces: bool, scheduled: bool = False):
     """A job that runs a TextStream on the worker thread, stopping when the client goes.
+
+    A scheduled model's stream is cancelled through its own sequence (`TextStream.cancel`);
+    other models' decoders are wrapped for the job (`cancel_checks`), which only one job at a
+    time may do.
 
     `start()` tokenises and checks the prompt; its errors (a prompt over the context, say) are
     reported before the answer has begun, so they keep their 400 status even when streaming.
@@ -269,8 +276,11 @@ def _generation_job(task: Any, start, send_pieces: bool):
     """
     def run(job: Job) -> None:
         try:
-            with cancel_checks(task, job.cancelled):
+            if scheduled:
                 completion = _drain(job, start, send_pieces)
+            else:
+                with cancel_checks(task, job.cancelled):
+                    completion = _drain(job, start, send_pieces)
         except Exception as err:
             _reported(job, err)
             return
@@ -282,6 +292,7 @@ def _generation_job(task: Any, start, send_pieces: bool):
 def _drain(job: Job, start, send_pieces: bool):
     """Run the stream to its end (or until the job is cancelled); its Completion, or None."""
     stream = start()
+    job.on_cancel(stream.cancel)  # a disconnect now frees a scheduled sequence's slot before the next step
     job.emit("started")
     pieces = iter(stream)
     try:
@@ -396,13 +407,21 @@ def _served(models: Mapping[str, Any] | Sequence[str | Path], max_queue: int, lo
             owned = isinstance(value, (str, Path))
             task = load(value, **load_options) if owned else value
             _warm_constraints(task)
-            served[model_id] = ServedModel(model_id, task, ModelWorker(model_id, max_queue), owned, created)
+            served[model_id] = ServedModel(model_id, task, _worker(model_id, task, max_queue), owned, created)
     except BaseException:
         for model in served.values():
             if model.owned:
                 model.task.close()
         raise
     return served
+
+
+def _worker(model_id: str, task: Any, max_queue: int) -> ModelWorker | SequenceWorker:
+    """A model with a scheduler (GGUF loaded with parallel=N) takes requests side by side."""
+    scheduler = getattr(task, "scheduler", None)
+    if scheduler is not None:
+        return SequenceWorker(model_id, max_queue, scheduler)
+    return ModelWorker(model_id, max_queue)
 
 
 def _warm_constraints(task: Any) -> None:
@@ -425,6 +444,8 @@ def create_app(models: Mapping[str, Any] | Sequence[str | Path], *, api_key: str
 
     `models` maps ids to task objects from `edgelm.load` (or to artifact paths, loaded here with
     `load_options` and closed at shutdown); a list of paths uses each folder's name as the id.
+    `parallel` (in `load_options`) is how many sequences each GGUF text model decodes together
+    (its scheduler's slots); models loaded elsewhere are served as they were loaded.
     `loopback_only` refuses requests whose Host header is not a loopback name (for a server bound
     to 127.0.0.1 or ::1); `api_key` requires `Authorization: Bearer KEY` everywhere but /health.
     """
@@ -432,6 +453,7 @@ def create_app(models: Mapping[str, Any] | Sequence[str | Path], *, api_key: str
         raise UsageError(f"max_queue must be an integer >= 0, got {max_queue!r}")
     if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
         raise UsageError("the API key is empty; give a non-empty key or none")
+    load_options.setdefault("parallel", DEFAULT_PARALLEL)
     served = _served(models, max_queue, load_options)
     server = Server(served, max_body_bytes)
 

@@ -1,10 +1,17 @@
-"""One worker thread per model, a bounded FIFO in front of it, and cancellation between tokens.
+"""Where a model's requests run: one worker thread and a bounded FIFO per model, or, for a model
+with a scheduler (GGUF loaded with parallel=N), a thread per request beside the scheduler's loop.
 
-A model's backend holds one decoding state, so its requests run one after another in arrival
-order on its own thread; different models run in parallel. Results travel back to the event
-loop as events on the job's asyncio queue. A cancelled job that is still waiting leaves the
-queue at once; a running one stops before its next token: the decoder is wrapped for the job's
-duration so that every prefill and step checks the cancel flag first.
+`ModelWorker`: a backend that holds one decoding state runs its requests one after another in
+arrival order on its own thread; different models run in parallel. A cancelled job that is
+still waiting leaves the queue at once; a running one stops before its next token: the decoder
+is wrapped for the job's duration so that every prefill and step checks the cancel flag first.
+
+`SequenceWorker`: each request's thread submits one sequence to the model's scheduler, which
+admits them first come, first served and steps them together; a cancelled job cancels its
+sequence, which leaves its slot before the next step. At most slots + max_queue requests are
+in flight; beyond that the answer is 503, as for ModelWorker.
+
+Either way results travel back to the event loop as events on the job's asyncio queue.
 """
 
 from __future__ import annotations
@@ -37,6 +44,22 @@ class Job:
         self.events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self.cancelled = threading.Event()
         self.state = "new"  # new -> queued -> running -> finished, or queued -> dropped
+        self._on_cancel: Callable[[], None] | None = None
+
+    def on_cancel(self, stop: Callable[[], None]) -> None:
+        """Call `stop` when the job is cancelled (now, if it already is): how a scheduled
+        sequence learns that its client has gone."""
+        self._on_cancel = stop
+        if self.cancelled.is_set():
+            stop()
+
+    def cancel(self) -> None:
+        """From any thread. The flag first, then the hook: `on_cancel` looks in the other order,
+        so whichever runs second sees the other's write."""
+        self.cancelled.set()
+        stop = self._on_cancel
+        if stop is not None:
+            stop()
 
     def emit(self, kind: str, value: Any = None) -> None:
         """Called from the worker thread."""
@@ -69,6 +92,9 @@ class ModelWorker:
     def queued(self) -> int:
         return len(self.pending)
 
+    def health(self) -> dict[str, int]:
+        return {"active": self.active, "queued": self.queued}
+
     def submit(self, job: Job) -> None:
         """Admit a job in order, or refuse it with a 503 when the queue is full."""
         with self.lock:
@@ -76,8 +102,7 @@ class ModelWorker:
                 raise ApiError(503, "the server is shutting down", code="shutting_down")
             busy = self.active or self.pending
             if busy and len(self.pending) >= self.max_queue:
-                raise ApiError(503, f"model {self.name!r} has {len(self.pending)} requests waiting, the most "
-                               "this server allows; retry shortly", code="queue_full", headers={"Retry-After": "1"})
+                raise queue_full(self.name, len(self.pending))
             job.state = "queued"
             self.pending.append(job)
             if self.thread is None:
@@ -87,7 +112,7 @@ class ModelWorker:
 
     def cancel(self, job: Job) -> None:
         """Stop a job: a waiting one leaves the queue now, a running one before its next token."""
-        job.cancelled.set()
+        job.cancel()
         with self.lock:
             if job.state == "queued":
                 job.state = "dropped"
@@ -131,6 +156,76 @@ class ModelWorker:
                 with self.lock:
                     self.running = None
                     job.state = "finished"
+
+
+def queue_full(name: str, waiting: int) -> ApiError:
+    return ApiError(503, f"model {name!r} has {waiting} requests waiting, the most this server allows; retry "
+                    "shortly", code="queue_full", headers={"Retry-After": "1"})
+
+
+class SequenceWorker:
+    """A scheduled model's requests: each job on its own thread, their sequences batched by the
+    model's scheduler. `active`, `queued` and `health()` are the scheduler's own counts."""
+
+    def __init__(self, name: str, max_queue: int, scheduler: Any):
+        self.name = name
+        self.max_queue = max_queue
+        self.scheduler = scheduler
+        self.lock = threading.Lock()
+        self.jobs: dict[Job, threading.Thread] = {}
+        self.stopping = False
+
+    @property
+    def active(self) -> int:
+        return self.scheduler.stats()["active"]
+
+    @property
+    def queued(self) -> int:
+        return self.scheduler.stats()["queued"]
+
+    def health(self) -> dict[str, int]:
+        return self.scheduler.stats()
+
+    def submit(self, job: Job) -> None:
+        """Start the job's thread, or refuse it with a 503 when slots and queue are all taken
+        (counted in jobs: a job being tokenised has not reached the scheduler yet)."""
+        with self.lock:
+            if self.stopping:
+                raise ApiError(503, "the server is shutting down", code="shutting_down")
+            slots = self.scheduler.slots
+            if len(self.jobs) >= slots + self.max_queue:
+                raise queue_full(self.name, len(self.jobs) - slots)
+            job.state = "running"
+            thread = threading.Thread(target=self._serve, args=(job,), name=f"edgelm-serve-{self.name}",
+                                      daemon=True)
+            self.jobs[job] = thread
+            thread.start()
+
+    def cancel(self, job: Job) -> None:
+        """Stop a job: its sequence leaves the scheduler's queue now, or its slot before the next step."""
+        job.cancel()
+
+    def stop(self, timeout: float = 5.0) -> bool:
+        """Refuse new jobs, cancel every one and wait for their threads; whether all have ended."""
+        with self.lock:
+            self.stopping = True
+            jobs = dict(self.jobs)
+        for job in jobs:
+            job.cancel()
+        for thread in jobs.values():
+            thread.join(timeout)
+        return not any(thread.is_alive() for thread in jobs.values())
+
+    def _serve(self, job: Job) -> None:
+        try:
+            job.run(job)
+        except BaseException:  # run() reports its own errors; this is a bug, and the thread must end cleanly
+            log.exception("unexpected error in a request for model %s", self.name)
+            job.emit("error", ApiError(500, "internal error while running the model", code="internal_error"))
+        finally:
+            with self.lock:
+                self.jobs.pop(job, None)
+                job.state = "finished"
 
 
 class CancelCheckedDecoder:
