@@ -8,9 +8,14 @@
    prompts), `edgelm serve` against `python -m llama_cpp.server` on the same file (targets: at
    least equal at 1 client, at least 2x at 4 where batching decode steps pays).
 
+3. `--compare-parallel`: aggregate tokens/s and time to first token of STREAMED requests at
+   1 and 4 clients (`--clients`), `edgelm serve --parallel 1` (one slot: requests take turns)
+   against `--parallel 4` (the scheduler steps the four sequences together), side by side.
+
 Only one server runs at a time, in its own process; the client is this process.
 
     .venv/bin/python benchmarks/bench_serve.py [--gguf FILE] [--threads 2] [--tokens 64] [--reps 5]
+    .venv/bin/python benchmarks/bench_serve.py --compare-parallel --clients 1,4 [--gguf FILE]
 
 Without --gguf it builds bench_llama.py's random 300M LLaMA in Q4_K_M (in bench_llama's workdir).
 The machines this runs on are shared and noisy: read the ratios, not the absolute numbers.
@@ -59,10 +64,10 @@ def wait_until_up(url: str, process: subprocess.Popen, timeout: float = 180) -> 
     raise RuntimeError("the server did not come up")
 
 
-def start_edgelm(gguf: Path, threads: int) -> tuple[subprocess.Popen, str]:
+def start_edgelm(gguf: Path, threads: int, parallel: int = 4) -> tuple[subprocess.Popen, str]:
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "edgelm.cli", "serve", "--name", f"{MODEL_ID}={gguf}",
-                                "--port", str(port), "--threads", str(threads)],
+                                "--port", str(port), "--threads", str(threads), "--parallel", str(parallel)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     wait_until_up(url, process)
@@ -175,6 +180,41 @@ def aggregates(url: str, levels: list[int], per_client: int, tokens: int) -> dic
     return {n: aggregate(url, n, per_client, tokens) for n in levels}
 
 
+def streamed_aggregate(url: str, clients: int, per_client: int, tokens: int) -> dict[str, float]:
+    """Streamed requests, `clients` at once, each client sending `per_client` in turn: completion
+    tokens per second of wall time, and the p50/p95 time to first token."""
+    def client_run(c: int) -> list[dict[str, float]]:
+        with httpx.Client(timeout=600) as client:
+            return [streamed_over_http(client, url, 100 * c + r, tokens) for r in range(per_client)]
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        runs = [run for runs in pool.map(client_run, range(clients)) for run in runs]
+    elapsed = time.perf_counter() - started
+    ttfts = sorted(run["ttft_ms"] for run in runs)
+    return {"tok_s": sum(run["tokens"] for run in runs) / elapsed, "ttft_p50": statistics.median(ttfts),
+            "ttft_p95": ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))]}
+
+
+def compare_parallel(gguf: Path, threads: int, levels: list[int], per_client: int, tokens: int) -> None:
+    """`--parallel 1` against `--parallel 4`, each server alone in its turn, the same load."""
+    rows: dict[int, dict[int, dict[str, float]]] = {}
+    for parallel in (1, 4):
+        process, url = start_edgelm(gguf, threads, parallel)
+        try:
+            streamed_aggregate(url, 1, 1, tokens)  # warm-up
+            rows[parallel] = {n: streamed_aggregate(url, n, per_client, tokens) for n in levels}
+        finally:
+            stop(process)
+    print(f"\n{gguf}, {threads} threads, {tokens} tokens per streamed request, {per_client} per client")
+    print(f"{'clients':>7} {'--parallel 1 tok/s':>19} {'ttft p50/p95 ms':>17} {'--parallel 4 tok/s':>19} "
+          f"{'ttft p50/p95 ms':>17} {'ratio':>6}")
+    for n in levels:
+        one, four = rows[1][n], rows[4][n]
+        print(f"{n:7} {one['tok_s']:19.1f} {one['ttft_p50']:8.0f}/{one['ttft_p95']:<8.0f} {four['tok_s']:19.1f} "
+              f"{four['ttft_p50']:8.0f}/{four['ttft_p95']:<8.0f} {four['tok_s'] / one['tok_s']:6.2f}")
+
+
 # -- the run --------------------------------------------------------------------------------------
 def default_gguf() -> Path:
     sys.path.insert(0, str(Path(__file__).parent))
@@ -192,9 +232,14 @@ def main() -> None:
     parser.add_argument("--clients", default="1,4,8", help="Concurrency levels for the aggregate.")
     parser.add_argument("--per-client", type=int, default=2, help="Requests each client sends in turn.")
     parser.add_argument("--n-ctx", type=int, default=2048, help="llama_cpp.server's context size.")
+    parser.add_argument("--compare-parallel", action="store_true",
+                        help="Only streamed load against edgelm serve --parallel 1 and --parallel 4.")
     args = parser.parse_args()
     gguf = args.gguf or default_gguf()
     levels = [int(n) for n in args.clients.split(",")]
+    if args.compare_parallel:
+        compare_parallel(gguf, args.threads, levels, args.per_client, args.tokens)
+        return
 
     process, url = start_edgelm(gguf, args.threads)
     try:
