@@ -10,12 +10,17 @@
 
 3. `--compare-parallel`: aggregate tokens/s and time to first token of STREAMED requests at
    1 and 4 clients (`--clients`), `edgelm serve --parallel 1` (one slot: requests take turns)
-   against `--parallel 4` (the scheduler steps the four sequences together), side by side.
+   against `--parallel 4` (the scheduler steps the four sequences together), side by side; with
+   `--llama-server BIN`, also llama.cpp's own server with 4 slots (`-np 4`) on the same file.
+   llama-cpp-python's sdist vendors llama.cpp: `pip download --no-binary :all: --no-deps
+   llama-cpp-python==<installed>`, then `cmake -B build -DLLAMA_CURL=OFF && cmake --build build
+   --target llama-server` in its vendor/llama.cpp (about 10 minutes on 2 cores; keep it outside
+   the repository).
 
 Only one server runs at a time, in its own process; the client is this process.
 
     .venv/bin/python benchmarks/bench_serve.py [--gguf FILE] [--threads 2] [--tokens 64] [--reps 5]
-    .venv/bin/python benchmarks/bench_serve.py --compare-parallel --clients 1,4 [--gguf FILE]
+    .venv/bin/python benchmarks/bench_serve.py --compare-parallel --clients 1,4 [--gguf FILE] [--llama-server BIN]
 
 Without --gguf it builds bench_llama.py's random 300M LLaMA in Q4_K_M (in bench_llama's workdir).
 The machines this runs on are shared and noisy: read the ratios, not the absolute numbers.
@@ -85,6 +90,18 @@ def start_llama_cpp(gguf: Path, threads: int, n_ctx: int) -> tuple[subprocess.Po
                                 MODEL_ID, "--n_threads", str(threads), "--n_threads_batch", str(threads),
                                 "--n_ctx", str(n_ctx), "--port", str(port), "--interrupt_requests", "False"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    wait_until_up(url, process)
+    return process, url
+
+
+def start_llama_server(binary: Path, gguf: Path, threads: int, slots: int, n_ctx: int
+                       ) -> tuple[subprocess.Popen, str]:
+    """llama.cpp's own server, `slots` sequences over one cache holding n_ctx tokens for each."""
+    port = free_port()
+    process = subprocess.Popen([str(binary), "-m", str(gguf), "--alias", MODEL_ID, "-t", str(threads),
+                                "-tb", str(threads), "-np", str(slots), "-c", str(n_ctx * slots),
+                                "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     wait_until_up(url, process)
     return process, url
@@ -196,23 +213,32 @@ def streamed_aggregate(url: str, clients: int, per_client: int, tokens: int) -> 
             "ttft_p95": ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))]}
 
 
-def compare_parallel(gguf: Path, threads: int, levels: list[int], per_client: int, tokens: int) -> None:
-    """`--parallel 1` against `--parallel 4`, each server alone in its turn, the same load."""
-    rows: dict[int, dict[int, dict[str, float]]] = {}
-    for parallel in (1, 4):
-        process, url = start_edgelm(gguf, threads, parallel)
+def compare_parallel(gguf: Path, threads: int, levels: list[int], per_client: int, tokens: int,
+                     n_ctx: int, llama_server: Path | None) -> None:
+    """`--parallel 1` against `--parallel 4` (and llama-server -np 4), each server alone in its turn."""
+    starters = {"--parallel 1": lambda: start_edgelm(gguf, threads, 1),
+                "--parallel 4": lambda: start_edgelm(gguf, threads, 4)}
+    if llama_server is not None:
+        starters["llama-server -np 4"] = lambda: start_llama_server(llama_server, gguf, threads, 4, n_ctx)
+    rows: dict[str, dict[int, dict[str, float]]] = {}
+    for name, start in starters.items():
+        process, url = start()
         try:
             streamed_aggregate(url, 1, 1, tokens)  # warm-up
-            rows[parallel] = {n: streamed_aggregate(url, n, per_client, tokens) for n in levels}
+            rows[name] = {n: streamed_aggregate(url, n, per_client, tokens) for n in levels}
         finally:
             stop(process)
     print(f"\n{gguf}, {threads} threads, {tokens} tokens per streamed request, {per_client} per client")
-    print(f"{'clients':>7} {'--parallel 1 tok/s':>19} {'ttft p50/p95 ms':>17} {'--parallel 4 tok/s':>19} "
-          f"{'ttft p50/p95 ms':>17} {'ratio':>6}")
-    for n in levels:
-        one, four = rows[1][n], rows[4][n]
-        print(f"{n:7} {one['tok_s']:19.1f} {one['ttft_p50']:8.0f}/{one['ttft_p95']:<8.0f} {four['tok_s']:19.1f} "
-              f"{four['ttft_p50']:8.0f}/{four['ttft_p95']:<8.0f} {four['tok_s'] / one['tok_s']:6.2f}")
+    print(f"{'server':<20} {'clients':>7} {'tok/s':>8} {'ttft p50/p95 ms':>17} {'vs --parallel 1':>16}"
+          + (f" {'vs llama-server':>16}" if llama_server else ""))
+    for name, by_level in rows.items():
+        for n in levels:
+            row, one = by_level[n], rows["--parallel 1"][n]
+            line = (f"{name:<20} {n:7} {row['tok_s']:8.1f} {row['ttft_p50']:8.0f}/{row['ttft_p95']:<8.0f} "
+                    f"{row['tok_s'] / one['tok_s']:16.2f}")
+            if llama_server is not None:
+                line += f" {row['tok_s'] / rows['llama-server -np 4'][n]['tok_s']:16.2f}"
+            print(line)
 
 
 # -- the run --------------------------------------------------------------------------------------
@@ -234,11 +260,13 @@ def main() -> None:
     parser.add_argument("--n-ctx", type=int, default=2048, help="llama_cpp.server's context size.")
     parser.add_argument("--compare-parallel", action="store_true",
                         help="Only streamed load against edgelm serve --parallel 1 and --parallel 4.")
+    parser.add_argument("--llama-server", type=Path, default=None,
+                        help="With --compare-parallel: a llama-server binary to run with 4 slots too.")
     args = parser.parse_args()
     gguf = args.gguf or default_gguf()
     levels = [int(n) for n in args.clients.split(",")]
     if args.compare_parallel:
-        compare_parallel(gguf, args.threads, levels, args.per_client, args.tokens)
+        compare_parallel(gguf, args.threads, levels, args.per_client, args.tokens, args.n_ctx, args.llama_server)
         return
 
     process, url = start_edgelm(gguf, args.threads)
