@@ -189,3 +189,12 @@ def test_an_unsafe_file_fails_its_checks(lstm_model, lstm_int8_artifact, tmp_pat
     checks = {c.name: c for c in kernel_path_checks(folder, read_manifest(folder), RuntimeOptions())}
     peak = checks["int8_weight_peak_u8s8"]
     assert not peak.passed and peak.value > S8_WEIGHT_LIMIT
+
+
+def test_a_graph_below_opset_13_is_refused_in_one_line():
+    from edgelm.errors import ExportError
+
+    model = matmul_integer_model(np.full((4, 2), 127, np.int8), 0, None)
+    model.opset_import[0].version = 11
+    with pytest.raises(ExportError, match="opset 11 is below 13"):
+        emulated_graph(model)

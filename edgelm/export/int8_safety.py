@@ -93,49 +93,59 @@ def int8_weight_peak(model: Any) -> WeightPeak | None:
     return WeightPeak(peak, where, count) if count else None
 
 
+MIN_OPSET = 13  # from here on Slice, Unsqueeze and ReduceSum take their axes as inputs, as written below
+
+
 def has_emulated_ops(model: Any) -> bool:
-    return any(n.op_type in EMULATED_OPS and _signed_weight(model, n) is not None for n in model.graph.node)
+    weights = _signed_weights(model)
+    return any(_emulated_weight(node, weights) is not None for node in model.graph.node)
 
 
 def emulated_graph(model: Any) -> Any:
     """A copy of `model` in which every int8-weight MatMul computes what a non-VNNI CPU computes."""
-    from onnx import helper
+    from edgelm.errors import ExportError
 
+    version = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if version < MIN_OPSET:
+        raise ExportError(f"the graph's opset {version} is below {MIN_OPSET}: its int8 MatMuls cannot be "
+                          "emulated as a CPU without VNNI runs them")
     copy = type(model)()
     copy.CopyFrom(model)
-    if not any(o.domain in ("", "ai.onnx") and o.version >= 13 for o in copy.opset_import):
-        copy.opset_import.append(helper.make_opsetid("", 13))
-    nodes = []
+    weights = _signed_weights(copy)
+    nodes, replaced = [], set()
     for index, node in enumerate(copy.graph.node):
-        weight = _signed_weight(copy, node) if node.op_type in EMULATED_OPS else None
+        weight = _emulated_weight(node, weights)
         if weight is None:
             nodes.append(node)
             continue
-        builder = _Builder(copy, f"non_vnni_{index}")
-        nodes.extend(_rewrite(builder, node, weight))
+        nodes.extend(_rewrite(_Builder(copy, f"non_vnni_{index}"), node, weight))
+        replaced.add(node.input[1])
     del copy.graph.node[:]
     copy.graph.node.extend(nodes)
-    _drop_unused_initializers(copy.graph)
+    _drop_initializers(copy.graph, replaced)
     return copy
 
 
-def _drop_unused_initializers(graph: Any) -> None:
-    """The rewritten nodes' int8 weights are read by nothing now (onnxruntime warns about each)."""
+def _drop_initializers(graph: Any, names: set[str]) -> None:
+    """The rewritten nodes' int8 weights, where nothing reads them now (onnxruntime warns about each)."""
     used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
-    kept = [t for t in graph.initializer if t.name in used]
+    kept = [t for t in graph.initializer if t.name not in names or t.name in used]
     del graph.initializer[:]
     graph.initializer.extend(kept)
 
 
-def _signed_weight(model: Any, node: Any) -> np.ndarray | None:
+def _signed_weights(model: Any) -> dict[str, np.ndarray]:
+    """Every int8 initializer by name, read once (a graph has hundreds of nodes to look them up)."""
     from onnx import TensorProto, numpy_helper
 
-    if len(node.input) < 2:
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if t.data_type == TensorProto.INT8}
+
+
+def _emulated_weight(node: Any, weights: dict[str, np.ndarray]) -> np.ndarray | None:
+    """The int8 weight of an operator the emulation rewrites; None for any other node."""
+    if node.op_type not in EMULATED_OPS or len(node.input) < 2:
         return None
-    for tensor in model.graph.initializer:
-        if tensor.name == node.input[1]:
-            return numpy_helper.to_array(tensor) if tensor.data_type == TensorProto.INT8 else None
-    return None
+    return weights.get(node.input[1])
 
 
 class _Builder:
