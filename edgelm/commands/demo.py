@@ -116,9 +116,8 @@ def verify_all(artifacts: list[Path]) -> None:
     for artifact in artifacts:
         command = [sys.executable, "-m", "edgelm.cli", "verify", str(artifact), "--json"]
         done = subprocess.run(command, capture_output=True, text=True)
-        lines = [line for line in done.stdout.splitlines() if line.strip()]
         try:
-            result = json.loads("\n".join(lines))
+            result = json.loads(done.stdout)
         except json.JSONDecodeError:
             result = None
         if done.returncode != 0 or not isinstance(result, dict):
