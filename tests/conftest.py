@@ -86,6 +86,15 @@ def lstm_bpe_artifact(lstm_bpe_model, tmp_path_factory) -> Path:
     return export_to(lstm_bpe_model, tmp_path_factory.mktemp("art") / "lstm-bpe")
 
 
+# The tiny random LLaMA GGUF of test_llama_runtime with a 256-token context, written once per
+# session for the batched decoder's and the scheduler's tests.
+@pytest.fixture(scope="session")
+def tiny_gguf_256(tmp_path_factory) -> Path:
+    from test_llama_runtime import write_tiny_gguf
+
+    return write_tiny_gguf(tmp_path_factory.mktemp("tiny_gguf") / "tiny.gguf", context=256)
+
+
 # The tiny GPT-2 (tests/gpt2_fixtures.py), built once per session for every module that uses it.
 @pytest.fixture(scope="session")
 def gpt2_source(tmp_path_factory) -> Path:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_llama_runtime import write_tiny_gguf
 
 from edgelm.errors import CapacityError, ContextOverflowError, InputError, UsageError
 from edgelm.metrics import mean_kl, top1_agreement
@@ -21,7 +20,7 @@ from edgelm.runtime.llama_log import captured_llama_log
 from edgelm.runtime.memory import estimate_need
 
 THREADS = 2
-CONTEXT = 256
+CONTEXT = 256  # the context of conftest's tiny_gguf_256
 MAX_KL = 1e-4
 MIN_TOP1 = 0.99
 STEPS = 24
@@ -29,13 +28,8 @@ CHUNK = 8  # prompt tokens per prefill call: prompts are fed in pieces between d
 
 
 @pytest.fixture(scope="module")
-def gguf_path(tmp_path_factory):
-    return write_tiny_gguf(tmp_path_factory.mktemp("llama_batch") / "tiny.gguf", context=CONTEXT)
-
-
-@pytest.fixture(scope="module")
-def solo(gguf_path):
-    with load(gguf_path, threads=THREADS) as generator:
+def solo(tiny_gguf_256):
+    with load(tiny_gguf_256, threads=THREADS) as generator:
         yield generator.decoder
 
 
@@ -105,8 +99,8 @@ def agreement(reference: list[np.ndarray], other: list[np.ndarray]) -> tuple[flo
 
 
 @pytest.mark.parametrize("ftype", [None, 7, 2], ids=["f32", "q8_0", "q4_0"])
-def test_four_sequences_stepped_together_match_solo_runs(gguf_path, solo, ftype):
-    path = gguf_path if ftype is None else quantized(gguf_path, ftype)
+def test_four_sequences_stepped_together_match_solo_runs(tiny_gguf_256, solo, ftype):
+    path = tiny_gguf_256 if ftype is None else quantized(tiny_gguf_256, ftype)
     seqs = sequences(0, [6, 23, 11, 40])
     with open_batch_decoder(path, RuntimeOptions(threads=THREADS), slots=4) as decoder:
         batched = run_batched(decoder, seqs, starts=[0, 2, 5, 9])  # admitted at different times
@@ -121,12 +115,12 @@ def test_four_sequences_stepped_together_match_solo_runs(gguf_path, solo, ftype)
     assert top1 >= MIN_TOP1
 
 
-def test_a_released_sequence_leaves_the_others_unchanged(gguf_path):
+def test_a_released_sequence_leaves_the_others_unchanged(tiny_gguf_256):
     seqs = sequences(1, [9, 30, 14])
     options = RuntimeOptions(threads=THREADS)
-    with open_batch_decoder(gguf_path, options, slots=3) as decoder:
+    with open_batch_decoder(tiny_gguf_256, options, slots=3) as decoder:
         with_third = run_batched(decoder, seqs, starts=[0, 1, 2], release_at={2: 5})  # released mid-batch
-    with open_batch_decoder(gguf_path, options, slots=3) as decoder:
+    with open_batch_decoder(tiny_gguf_256, options, slots=3) as decoder:
         without = run_batched(decoder, seqs[:2], starts=[0, 1])  # as if it never existed
     assert len(with_third[2]) == 6
     kl, top1 = agreement(without, with_third[:2])
@@ -149,9 +143,9 @@ def turn(decoder, prompt: list[int], forced: list[int]) -> tuple[int, int, np.nd
     return slot, decoder.evaluated - before, first
 
 
-def test_a_next_turn_evaluates_only_its_new_tokens(gguf_path, solo):
+def test_a_next_turn_evaluates_only_its_new_tokens(tiny_gguf_256, solo):
     (a1, reply_a), (b1, reply_b), (new_a, _) = sequences(2, [20, 17, 9], steps=6)
-    with open_batch_decoder(gguf_path, RuntimeOptions(threads=THREADS), slots=2) as decoder:
+    with open_batch_decoder(tiny_gguf_256, RuntimeOptions(threads=THREADS), slots=2) as decoder:
         slot_a, count_a, _ = turn(decoder, a1, reply_a)
         slot_b, count_b, _ = turn(decoder, b1, reply_b)  # another conversation in between
         assert slot_b != slot_a  # both start with BOS; sharing one token must not evict A
@@ -168,9 +162,9 @@ def test_a_next_turn_evaluates_only_its_new_tokens(gguf_path, solo):
     assert top1_agreement(reference[None], logits[None]) == 1.0
 
 
-def test_release_and_readmit_reuses_the_whole_prompt(gguf_path):
+def test_release_and_readmit_reuses_the_whole_prompt(tiny_gguf_256):
     (prompt, _), = sequences(3, [30], steps=0)
-    with open_batch_decoder(gguf_path, RuntimeOptions(threads=THREADS), slots=2) as decoder:
+    with open_batch_decoder(tiny_gguf_256, RuntimeOptions(threads=THREADS), slots=2) as decoder:
         slot, count, first = turn(decoder, prompt, [])
         assert decoder.cached_tokens(slot) == tuple(prompt)
         again, count_again, second = turn(decoder, prompt, [])
@@ -179,9 +173,9 @@ def test_release_and_readmit_reuses_the_whole_prompt(gguf_path):
     assert mean_kl(first[None], second[None]) <= MAX_KL
 
 
-def test_a_prefix_shared_with_a_longer_cache_cuts_only_that_slot(gguf_path):
+def test_a_prefix_shared_with_a_longer_cache_cuts_only_that_slot(tiny_gguf_256):
     (prompt, forced), = sequences(4, [24], steps=8)
-    with open_batch_decoder(gguf_path, RuntimeOptions(threads=THREADS), slots=2) as decoder:
+    with open_batch_decoder(tiny_gguf_256, RuntimeOptions(threads=THREADS), slots=2) as decoder:
         slot, _, _ = turn(decoder, prompt, forced)
         other, _, _ = turn(decoder, sequences(5, [12], steps=0)[0][0], [])
         branch = [*prompt, *forced[:3], 7]  # an edited reply: shares prompt + 3 tokens
@@ -191,9 +185,9 @@ def test_a_prefix_shared_with_a_longer_cache_cuts_only_that_slot(gguf_path):
         assert len(decoder.cached_tokens(other)) == 12  # the other conversation's cache is untouched
 
 
-def test_prompt_chunks_and_decode_steps_share_one_decode(gguf_path):
+def test_prompt_chunks_and_decode_steps_share_one_decode(tiny_gguf_256):
     (long, _), (short, forced) = sequences(6, [60, 5], steps=3)
-    with open_batch_decoder(gguf_path, RuntimeOptions(threads=THREADS), slots=2) as decoder:
+    with open_batch_decoder(tiny_gguf_256, RuntimeOptions(threads=THREADS), slots=2) as decoder:
         a = decoder.admit(short)
         assert decoder.prefill(a, 100) is not None
         b = decoder.admit(long)
@@ -204,11 +198,11 @@ def test_prompt_chunks_and_decode_steps_share_one_decode(gguf_path):
         assert decoder.decodes == 3
 
 
-def test_errors_a_user_can_cause_are_one_line(gguf_path):
+def test_errors_a_user_can_cause_are_one_line(tiny_gguf_256):
     options = RuntimeOptions(threads=THREADS)
     with pytest.raises(UsageError, match="parallel sequences"):
-        open_batch_decoder(gguf_path, options, slots=0)
-    with open_batch_decoder(gguf_path, options, slots=2) as decoder:
+        open_batch_decoder(tiny_gguf_256, options, slots=0)
+    with open_batch_decoder(tiny_gguf_256, options, slots=2) as decoder:
         decoder.admit([1, 5])
         decoder.admit([1, 6])
         with pytest.raises(CapacityError, match="all 2 sequence slots are in use"):
@@ -235,26 +229,26 @@ def test_errors_a_user_can_cause_are_one_line(gguf_path):
         decoder.admit([1])
 
 
-def test_the_memory_preflight_counts_every_slot(gguf_path, monkeypatch):
+def test_the_memory_preflight_counts_every_slot(tiny_gguf_256, monkeypatch):
     from edgelm.errors import ArtifactError
     from edgelm.runtime import memory
 
-    header = read_gguf_header(gguf_path)
-    size = gguf_path.stat().st_size
+    header = read_gguf_header(tiny_gguf_256)
+    size = tiny_gguf_256.stat().st_size
     one, four = estimate_need(header, size, CONTEXT), estimate_need(header, size, CONTEXT, sequences=4)
     assert four.kv_cache == 4 * one.kv_cache > 0
     monkeypatch.setattr(memory, "available_memory", lambda: one.total + one.kv_cache)  # fits 2 slots, not 4
-    open_batch_decoder(gguf_path, RuntimeOptions(threads=1), slots=2).close()
+    open_batch_decoder(tiny_gguf_256, RuntimeOptions(threads=1), slots=2).close()
     with pytest.raises(ArtifactError, match="for 4 sequences of 256 tokens.*fewer parallel sequences"):
-        open_batch_decoder(gguf_path, RuntimeOptions(threads=1), slots=4)
+        open_batch_decoder(tiny_gguf_256, RuntimeOptions(threads=1), slots=4)
 
 
-def test_four_interleaved_chats_each_prefill_only_new_tokens(gguf_path):
+def test_four_interleaved_chats_each_prefill_only_new_tokens(tiny_gguf_256):
     """Issue 17's case: a chat interleaved with 3 others, no more conversations than slots."""
     rng = np.random.default_rng(7)
     histories: list[list[int]] = [[1] for _ in range(4)]
     counts: list[list[int]] = [[] for _ in range(4)]
-    with open_batch_decoder(gguf_path, RuntimeOptions(threads=THREADS), slots=4) as decoder:
+    with open_batch_decoder(tiny_gguf_256, RuntimeOptions(threads=THREADS), slots=4) as decoder:
         for _ in range(5):
             for chat in range(4):
                 new = list(map(int, rng.integers(3, 320, 6)))

@@ -15,14 +15,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from test_llama_runtime import write_tiny_gguf
 
 from edgelm.errors import ContextOverflowError, InputError, UsageError
 from edgelm.runtime import load
 from edgelm.runtime.scheduler import PREFILL_CHUNK, Scheduler
 
 THREADS = 2
-CONTEXT = 256
+CONTEXT = 256  # the context of conftest's tiny_gguf_256
 SCHEMA = {"type": "object", "properties": {"n": {"type": "integer"}, "ok": {"type": "boolean"}},
           "required": ["n", "ok"]}
 ENUM = {"enum": ["red", "green", "blue"]}
@@ -32,19 +31,14 @@ TOOLS = [{"type": "function", "function": {"name": "weather", "parameters": {
 
 
 @pytest.fixture(scope="module")
-def gguf_path(tmp_path_factory):
-    return write_tiny_gguf(tmp_path_factory.mktemp("scheduler") / "tiny.gguf", context=CONTEXT)
-
-
-@pytest.fixture(scope="module")
-def solo(gguf_path):
-    with load(gguf_path, threads=THREADS) as model:
+def solo(tiny_gguf_256):
+    with load(tiny_gguf_256, threads=THREADS) as model:
         yield model
 
 
 @pytest.fixture(scope="module")
-def batched(gguf_path):
-    with load(gguf_path, threads=THREADS, parallel=4) as model:
+def batched(tiny_gguf_256):
+    with load(tiny_gguf_256, threads=THREADS, parallel=4) as model:
         yield model
 
 
@@ -120,8 +114,8 @@ def test_cancelling_one_stream_mid_batch_leaves_the_others_unchanged(solo, batch
     assert batched.scheduler.stats()["active"] == 0
 
 
-def test_a_second_chat_turn_after_other_conversations_prefills_only_new_tokens(gguf_path):
-    with load(gguf_path, threads=THREADS, parallel=4) as model:
+def test_a_second_chat_turn_after_other_conversations_prefills_only_new_tokens(tiny_gguf_256):
+    with load(tiny_gguf_256, threads=THREADS, parallel=4) as model:
         first = [{"role": "user", "content": "the cat sat on the mat"}]
         reply = model.chat_complete(first, max_tokens=12, temperature=0)
         others = [[{"role": "user", "content": f"another talk {i}"}] for i in range(3)]
@@ -137,8 +131,8 @@ def test_a_second_chat_turn_after_other_conversations_prefills_only_new_tokens(g
         assert prefilled < len(ids) - len(model.chat_ids(first)) + reply.completion_tokens
 
 
-def test_streams_beyond_the_slots_wait_and_all_finish(gguf_path, solo):
-    with load(gguf_path, threads=THREADS, parallel=2) as model:
+def test_streams_beyond_the_slots_wait_and_all_finish(tiny_gguf_256, solo):
+    with load(tiny_gguf_256, threads=THREADS, parallel=2) as model:
         prompts = [f"queue {i}" for i in range(6)]
         with ThreadPoolExecutor(6) as pool:
             out = list(pool.map(lambda p: model.generate(p, max_tokens=10, temperature=0), prompts))
@@ -147,10 +141,10 @@ def test_streams_beyond_the_slots_wait_and_all_finish(gguf_path, solo):
                                            "cached_tokens": sum(len(model.decoder.cached_tokens(s)) for s in range(2))}
 
 
-def test_errors_stay_one_line_and_closing_ends_waiting_streams(gguf_path):
+def test_errors_stay_one_line_and_closing_ends_waiting_streams(tiny_gguf_256):
     with pytest.raises(UsageError, match="parallel must be a positive integer"):
-        load(gguf_path, parallel=0)
-    model = load(gguf_path, threads=THREADS, parallel=1)
+        load(tiny_gguf_256, parallel=0)
+    model = load(tiny_gguf_256, threads=THREADS, parallel=1)
     with pytest.raises(ContextOverflowError, match="context length"):
         model.stream("x " * 300, max_tokens=4)
     running = model.stream("the cat", max_tokens=200, temperature=0.8, stop=[])
