@@ -513,8 +513,12 @@ def scheduled_url(gguf_path):
     model.close()
 
 
-def test_four_concurrent_streams_on_a_scheduled_model_each_equal_their_solo_answer(scheduled_url, models):
+def test_four_concurrent_streams_on_a_scheduled_model_each_equal_their_solo_answer(scheduled_url, models,
+                                                                                  monkeypatch):
     url, model = scheduled_url
+    step = model.decoder.step
+    # a step as slow as a real model's, so the four requests overlap instead of finishing one by one
+    monkeypatch.setattr(model.decoder, "step", lambda *a, **k: time.sleep(0.01) or step(*a, **k))
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=30)
     talks = [[{"role": "user", "content": f"tell me about item {i}"}] for i in range(4)]
 
