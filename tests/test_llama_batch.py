@@ -83,7 +83,7 @@ def run_batched(decoder, seqs, starts: list[int], release_at: dict[int, int] | N
         assert decoder.decodes == before + (1 if stepping or filling else 0)  # one llama_decode per tick
         by_slot = {slot: i for i, slot in slots.items() if i in live}
         for slot, logits in out.items():
-            rows[by_slot[slot]].append(logits)
+            rows[by_slot[slot]].append(logits.copy())  # a view of llama.cpp's buffer until the next step
         for i in live:
             forced = len(rows[i]) - 1
             if forced == len(seqs[i][1]) or forced == release_at.get(i):
@@ -137,6 +137,7 @@ def turn(decoder, prompt: list[int], forced: list[int]) -> tuple[int, int, np.nd
     first = None
     while first is None:
         first = decoder.prefill(slot, CHUNK)
+    first = first.copy()  # the steps below overwrite llama.cpp's buffer
     for token in forced:
         decoder.step({slot: token})
     decoder.release(slot)

@@ -151,9 +151,6 @@ class LlamaBatchDecoder:
         """Prompt tokens of an admitted sequence not evaluated yet (0: it is decoding)."""
         return len(self._active(slot).pending)
 
-    def active_slots(self) -> list[int]:
-        return [s for s, state in enumerate(self.states) if state.active]
-
     # -- evaluation --------------------------------------------------------------------------
     def prefill(self, slot: int, max_tokens: int) -> np.ndarray | None:
         """Evaluates up to `max_tokens` of the slot's prompt; the last prompt token's logits
@@ -164,8 +161,9 @@ class LlamaBatchDecoder:
              prefill: Mapping[int, int] | None = None) -> dict[int, np.ndarray]:
         """One llama_decode: token `tokens[slot]` for each decoding slot, and up to `prefill[slot]`
         prompt tokens for each slot still prefilling (as many as the batch has room for after the
-        decode steps). Logits (vocab,), copied, for every stepped slot and every slot whose prompt
-        is now complete."""
+        decode steps). Logits (vocab,) for every stepped slot and every slot whose prompt is now
+        complete: views of llama.cpp's buffer, valid until the next step (the scheduler samples
+        every row before it steps again; a caller that keeps rows copies them)."""
         self._check_open()
         plan = self._plan_steps(tokens or {}) + self._plan_prefill(prefill or {}, len(tokens or {}))
         plan = [(slot, ids, last) for slot, ids, last in plan if ids]
@@ -242,8 +240,9 @@ class LlamaBatchDecoder:
         pointer = llama_cpp.llama_get_logits_ith(self.ctx, row)
         if not pointer:
             raise ArtifactError(f"llama.cpp returned no logits for batch row {row}")
-        # copied: the buffer is overwritten by the next decode, while a scheduler may still sample
-        return np.ctypeslib.as_array(pointer, shape=(self.n_vocab,)).copy()  # (vocab,)
+        # read in place, as LlamaCppDecoder does: the sampler makes its own float64 copy when it
+        # needs one, so a copy here would be a second one per token
+        return np.ctypeslib.as_array(pointer, shape=(self.n_vocab,))  # (vocab,)
 
     # -- the cache ---------------------------------------------------------------------------
     def _forget_after(self, slot: int, keep: int) -> None:
