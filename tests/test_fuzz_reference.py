@@ -82,18 +82,29 @@ def seeds(lstm_artifact, gpt2_int8, qwen2_f32) -> list[tuple[Path, object, bytes
 SEEDS = 3
 
 
-def run_reference(seed, data: bytes) -> None:
-    """The reference set with `data` as its file, as verify runs it: checks, or an ArtifactError."""
+def checks_of(seed, data: bytes) -> list:
+    """The seed's artifact with `data` as its reference file, run as verify runs it."""
     folder, manifest, _ = seed
     with tempfile.TemporaryDirectory() as scratch:
         copy = Path(shutil.copytree(folder, Path(scratch) / "artifact"))
         (copy / REFERENCE_NAME).write_bytes(data)
-        try:
-            checks = reference_checks(copy, manifest, RuntimeOptions(threads=1))
-        except ArtifactError as err:
-            assert "\n" not in str(err)
-            return
-        assert checks and all(isinstance(c.passed, bool) for c in checks)
+        return reference_checks(copy, manifest, RuntimeOptions(threads=1))
+
+
+def checks_with(seed, arrays: dict[str, np.ndarray]) -> list:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return checks_of(seed, buffer.getvalue())
+
+
+def run_reference(seed, data: bytes) -> None:
+    """The reference set with `data` as its file: checks, or a one-line ArtifactError."""
+    try:
+        checks = checks_of(seed, data)
+    except ArtifactError as err:
+        assert "\n" not in str(err)
+        return
+    assert checks and all(isinstance(c.passed, bool) for c in checks)
 
 
 def mutate(data: bytes, draw) -> bytes:
@@ -149,11 +160,7 @@ def test_a_huge_claimed_shape_is_refused_before_allocating(seeds):
     with zipfile.ZipFile(buffer, "w") as archive:
         archive.writestr("logits.npy", npy_bytes("<f4", False, (2**40, 2**20), b"\x00" * 16))
     with pytest.raises(ArtifactError, match="needs"):
-        folder, manifest, _ = seeds[0]
-        with tempfile.TemporaryDirectory() as scratch:
-            copy = Path(shutil.copytree(folder, Path(scratch) / "artifact"))
-            (copy / REFERENCE_NAME).write_bytes(buffer.getvalue())
-            reference_checks(copy, manifest, RuntimeOptions(threads=1))
+        checks_of(seeds[0], buffer.getvalue())
 
 
 def loaded(seed) -> dict[str, np.ndarray]:
@@ -193,15 +200,47 @@ def test_hostile_top_k_values_are_one_line_errors(seeds, name, change, words):
         arrays.pop("logits_positions")
     else:
         arrays[name] = change(arrays[name])
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    folder, manifest, _ = seeds[2]
-    with tempfile.TemporaryDirectory() as scratch:
-        copy = Path(shutil.copytree(folder, Path(scratch) / "artifact"))
-        (copy / REFERENCE_NAME).write_bytes(buffer.getvalue())
-        with pytest.raises(ArtifactError, match=words) as caught:
-            reference_checks(copy, manifest, RuntimeOptions(threads=1))
+    with pytest.raises(ArtifactError, match=words) as caught:
+        checks_with(seeds[2], arrays)
     assert "\n" not in str(caught.value)
+
+
+BOUND_ATTACKS = [  # (seed, array, change, words): values that would divide by zero or run for hours
+    (0, "held_out_perplexity_torch", lambda a: np.float64(np.nan), "finite perplexity"),
+    (0, "held_out_perplexity_fp32", lambda a: np.float64(0.0), "finite perplexity"),  # the LSTM seed is fp32
+    (1, "held_out_perplexity_fp32", lambda a: np.float64(0.0), "finite perplexity"),
+    (1, "held_out_perplexity_fp32", lambda a: np.float64(np.inf), "finite perplexity"),
+]
+
+
+@pytest.mark.parametrize("which, name, change, words", BOUND_ATTACKS)
+def test_hostile_scalars_and_lengths_are_one_line_errors(seeds, which, name, change, words):
+    arrays = loaded(seeds[which])
+    arrays[name] = change(arrays.get(name))
+    with pytest.raises(ArtifactError, match=words) as caught:
+        checks_with(seeds[which], arrays)
+    assert "\n" not in str(caught.value)
+
+
+def test_gguf_sequences_are_bounded_whatever_the_context(seeds, monkeypatch):
+    """llama.cpp keeps n_ctx x vocab logits: a stored sequence is capped even where the context is not."""
+    from edgelm.reference import gguf_decoder
+
+    monkeypatch.setattr(gguf_decoder, "MAX_SEQUENCE", 8)
+    with pytest.raises(ArtifactError, match="do not fit"):
+        checks_of(seeds[2], seeds[2][2])
+
+
+def test_deflated_members_cannot_expand_past_the_limit(seeds):
+    """A 64 MiB file limit means nothing if its members may inflate: the members' total is bounded."""
+    body = npy_bytes("<f4", False, ((40 << 20) // 4,), bytes(40 << 20))
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("logits.npy", body)  # each under the limit, together over it
+        archive.writestr("ids.npy", body)
+    assert len(buffer.getvalue()) < 1 << 20
+    with pytest.raises(ArtifactError, match="arrays hold"):
+        checks_of(seeds[0], buffer.getvalue())
 
 
 def test_gpt2_top1_comes_from_its_top_k(seeds):
@@ -209,11 +248,5 @@ def test_gpt2_top1_comes_from_its_top_k(seeds):
     or a refusal when it breaks most-likely-first order."""
     arrays = loaded(seeds[1])
     arrays["held_out_top_ids"] = _swap_first_two(arrays["held_out_top_ids"])
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    folder, manifest, _ = seeds[1]
-    with tempfile.TemporaryDirectory() as scratch:
-        copy = Path(shutil.copytree(folder, Path(scratch) / "artifact"))
-        (copy / REFERENCE_NAME).write_bytes(buffer.getvalue())
-        checks = {c.name: c for c in reference_checks(copy, manifest, RuntimeOptions(threads=1))}
+    checks = {c.name: c for c in checks_with(seeds[1], arrays)}
     assert not checks["top1_agreement_vs_torch"].passed

@@ -171,6 +171,14 @@ def test_an_altered_reference_fails(lstm_artifact, tiny_bert_artifacts, tmp_path
     assert json.loads(result.stdout)["passed"] is False
 
 
+def test_a_reference_without_probe_texts_is_one_line(tiny_bert_artifacts, tmp_path):
+    bert = copy_artifact(tiny_bert_artifacts["bert-embed"], tmp_path / "bert")
+    alter_reference(bert, "texts", lambda texts: texts[:0])  # no probe: nothing to take a minimum over
+    result = verify_cli(bert)
+    assert result.exit_code == 1 and "'texts' must hold 1..256 texts" in result.stderr
+    assert result.stderr.count("\n") == 1
+
+
 def test_an_unhashed_change_is_refused_before_any_check(lstm_artifact, tmp_path):
     lstm = copy_artifact(lstm_artifact, tmp_path / "lstm")
     with open(lstm / REFERENCE_NAME, "r+b") as handle:  # same size, different bytes

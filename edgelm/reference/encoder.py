@@ -13,11 +13,14 @@ from typing import Any
 import numpy as np
 
 from edgelm.artifact import Check, Manifest
+from edgelm.errors import ArtifactError
 from edgelm.families import family_named
 from edgelm.metrics import cosine_rows, top1_agreement
 from edgelm.reference.store import Field, expect_shape
 
 SCHEMA = {"texts": Field("text", 1), "outputs": Field("float", 2)}
+MAX_TEXTS = 256  # exporters store a dozen probes; each one is a run of the model on this machine
+MAX_TEXT_CHARS = 1 << 20  # the long probe is max_length + 20 words
 
 
 def reference_arrays(texts: list[str], outputs: np.ndarray) -> dict[str, np.ndarray]:
@@ -27,6 +30,9 @@ def reference_arrays(texts: list[str], outputs: np.ndarray) -> dict[str, np.ndar
 
 def check_arrays(arrays: dict[str, np.ndarray], manifest: Manifest, path: Path) -> None:
     texts = arrays["texts"]
+    if not 1 <= len(texts) <= MAX_TEXTS or texts.dtype.itemsize > 4 * MAX_TEXT_CHARS:
+        raise ArtifactError(f"{path}: array 'texts' must hold 1..{MAX_TEXTS} texts of at most {MAX_TEXT_CHARS} "
+                            "characters")
     width = {"embed": manifest.model.dim, "fill-mask": manifest.model.vocab_size,
              "classify": len(getattr(manifest.model, "id2label", {}) or {}) or None}.get(manifest.task)
     expect_shape(arrays, "outputs", (len(texts), width), path)

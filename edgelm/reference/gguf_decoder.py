@@ -48,6 +48,7 @@ SCHEMA = {
     "exact_logits": Field("float", 2, required=False),  # the same with ggml's GELU (F32 files of GELU models)
 }
 MAX_PROMPTS = 16
+MAX_SEQUENCE = 1024  # tokens per prompt or held-out text (exporters write 256): llama.cpp keeps n_ctx x vocab logits
 
 
 def needs_full_rows(quant: QuantType) -> bool:
@@ -82,7 +83,7 @@ def check_arrays(arrays: dict[str, np.ndarray], manifest: Manifest, path: Path) 
     if not 1 <= len(lengths) <= MAX_PROMPTS:
         raise ArtifactError(f"{path}: array 'prompt_lengths' must list 1..{MAX_PROMPTS} prompts")
     expect_shape(arrays, "prompts", (len(lengths), None), path)
-    context = manifest.model.context_length or 1 << 20
+    context = min(manifest.model.context_length or MAX_SEQUENCE, MAX_SEQUENCE)
     longest = max(int(lengths.max()), len(held_out))
     if (lengths < 1).any() or (lengths > arrays["prompts"].shape[1]).any() or len(held_out) < 2 or longest > context:
         raise ArtifactError(f"{path}: arrays 'prompt_lengths' or 'held_out' do not fit the prompts or the context")

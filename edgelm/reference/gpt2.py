@@ -30,7 +30,15 @@ from edgelm.metrics import (
     teacher_forced_nll,
     top_k_log_probs,
 )
-from edgelm.reference.store import TOP_K, Field, check_log_probs, check_top_k, expect_shape, scalar
+from edgelm.reference.store import (
+    TOP_K,
+    Field,
+    check_log_probs,
+    check_perplexities,
+    check_top_k,
+    expect_shape,
+    scalar,
+)
 
 SCHEMA = {
     "prompts": Field("int", 2),  # (prompts, longest), right-padded with 0
@@ -96,6 +104,7 @@ def check_arrays(arrays: dict[str, np.ndarray], manifest: Manifest, path: Path) 
         _check_fp32_arrays(arrays, vocab, context, path)
     elif "held_out_perplexity_fp32" not in arrays:
         raise ArtifactError(f"{path}: reference file has no array 'held_out_perplexity_fp32'")
+    check_perplexities(arrays, path, "held_out_perplexity_fp32")
 
 
 def _check_fp32_arrays(arrays: dict[str, np.ndarray], vocab: int, context: int, path: Path) -> None:

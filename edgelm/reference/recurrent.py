@@ -16,7 +16,7 @@ from edgelm.artifact import Check, Manifest
 from edgelm.errors import ArtifactError
 from edgelm.families import family_named
 from edgelm.metrics import max_abs_diff, token_nll, top1_agreement
-from edgelm.reference.store import Field, expect_shape, scalar
+from edgelm.reference.store import Field, check_perplexities, expect_shape, scalar
 
 SCHEMA = {
     "chunks": Field("int", 1),  # lengths fed one call each, the state carried between them
@@ -55,6 +55,7 @@ def check_arrays(arrays: dict[str, np.ndarray], manifest: Manifest, path: Path) 
     expect_shape(arrays, "states", (len(model.inputs) - 1, model.num_layers, ids.shape[0], model.hidden_size), path)
     if manifest.quant != "none" and "held_out_perplexity_fp32" not in arrays:
         raise ArtifactError(f"{path}: reference file has no array 'held_out_perplexity_fp32'")
+    check_perplexities(arrays, path, "held_out_perplexity_torch", "held_out_perplexity_fp32")
 
 
 def run_checks(folder: Path, manifest: Manifest, arrays: dict[str, np.ndarray], options: Any) -> list[Check]:

@@ -75,25 +75,29 @@ def _read_members(path: Path, schema: dict[str, Field]) -> dict[str, np.ndarray]
         members = archive.infolist()
         if len(members) > MAX_ARRAYS:
             raise ArtifactError(f"{path}: reference file holds {len(members)} members (at most {MAX_ARRAYS})")
+        claimed = sum(member.file_size for member in members)  # deflated members could expand far past the file
+        if claimed > MAX_REFERENCE_BYTES:
+            raise ArtifactError(f"{path}: reference file's arrays hold {claimed} bytes (at most {MAX_REFERENCE_BYTES})")
+        budget = MAX_REFERENCE_BYTES
         for member in members:
             name = member.filename.removesuffix(".npy")
             if not member.filename.endswith(".npy") or not ARRAY_NAME.fullmatch(name) or name not in schema:
                 raise ArtifactError(f"{path}: unexpected member {member.filename[:60]!r} in the reference file")
             if name in arrays:
                 raise ArtifactError(f"{path}: array {name!r} appears twice in the reference file")
-            if member.file_size > MAX_REFERENCE_BYTES:
-                raise ArtifactError(f"{path}: array {name!r} is over the {MAX_REFERENCE_BYTES}-byte limit")
             with archive.open(member) as handle:
-                data = handle.read(MAX_REFERENCE_BYTES + 1)
+                data = handle.read(budget + 1)  # a member's claimed size is not trusted either
+            if len(data) > budget:
+                raise ArtifactError(f"{path}: reference file's arrays hold over {MAX_REFERENCE_BYTES} bytes")
+            budget -= len(data)
             arrays[name] = _check_field(_parse_npy(data, name, path), schema[name], name, path)
     return arrays
 
 
 def _parse_npy(data: bytes, name: str, path: Path) -> np.ndarray:
-    """One `.npy` member, its claimed size checked against its bytes before any array is made."""
+    """One `.npy` member (at most the file's budget of bytes), its claimed size checked against its bytes
+    before any array is made."""
     where = f"{path}: array {name!r}"
-    if len(data) > MAX_REFERENCE_BYTES:
-        raise ArtifactError(f"{where} is over the {MAX_REFERENCE_BYTES}-byte limit")
     stream = io.BytesIO(data)
     version = np.lib.format.read_magic(stream)
     readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
@@ -161,3 +165,11 @@ def rows_within_budget(positions: int, width: int, minimum: int = 16) -> int:
 def scalar(arrays: dict[str, np.ndarray], name: str) -> float | None:
     value = arrays.get(name)
     return None if value is None else float(value)
+
+
+def check_perplexities(arrays: dict[str, np.ndarray], path: Path, *names: str) -> None:
+    """Stored perplexities (those present) are finite and >= 1: a ratio's denominator must not be 0 or NaN."""
+    for name in names:
+        value = scalar(arrays, name)
+        if value is not None and not (math.isfinite(value) and value >= 1):
+            raise ArtifactError(f"{path}: array {name!r} must be a finite perplexity >= 1, got {value}")
