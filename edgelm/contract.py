@@ -109,6 +109,19 @@ class MachineSection(Section):
     llama_cpp_python: str | None = None
     threads: int | None = spec(minimum=1)
 
+    MAX_TEXT: typing.ClassVar[int] = 200  # a CPU brand string or a version; printed on verify's one line
+    MAX_ISA: typing.ClassVar[int] = 64  # edgelm knows a few dozen kernel-selecting features
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if len(self.isa) > self.MAX_ISA:
+            raise FieldError(f"machine.isa must list at most {self.MAX_ISA} features, got {len(self.isa)}")
+        texts = {"cpu": self.cpu, "arch": self.arch, "os": self.os, "onnxruntime": self.onnxruntime,
+                 "llama_cpp_python": self.llama_cpp_python, **{f"isa[{i}]": v for i, v in enumerate(self.isa)}}
+        for name, value in texts.items():
+            if value is not None and len(value) > self.MAX_TEXT:
+                raise FieldError(f"machine.{name} must be at most {self.MAX_TEXT} characters, got {len(value)}")
+
 
 @dataclass(frozen=True)
 class ModelSection(Section):

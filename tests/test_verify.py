@@ -238,6 +238,8 @@ def manifest_with(folder: Path, tmp_path: Path, change) -> Path:
     (lambda d: d["machine"].__setitem__("isa", "avx2"), "machine.isa must be a list"),
     (lambda d: d["machine"].__setitem__("vnni", 1), "machine.vnni must be true or false"),
     (lambda d: d["machine"].__setitem__("threads", 0), "machine.threads must be an integer >= 1"),
+    (lambda d: d["machine"].__setitem__("cpu", "x" * 10_000), "machine.cpu must be at most 200 characters"),
+    (lambda d: d["machine"].__setitem__("isa", ["avx2"] * 1000), "machine.isa must list at most 64"),
     (lambda d: d.__setitem__("validation_reference", 3), "validation_reference must be a string"),
     (lambda d: d.__setitem__("validation_reference", "other.npz"), "validation_reference 'other.npz' is not among"),
 ])
