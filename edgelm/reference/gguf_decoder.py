@@ -33,8 +33,7 @@ from edgelm.metrics import (
     teacher_forced_nll,
     top_k_log_probs,
 )
-from edgelm.reference.gpt2 import padded
-from edgelm.reference.store import TOP_K, Field, check_log_probs, check_top_k, expect_shape
+from edgelm.reference.store import TOP_K, Field, check_log_probs, check_top_k, expect_shape, padded
 
 SCHEMA = {
     "prompts": Field("int", 2),  # (prompts, longest), right-padded with 0

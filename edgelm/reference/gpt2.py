@@ -37,6 +37,7 @@ from edgelm.reference.store import (
     check_perplexities,
     check_top_k,
     expect_shape,
+    padded,
     scalar,
 )
 
@@ -57,14 +58,6 @@ MAX_PROMPTS = 16
 FP32_ONLY = ("prompt_logits", "greedy", "greedy_lengths", "held_out_logits")
 
 
-def padded(rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-    width = max(len(r) for r in rows)
-    table = np.zeros((len(rows), width), np.int64)
-    for i, row in enumerate(rows):
-        table[i, : len(row)] = row
-    return table, np.asarray([len(r) for r in rows], np.int64)
-
-
 def reference_arrays(prompts: list[list[int]], held_out: list[int], held_out_logits: np.ndarray, rows: int,
                      prompt_logits: list[np.ndarray] | None, greedy: list[list[int]] | None,
                      ppl_fp32: float | None, k: int = TOP_K) -> dict[str, np.ndarray]:
@@ -77,7 +70,7 @@ def reference_arrays(prompts: list[list[int]], held_out: list[int], held_out_log
     if prompt_logits is not None and greedy is not None:
         arrays["held_out_logits"] = np.asarray(held_out_logits[:rows], np.float32)
         arrays["prompt_logits"] = np.concatenate(prompt_logits).astype(np.float32)
-        arrays["greedy"], arrays["greedy_lengths"] = padded([g or [0] for g in greedy])
+        arrays["greedy"] = padded([g or [0] for g in greedy])[0]  # an empty continuation still has a row
         arrays["greedy_lengths"] = np.asarray([len(g) for g in greedy], np.int64)
     if ppl_fp32 is not None:
         arrays["held_out_perplexity_fp32"] = np.float64(float(ppl_fp32))

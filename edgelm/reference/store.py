@@ -157,6 +157,15 @@ def check_log_probs(arrays: dict[str, np.ndarray], name: str, path: Path) -> Non
         raise ArtifactError(f"{path}: array {name!r} holds log-probabilities that are not finite and <= 0")
 
 
+def padded(rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Token sequences as one table right-padded with 0, and their lengths (how prompts are stored)."""
+    width = max(len(r) for r in rows)
+    table = np.zeros((len(rows), width), np.int64)
+    for i, row in enumerate(rows):
+        table[i, : len(row)] = row
+    return table, np.asarray([len(r) for r in rows], np.int64)
+
+
 def rows_within_budget(positions: int, width: int, minimum: int = 16) -> int:
     """How many logits rows of `width` the reference keeps: all that fit the budget, at least `minimum`."""
     return min(positions, max(minimum, LOGIT_BUDGET // max(width, 1)))
