@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from edgelm.errors import ContextOverflowError, InputError, UsageError
+from edgelm.errors import ContextOverflowError, EdgelmError, InputError, UsageError
 from edgelm.runtime import load
 from edgelm.runtime.scheduler import PREFILL_CHUNK, Scheduler
 
@@ -247,3 +247,47 @@ def test_admission_is_first_come_first_served():
     assert decoder.admitted == [1, 2, 4, 5]
     assert tickets[2].completion is None and tickets[4].completion == ("done", 2)
     scheduler.close()
+
+
+class RaisingContinuation(CountingContinuation):
+    """A sequence whose sampling fails (as a grammar error would) after `good` tokens."""
+
+    def __init__(self, good: int):
+        super().__init__(100)
+        self.good = good
+
+    def accept(self, logits):
+        if self.count >= self.good:
+            raise ValueError("grammar broke")
+        return super().accept(logits)
+
+
+def test_a_continuation_that_raises_ends_its_sequence_alone():
+    decoder = FakeDecoder(slots=2)
+    scheduler = Scheduler(decoder)
+    failing = scheduler.submit([1, 2], RaisingContinuation(2))
+    other = scheduler.submit([1, 2, 3], CountingContinuation(6))
+    with pytest.raises(ValueError, match="grammar broke"):
+        "".join(failing.pieces())
+    assert "".join(other.pieces()) == "x" * 6
+    assert decoder.pending == {}  # both slots released
+    scheduler.close()
+
+
+def test_a_failing_loop_ends_every_sequence_instead_of_leaving_it_waiting():
+    decoder = FakeDecoder(slots=1)
+
+    def broken(slot):
+        raise RuntimeError("release failed")
+
+    decoder.release = broken
+    scheduler = Scheduler(decoder)
+    running = scheduler.submit([1], CountingContinuation(2))
+    waiting = scheduler.submit([1, 2], CountingContinuation(2))
+    assert "".join(running.pieces()) == "xx"  # its text was complete when its slot failed to free
+    kind, err = waiting.events.get(timeout=5)  # before the fix: never, the loop thread had died
+    assert kind == "error" and isinstance(err, EdgelmError)
+    assert "stopped (RuntimeError: release failed)" in str(err)
+    with pytest.raises(InputError, match="closed"):
+        scheduler.submit([1], CountingContinuation(1))
+    scheduler.close()  # the loop has ended: returns at once

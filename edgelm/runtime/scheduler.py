@@ -171,13 +171,30 @@ class Scheduler:
 
     # -- the loop thread ---------------------------------------------------------------------
     def _loop(self) -> None:
-        while True:
-            with self._lock:
-                batch = self._next_batch()
-                if batch is None:
-                    return
-                tokens, prefill = self._plan(batch)
-            self._run_step(batch, tokens, prefill)
+        try:
+            while True:
+                with self._lock:
+                    batch = self._next_batch()
+                    if batch is None:
+                        return
+                    tokens, prefill = self._plan(batch)
+                self._run_step(batch, tokens, prefill)
+        except BaseException as err:  # a bug in the loop: no submitter may wait forever on a dead thread
+            log.exception("the scheduler loop of model %s stopped", self.name)
+            self._stop_all(err)
+
+    def _stop_all(self, err: BaseException) -> None:
+        """(On the dying loop thread.) Close the scheduler and end every sequence with an error;
+        the decoder's state is unknown, so no slot is released into it."""
+        if not isinstance(err, EdgelmError):
+            err = EdgelmError(f"the scheduler of model {self.name} stopped ({type(err).__name__}: {err})")
+        with self._lock:
+            self._closed = True
+            for ticket in [*self._waiting, *self._running.values()]:
+                if not ticket.finished:
+                    self._end(ticket, "error", err)
+            self._waiting.clear()
+            self._running.clear()
 
     def _next_batch(self) -> dict[int, Ticket] | None:
         """(Under the lock.) The sequences of the next step, after releasing the cancelled and
@@ -257,10 +274,12 @@ class Scheduler:
 
     def _release(self, ticket: Ticket, kind: str, value: Any) -> None:
         """(Under the lock, on the loop thread.) Free the slot, keeping its cache, and tell the submitter."""
-        if self._running.get(ticket.slot) is ticket:
-            del self._running[ticket.slot]
-            self.decoder.release(ticket.slot)
-        self._end(ticket, kind, value)
+        try:
+            if self._running.get(ticket.slot) is ticket:
+                del self._running[ticket.slot]
+                self.decoder.release(ticket.slot)
+        finally:  # told even when the decoder fails: it has left _running, where _stop_all looks
+            self._end(ticket, kind, value)
 
     @staticmethod
     def _end(ticket: Ticket, kind: str, value: Any) -> None:
