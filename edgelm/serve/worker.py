@@ -148,14 +148,21 @@ class ModelWorker:
                 job.state = "running"
                 self.running = job
             try:
-                job.run(job)
-            except BaseException:  # run() reports its own errors; this is a bug, and the thread must live
-                log.exception("unexpected error in model %s's worker", self.name)
-                job.emit("error", ApiError(500, "internal error while running the model", code="internal_error"))
+                run_reported(job, self.name)
             finally:
                 with self.lock:
                     self.running = None
                     job.state = "finished"
+
+
+def run_reported(job: Job, model: str) -> None:
+    """Run a job on a worker's thread. run() reports its own errors; one escaping it is a bug,
+    answered with a 500, and the thread carries on (or ends) cleanly."""
+    try:
+        job.run(job)
+    except BaseException:
+        log.exception("unexpected error in a request for model %s", model)
+        job.emit("error", ApiError(500, "internal error while running the model", code="internal_error"))
 
 
 def queue_full(name: str, waiting: int) -> ApiError:
@@ -165,7 +172,7 @@ def queue_full(name: str, waiting: int) -> ApiError:
 
 class SequenceWorker:
     """A scheduled model's requests: each job on its own thread, their sequences batched by the
-    model's scheduler. `active`, `queued` and `health()` are the scheduler's own counts."""
+    model's scheduler. `health()` is the scheduler's own counts."""
 
     def __init__(self, name: str, max_queue: int, scheduler: Any):
         self.name = name
@@ -174,14 +181,6 @@ class SequenceWorker:
         self.lock = threading.Lock()
         self.jobs: dict[Job, threading.Thread] = {}
         self.stopping = False
-
-    @property
-    def active(self) -> int:
-        return self.scheduler.stats()["active"]
-
-    @property
-    def queued(self) -> int:
-        return self.scheduler.stats()["queued"]
 
     def health(self) -> dict[str, int]:
         return self.scheduler.stats()
@@ -218,10 +217,7 @@ class SequenceWorker:
 
     def _serve(self, job: Job) -> None:
         try:
-            job.run(job)
-        except BaseException:  # run() reports its own errors; this is a bug, and the thread must end cleanly
-            log.exception("unexpected error in a request for model %s", self.name)
-            job.emit("error", ApiError(500, "internal error while running the model", code="internal_error"))
+            run_reported(job, self.name)
         finally:
             with self.lock:
                 self.jobs.pop(job, None)
