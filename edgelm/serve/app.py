@@ -25,6 +25,7 @@ from edgelm.runtime.params import GenerationParams
 from edgelm.serve import constrained
 from edgelm.serve.errors import ApiError, from_edgelm, quoted
 from edgelm.serve.http import EventStream, JobResponse, read_json, render_result
+from edgelm.serve.page import page_routes
 from edgelm.serve.schema import (
     GenerationRequest,
     chat_request,
@@ -447,7 +448,8 @@ def create_app(models: Mapping[str, Any] | Sequence[str | Path], *, api_key: str
     `parallel` (in `load_options`) is how many sequences each GGUF text model decodes together
     (its scheduler's slots); models loaded elsewhere are served as they were loaded.
     `loopback_only` refuses requests whose Host header is not a loopback name (for a server bound
-    to 127.0.0.1 or ::1); `api_key` requires `Authorization: Bearer KEY` everywhere but /health.
+    to 127.0.0.1 or ::1); `api_key` requires `Authorization: Bearer KEY` everywhere but /health and
+    the chat page's files (served at "/", see page.py).
     """
     if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
         raise UsageError(f"max_queue must be an integer >= 0, got {max_queue!r}")
@@ -473,6 +475,7 @@ def create_app(models: Mapping[str, Any] | Sequence[str | Path], *, api_key: str
         Route("/v1/embeddings", server.embeddings, methods=["POST"]),
         Route("/tokenize", server.tokenize, methods=["POST"]),
         Route("/detokenize", server.detokenize, methods=["POST"]),
+        *page_routes(),  # the chat page at "/"
     ]
     handlers = {HTTPException: _http_error, ApiError: _api_error, Exception: _internal_error}
     app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)

@@ -3,8 +3,9 @@
 Every request passes here before routing. On a loopback bind a Host header that does not name
 the loopback is refused (a web page that rebinds its own domain to 127.0.0.1 still sends its
 own name). CORS headers appear only for origins named by the operator. The key is a Bearer
-token compared in constant time; /health stays open. Any exception that escapes an endpoint
-becomes a 500 in OpenAI's shape with a one-line message; nothing internal reaches the client.
+token compared in constant time; /health and the chat page's files stay open (the page asks for
+the key itself). Any exception that escapes an endpoint becomes a 500 in OpenAI's shape with a
+one-line message; nothing internal reaches the client.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ import ipaddress
 import logging
 
 from edgelm.serve.errors import ApiError
+from edgelm.serve.page import PAGE_PATHS
 
 log = logging.getLogger("edgelm.serve")
-OPEN_PATHS = ("/health",)
+OPEN_PATHS = ("/health", *PAGE_PATHS)  # the chat page loads without the key, then asks for it
 CORS_METHODS = b"GET, POST, OPTIONS"
 CORS_HEADERS = b"authorization, content-type"
 
