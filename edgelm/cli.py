@@ -51,6 +51,21 @@ class EdgelmGroup(click.Group):
             ctx.exit(1)
 
 
+class ModelRef(click.ParamType):
+    """An artifact folder, a .gguf file, or the name of a model in the library (`edgelm list`).
+    Every command that opens a model resolves it here, through the same function as load()."""
+
+    name = "artifact"
+
+    def convert(self, value, param, ctx):
+        from edgelm.library import resolve_model
+
+        return value if isinstance(value, Path) else resolve_model(value)
+
+
+MODEL = ModelRef()
+
+
 def _silence_stdout() -> None:
     """Point stdout at /dev/null, so flushing it at exit does not raise BrokenPipeError again."""
     import os
@@ -121,11 +136,21 @@ def progress_printer(label_width: int = 10):
 @click.option("--lr", type=float, default=None, help="Peak learning rate [default: per model].")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--force", is_flag=True, help="Write into --out even if it holds files edgelm train did not write.")
-def train(model, out, text, force, **flags):
+@click.option("--add", "add_to_library", is_flag=True,
+              help="Then export it (its family's default format and quantization, validated) into the library.")
+@click.option("--add-as", metavar="NAME", default=None, help="The library name [default: --out's folder name].")
+def train(model, out, text, force, add_to_library, add_as, **flags):
     """Train a language model (RNN, LSTM, GPT-2, LLaMA, or BERT as a masked LM)."""
     from edgelm.commands.train import run_train
 
+    if not add_to_library and add_as is None:
+        run_train(model, out, text, force=force, **flags)
+        return
+    from edgelm.commands.library import export_into_library, library_name_for
+
+    name = library_name_for(out, add_as)  # a bad or taken name fails before minutes of training
     run_train(model, out, text, force=force, **flags)
+    export_into_library(out, name, progress_printer())
 
 
 @main.command()
@@ -139,10 +164,18 @@ def train(model, out, text, force, **flags):
 @click.option("--no-validate", is_flag=True, help="Skip validation (the manifest says so).")
 @click.option("--target", type=click.Choice(["default", "mobile"]), default="default", show_default=True,
               help="mobile: also write the model in onnxruntime's ORT format with its operator list (ONNX).")
-def export(source, out, fmt, quant, task, no_validate, target):
+@click.option("--add", "add_to_library", is_flag=True, help="Register the artifact in the library (`edgelm list`).")
+@click.option("--add-as", metavar="NAME", default=None, help="Register it under NAME [default: --out's folder name].")
+def export(source, out, fmt, quant, task, no_validate, target, add_to_library, add_as):
     """Export a model folder (or hub id) to a validated artifact."""
     from edgelm.export import export as run_export
     from edgelm.export.options import ExportOptions
+
+    name = None
+    if add_to_library or add_as is not None:
+        from edgelm.commands.library import library_name_for
+
+        name = library_name_for(out, add_as)  # a bad or taken name fails before minutes of exporting
 
     options = ExportOptions(format=fmt, quant=quant, task=task, validate=not no_validate, target=target,
                             progress=progress_printer())
@@ -152,10 +185,14 @@ def export(source, out, fmt, quant, task, no_validate, target):
         click.echo(f"  {check.describe()}")
     if manifest.validation_skipped:
         click.echo("  validation skipped (--no-validate)")
+    if name is not None:
+        from edgelm.commands.library import add_model
+
+        add_model(out, name, copy=False)
 
 
 @main.command()
-@click.argument("artifact", type=click.Path(path_type=Path))
+@click.argument("artifact", type=MODEL)
 @click.option("--json", "as_json", is_flag=True, help="Print the whole manifest as JSON.")
 @click.option("--verify", is_flag=True, help="Also check every file's sha256.")
 def info(artifact, as_json, verify):
@@ -166,7 +203,7 @@ def info(artifact, as_json, verify):
 
 
 @main.command()
-@click.argument("artifact", type=click.Path(path_type=Path))
+@click.argument("artifact", type=MODEL)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: passed, checks, both machines.")
 @click.option("--threads", type=int, default=None, help="Threads to run with [default: physical cores].")
 def verify(artifact, as_json, threads):
@@ -217,7 +254,7 @@ def constraint_options(fn):
 
 
 @main.command()
-@click.argument("artifact", type=click.Path(path_type=Path))
+@click.argument("artifact", type=MODEL)
 @click.argument("prompt", required=False)
 @click.option("--prompt-file", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),
               help="Read the prompt from a UTF-8 file (- for stdin) instead of PROMPT.")
@@ -256,7 +293,7 @@ def demo(out, quick):
 
 
 @main.command()
-@click.argument("artifact", type=click.Path(path_type=Path))
+@click.argument("artifact", type=MODEL)
 @click.option("--system", default=None, help="A system message that opens the conversation.")
 @sampling_options
 @constraint_options
@@ -266,6 +303,36 @@ def chat(artifact, system, threads, provider, n_gpu_layers, n_ctx, verify, **sam
 
     device = dict(threads=threads, provider=provider, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, verify=verify)
     run_chat(artifact, system, device, sampling)
+
+
+@main.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--name", default=None, help="The name to use [default: the folder's or file's name].")
+@click.option("--copy", is_flag=True, help="Copy the files into the library (removed with `edgelm rm`) "
+              "instead of keeping a reference to where they are.")
+def add(path, name, copy):
+    """Register an artifact folder or a .gguf file in the library under a name."""
+    from edgelm.commands.library import add_model
+
+    add_model(path, name, copy)
+
+
+@main.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def list_(as_json):
+    """The library's models: name, family, format, quantization, size, validation and verification."""
+    from edgelm.commands.library import list_models
+
+    list_models(as_json)
+
+
+@main.command()
+@click.argument("name")
+def rm(name):
+    """Remove a model from the library (its files too, only where `add --copy` copied them)."""
+    from edgelm.commands.library import remove_model
+
+    remove_model(name)
 
 
 def encoder_options(fn):
@@ -279,7 +346,7 @@ LINES_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 
 
 @main.command()
-@click.argument("artifact", type=click.Path(path_type=Path))
+@click.argument("artifact", type=MODEL)
 @click.argument("texts", nargs=-1)
 @click.option("--file", type=LINES_FILE, help="More texts, one per line (UTF-8).")
 @click.option("--batch-size", type=int, default=None, help="Texts per batch [default: 32].")
@@ -293,7 +360,7 @@ def embed(artifact, texts, file, batch_size, normalize, as_json, threads, provid
 
 
 @main.command("fill-mask")
-@click.argument("artifact", type=click.Path(path_type=Path))
+@click.argument("artifact", type=MODEL)
 @click.argument("text")
 @click.option("--top-k", type=int, default=5, show_default=True)
 @encoder_options
@@ -305,7 +372,7 @@ def fill_mask(artifact, text, top_k, as_json, threads, provider):
 
 
 @main.command()
-@click.argument("artifact", type=click.Path(path_type=Path))
+@click.argument("artifact", type=MODEL)
 @click.argument("texts", nargs=-1)
 @click.option("--file", type=LINES_FILE, help="More texts, one per line (UTF-8).")
 @encoder_options
@@ -317,12 +384,12 @@ def classify(artifact, texts, file, as_json, threads, provider):
 
 
 @main.command("eval")
-@click.argument("artifact", type=click.Path(path_type=Path))
+@click.argument("artifact", type=MODEL)
 @click.option("--text", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Text to score (UTF-8) [default: the held-out text an edgelm-trained source kept, "
                    "else the built-in corpus's held-out slice].")
 @click.option("--ctx", type=int, default=None, help="Chunk length in tokens [default: 512, or the model's context].")
-@click.option("--base", type=click.Path(path_type=Path), default=None,
+@click.option("--base", type=MODEL, default=None,
               help="A base artifact with the same tokenizer: adds KL divergence, top-1 agreement, PPL ratio.")
 @click.option("--chunks", type=int, default=None, help="Score only the first N chunks [default: all].")
 @click.option("--threads", type=int, default=None, help="CPU threads [default: physical cores].")
@@ -335,7 +402,7 @@ def eval_(artifact, text, ctx, base, chunks, threads, as_json):
 
 
 @main.command()
-@click.argument("artifacts", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("artifacts", nargs=-1, required=True, type=MODEL)
 @click.option("--prompt-tokens", type=int, default=64, show_default=True, help="Prompt length for prefill.")
 @click.option("--new-tokens", type=int, default=64, show_default=True, help="Greedy tokens decoded.")
 @click.option("--threads", type=int, default=None, help="CPU threads [default: physical cores].")
@@ -349,7 +416,7 @@ def bench(artifacts, prompt_tokens, new_tokens, threads, rounds, as_json):
 
 
 @main.command()
-@click.argument("artifacts", nargs=-1, type=click.Path(path_type=Path))
+@click.argument("artifacts", nargs=-1)  # paths or library names; none: the whole library
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; others need --api-key.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="0 picks a free port.")
 @click.option("--api-key", envvar="EDGELM_API_KEY", default=None, help="Require 'Authorization: Bearer KEY' "

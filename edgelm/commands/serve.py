@@ -10,30 +10,58 @@ from pathlib import Path
 import click
 
 from edgelm.errors import UsageError
+from edgelm.safe_text import printable
 
 
-def model_paths(artifacts: Sequence[Path], names: Sequence[str]) -> dict[str, Path]:
-    """Ids to artifact paths: each folder's name, or the id `--name NAME=ARTIFACT` gives it."""
-    from edgelm.serve.app import default_id
+def model_paths(artifacts: Sequence[str | Path], names: Sequence[str]) -> dict[str, Path]:
+    """Ids to artifact paths: a library name stays the id, a path gets its folder's name, and
+    `--name NAME=ARTIFACT` gives any of them NAME. Nothing given: every model in the library."""
+    from edgelm.library import named
 
+    if not artifacts and not names:
+        return library_models()
     renamed: dict[Path, str] = {}
     models: dict[str, Path] = {}
     for spec in names:
-        name, sep, path = spec.partition("=")
-        if not sep or not name or not path:
+        name, sep, ref = spec.partition("=")
+        if not sep or not name or not ref:
             raise UsageError(f"--name takes NAME=ARTIFACT, got {spec!r}")
-        renamed[Path(path).resolve()] = name
-        models[name] = Path(path)
-    for path in artifacts:
-        if Path(path).resolve() in renamed:
+        path = named(ref)[1]
+        renamed[path.resolve()] = name
+        models[name] = path
+    for ref in artifacts:
+        library_name, path = named(ref)
+        if path.resolve() in renamed:
             continue
-        name = default_id(path)
-        if name in models:
-            raise UsageError(f"two models would have the id {name!r}; give one another with --name NAME={path}")
-        models[name] = Path(path)
-    if not models:
-        raise UsageError("give at least one artifact to serve")
+        model_id = library_name or default_id(path)
+        if model_id in models:
+            raise UsageError(f"two models would have the id {model_id!r}; give one another with "
+                             f"--name NAME={ref}")
+        models[model_id] = path
     return models
+
+
+def library_models() -> dict[str, Path]:
+    """Every model in the library by its name; a missing one is skipped with a line saying so."""
+    from edgelm.library import library_home, read_index
+
+    models: dict[str, Path] = {}
+    for name, entry in sorted(read_index().items()):
+        if entry.missing:
+            click.echo(printable(f"warning: not serving {name}: {entry.path} is gone "
+                                 f"(`edgelm rm {name}` removes the entry)"), err=True)
+            continue
+        models[name] = Path(entry.path)
+    if not models:
+        raise UsageError(f"give at least one artifact to serve; the library ({library_home()}) has no model "
+                         "to serve (`edgelm add PATH` registers one)")
+    return models
+
+
+def default_id(path: Path) -> str:
+    from edgelm.serve.app import default_id as folder_id
+
+    return folder_id(path)
 
 
 def is_loopback_bind(host: str) -> bool:

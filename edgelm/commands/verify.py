@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from edgelm.errors import VerificationError
+from edgelm.errors import EdgelmError, VerificationError, first_line
 from edgelm.safe_text import printable, terminal_json
 
 
@@ -15,6 +15,7 @@ def verify_artifact(path: Path, as_json: bool, threads: int | None) -> None:
     from edgelm.reference.verify import verify
 
     result = verify(path, threads=threads)
+    _record_in_library(path, result.passed, str(result.machine.get("cpu") or ""))
     if as_json:
         click.echo(terminal_json(result.to_dict(), indent=2))
     else:
@@ -30,6 +31,22 @@ def verify_artifact(path: Path, as_json: bool, threads: int | None) -> None:
         raise VerificationError(f"verify failed on this machine: {printable(detail)}")
     if not as_json:
         click.echo("verify: passed")
+
+
+def _record_in_library(path: Path, passed: bool, cpu: str) -> None:
+    """Keep the outcome in every library entry for these files, so `edgelm list` shows it."""
+    from datetime import datetime, timezone
+
+    from edgelm.library import record_verification
+
+    at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    try:
+        names = record_verification(path, passed, at, cpu)
+    except EdgelmError as err:  # the verdict stands; only its record failed, and that is said
+        click.echo(f"note: the result was not recorded in the library: {first_line(err)}", err=True)
+        return
+    if names:
+        click.echo(printable(f"recorded in the library for {', '.join(names)}"), err=True)
 
 
 def describe_machine(facts: dict[str, Any]) -> str:
