@@ -7,13 +7,15 @@ from typing import Any
 
 from edgelm.artifact import Manifest, read_manifest
 from edgelm.families import family_named
+from edgelm.library import resolve_model
 from edgelm.runtime.device import RuntimeOptions
 
 
 def load(path: str | Path, *, threads: int | None = None, provider: str = "cpu",
          n_gpu_layers: int = 0, n_ctx: int | None = None, verify: bool = False, model_format: str = "onnx",
          parallel: int | None = None) -> Any:
-    """Load an artifact folder (or a bare .gguf file) and return its task object.
+    """Load an artifact folder (or a bare .gguf file), or a model of the library by name, and
+    return its task object.
 
     Text generators have generate()/stream(); every task object is a context manager that
     frees its backend session on exit. model_format="ort" runs the ORT-format copy of an ONNX
@@ -26,7 +28,7 @@ def load(path: str | Path, *, threads: int | None = None, provider: str = "cpu",
     """
     options = RuntimeOptions(threads=threads, provider=provider, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx,
                              verify=verify, model_format=model_format, parallel=parallel)
-    path = Path(path)
+    path = resolve_model(path)  # a path that exists wins over a library name
     if path.is_file() and path.suffix == ".gguf":
         return load_bare_gguf(path, options)
     manifest = read_manifest(path, verify=verify)
