@@ -25,7 +25,8 @@ from edgelm.export.gguf_tensors import (
     stream_converted,
     weight_files,
 )
-from edgelm.export.gguf_vocab import Vocab, end_of_turn_ids, read_vocab, special_vocab, write_vocab
+from edgelm.export.gguf_tokenizer import check_pairing, choose_tokenizer, gguf_model_name
+from edgelm.export.gguf_vocab import Vocab, added_rstrip, end_of_turn_ids, read_vocab, special_vocab, write_vocab
 from edgelm.export.hf_source import check_source_links
 from edgelm.export.options import ExportOptions
 from edgelm.families import FLOAT_GGUF, LLAMA_FTYPES
@@ -39,7 +40,9 @@ def export_gguf(source: Path, config: dict, out: Path, options: ExportOptions) -
     spec = arch_for_config(source, config)
     shape = _shape(spec, config)
     quant = options.quant
-    vocab = read_vocab(source, shape.vocab_size)
+    choice = choose_tokenizer(source)  # the tokenizer files decide the GGUF tokenizer, not the architecture
+    check_pairing(source, choice, spec.name, spec.tokenizers)
+    vocab = read_vocab(source, shape.vocab_size, choice)
     special = special_vocab(source, vocab)
     special.add_special_token.setdefault("bos", vocab.kind == "spm")  # llama.cpp's own defaults,
     special.add_special_token.setdefault("eos", False)  # written out so nobody has to guess
@@ -118,7 +121,7 @@ def write_float_gguf(path: Path, source: Path, config: dict, spec: ArchSpec, sha
     if freqs := rope_freqs_plan(config, shape):
         plans.append(freqs)
     writer = gguf.GGUFWriter(path, spec.name)
-    writer.add_name(source.resolve().name)
+    writer.add_name(gguf_model_name(source.resolve().name, vocab.tokens, added_rstrip(source)))
     spec.write_keys(writer, config, shape)
     if extra_keys is not None:
         extra_keys(writer)

@@ -46,6 +46,7 @@ class ArchSpec:
     conv1d: tuple[str, ...] = ()  # block parts stored [in, out] by HF Conv1D: transposed
     rotary_interleave: bool = False  # LLaMA's rotary layout: q/k rows reordered per head
     ggml_gelu: bool = False  # GELU MLP: llama.cpp's GELU rounds through an F16 table (gguf_validate.py)
+    tokenizers: tuple[str, ...] = ("spm", "bpe")  # tokenizer kinds (gguf_tokenizer.py) its export takes
 
 
 def _int(config: dict, *keys: str, default: int | None = None) -> int:
@@ -272,7 +273,7 @@ BERT = ArchSpec(
                  "token_embd_norm.weight", "token_embd_norm.bias"),
     layer_tensors=tuple(f"{p}.{w}" for p in BERT_BLOCK for w in ("weight", "bias")),
     skipped=("position_ids",), skipped_prefixes=("pooler.", "cls.", "classifier."), strip_prefix="bert.",
-    ggml_gelu=True,
+    ggml_gelu=True, tokenizers=("wordpiece",),
 )
 
 

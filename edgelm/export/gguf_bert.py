@@ -19,6 +19,7 @@ from edgelm.export.checks import validate_into
 from edgelm.export.gguf import MODEL_FILE, write_model_file
 from edgelm.export.gguf_arch import BERT, Shape
 from edgelm.export.gguf_tensors import weight_files
+from edgelm.export.gguf_tokenizer import check_pairing, choose_tokenizer
 from edgelm.export.gguf_vocab import CONTROL, NORMAL, UNKNOWN, Vocab
 from edgelm.export.hf_source import check_source_links, source_file
 from edgelm.export.options import ExportOptions
@@ -35,6 +36,8 @@ def export_gguf_bert(source: Path, config: dict, out: Path, options: ExportOptio
     check_source_links(source)
     BERT.check(source, config)
     shape = BERT.shape(config)
+    choice = choose_tokenizer(source)
+    check_pairing(source, choice, BERT.name, BERT.tokenizers)
     st = sentence_transformers_facts(source)
     pooling = _pooling(source, st)
     vocab, specials = read_wordpiece_vocab(source, shape.vocab_size)

@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgelm.errors import UnsupportedModelError, first_line
+from edgelm.errors import UnsupportedModelError
+from edgelm.export.gguf_tokenizer import TokenizerChoice, choose_tokenizer, read_sentencepiece
 from edgelm.export.hf_source import source_file
 from edgelm.paths import read_source_json
 
@@ -48,14 +49,16 @@ class Vocab:
     notes: list[str] = field(default_factory=list)
 
 
-def read_vocab(source: Path, n_vocab: int) -> Vocab:
-    """The vocabulary of `source`, padded with unused entries to the model's embedding rows."""
-    if (source / "tokenizer.model").is_file():
+def read_vocab(source: Path, n_vocab: int, choice: TokenizerChoice | None = None) -> Vocab:
+    """The vocabulary of `source` (from the file `choice` names), padded with unused entries to the model's rows."""
+    choice = choice or choose_tokenizer(source)
+    if choice.kind == "spm":
         vocab = _sentencepiece_vocab(source)
-    elif (source / "tokenizer.json").is_file():
+    elif choice.kind == "bpe":
         vocab = _byte_level_vocab(source)
     else:
-        raise UnsupportedModelError(f"{source}: no tokenizer.model (SentencePiece) or tokenizer.json (BPE)")
+        raise UnsupportedModelError(f"{source}: a {choice.description} is read by the BERT exporter only")
+    vocab.notes.extend(choice.notes)
     _add_hf_added_tokens(source, vocab)
     if len(vocab.tokens) > n_vocab:
         raise UnsupportedModelError(
@@ -74,12 +77,11 @@ def read_vocab(source: Path, n_vocab: int) -> Vocab:
 def _sentencepiece_vocab(source: Path) -> Vocab:
     from sentencepiece import sentencepiece_model_pb2
 
-    proto = sentencepiece_model_pb2.ModelProto()
+    where = source_file(source, "tokenizer.model", "tokenizer file")
     try:
-        proto.ParseFromString(source_file(source, "tokenizer.model", "tokenizer file").read_bytes())
-    except Exception as err:  # protobuf raises its own DecodeError
-        where = source / "tokenizer.model"
-        raise UnsupportedModelError(f"{where}: not a SentencePiece model ({first_line(err)})") from None
+        proto = read_sentencepiece(where)
+    except ValueError as err:
+        raise UnsupportedModelError(f"{where}: not a SentencePiece model ({err})") from None
     if proto.trainer_spec.model_type != sentencepiece_model_pb2.TrainerSpec.BPE:
         raise UnsupportedModelError(
             f"{source / 'tokenizer.model'}: SentencePiece "
@@ -99,17 +101,46 @@ def _byte_level_vocab(source: Path) -> Vocab:
     model = data.get("model") or {}
     if not isinstance(model, dict) or not isinstance(model.get("vocab", {}), dict):
         raise UnsupportedModelError(f"{source / 'tokenizer.json'}: model.vocab must be an object")
-    if model.get("type") != "BPE" or model.get("byte_fallback"):
-        raise UnsupportedModelError(
-            f"{source / 'tokenizer.json'}: a {model.get('type')} model"
-            f"{' with byte fallback' if model.get('byte_fallback') else ''}; byte-level BPE is supported")
+    if model.get("type") != "BPE":
+        raise UnsupportedModelError(f"{source / 'tokenizer.json'}: a {model.get('type')} model; byte-level BPE is "
+                                    "supported")
     if not all(isinstance(i, int) and not isinstance(i, bool) for i in model.get("vocab", {}).values()):
         raise UnsupportedModelError(f"{source / 'tokenizer.json'}: vocabulary ids must be integers")
     by_id = {int(i): t for t, i in model.get("vocab", {}).items()}
     if sorted(by_id) != list(range(len(by_id))):
         raise UnsupportedModelError(f"{source / 'tokenizer.json'}: vocabulary ids are not 0..{len(by_id) - 1}")
-    return Vocab(kind="bpe", tokens=[by_id[i] for i in range(len(by_id))],
-                 types=[NORMAL] * len(by_id), pre=pre_tokenizer_name(data.get("pre_tokenizer"), source))
+    if model.get("byte_fallback"):
+        _check_byte_fallback_unused(source, by_id.values())
+    vocab = Vocab(kind="bpe", tokens=[by_id[i] for i in range(len(by_id))],
+                  types=[NORMAL] * len(by_id), pre=pre_tokenizer_name(data.get("pre_tokenizer"), source))
+    missing = [b for b, c in enumerate(byte_level_alphabet()) if c not in by_id.values()]
+    if missing:  # said, not hidden: transformers writes the unknown token there, llama.cpp does not
+        vocab.notes.append(f"{len(missing)} of the 256 bytes have no token (e.g. 0x{missing[0]:02X}); "
+                           "text containing them tokenises differently in llama.cpp")
+    return vocab
+
+
+def byte_level_alphabet() -> list[str]:
+    """The 256 characters byte-level BPE spells bytes with (printable bytes as themselves, the rest from U+0100)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(shifted)) for b in range(256)]
+
+
+def _check_byte_fallback_unused(source: Path, tokens) -> None:
+    """byte_fallback on a byte-level BPE acts only through "<0xNN>" tokens for bytes without their own token.
+
+    transformers' GGUF loader sets the flag on every BPE it rebuilds; it means nothing unless the
+    vocabulary holds such a byte token for a byte whose byte-level character is missing. Then
+    transformers would emit it and llama.cpp, whose BPE has no byte fallback, never would: refuse.
+    """
+    present = set(tokens)
+    acting = [f"<0x{b:02X}>" for b, c in enumerate(byte_level_alphabet())
+              if c not in present and f"<0x{b:02X}>" in present]
+    if acting:
+        raise UnsupportedModelError(
+            f"{source / 'tokenizer.json'}: a byte-level BPE whose byte fallback would emit {len(acting)} byte "
+            f"token(s) (e.g. {acting[0]}); llama.cpp's BPE has no byte fallback")
 
 
 def pre_tokenizer_name(pre: dict | None, source: Path) -> str:
@@ -173,6 +204,15 @@ def _added_tokens(source: Path) -> dict[int, tuple[str, bool]]:
             token_id, content = _added_token(source / "tokenizer_config.json", item, key)
             found.setdefault(token_id, (content, bool(item.get("special"))))
     return found
+
+
+def added_rstrip(source: Path) -> dict[str, bool]:
+    """Each added token's text -> whether it strips the whitespace after it (tokenizer.json's flags)."""
+    if not (source / "tokenizer.json").is_file():
+        return {}
+    added = read_source_json(source, "tokenizer.json").get("added_tokens", [])
+    return {item["content"]: bool(item.get("rstrip")) for item in (added if isinstance(added, list) else [])
+            if isinstance(item, dict) and isinstance(item.get("content"), str)}
 
 
 def _added_token(path: Path, item: object, token_id: object) -> tuple[int, str]:
