@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from edgelm.errors import ExportError
+from edgelm.export.gemm_to_matmul import rewrite_gemms
 from edgelm.export.quiet import quiet_loggers, quiet_root_calls
 
 
@@ -68,11 +69,16 @@ def quantize_weight_only(src: Path, dst: Path, how: WeightOnly, exclude: tuple[s
     config = DefaultWeightOnlyQuantConfig(block_size=how.block_size, is_symmetric=True,
                                           accuracy_level=how.accuracy_level, bits=how.bits)
     model = onnx.load(str(src))
+    rewrite_gemms(model)
     shared = [(table, weight) for table, weight in tied if _is_transpose(model, table, weight)]
     # the quantizer logs every node at INFO through its own handler: progress notes, not for users
     with quiet_loggers("onnxruntime.quantization.matmul_nbits_quantizer"), quiet_root_calls("onnxruntime/quantization"):
         quantizer = MatMulNBitsQuantizer(model, nodes_to_exclude=list(exclude), algo_config=config)
         quantizer.process()
+    if not any(n.op_type == "MatMulNBits" for n in quantizer.model.model.graph.node):
+        # a weight-only export that packed nothing would ship fp32 weights under a 4/8-bit label
+        raise ExportError(f"weight-only {how.bits}-bit quantization found no linear layer with a constant "
+                          "weight to pack in this graph")
     for table, weight in shared:
         _gather_from_quantized(quantizer.model.model, table, weight, how)
     _save(quantizer.model.model, dst)
