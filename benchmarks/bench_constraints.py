@@ -109,8 +109,8 @@ def decode_once(model, prompt: str, decode: int, schema) -> float:
 
 def first_mask_ms(model, width: int, schema) -> float:
     """Compile the schema, create the matcher, compute the first mask (adapter already built)."""
-    from edgelm.runtime.constraint_vocab import llg_vocabulary
-    from edgelm.runtime.constraints import GrammarMask, json_schema_constraint
+    from edgelm.runtime.core.constraint_vocab import llg_vocabulary
+    from edgelm.runtime.core.constraints import GrammarMask, json_schema_constraint
 
     started = time.perf_counter()
     mask = GrammarMask(json_schema_constraint(schema), lambda: llg_vocabulary(model))
@@ -122,7 +122,7 @@ def first_mask_ms(model, width: int, schema) -> float:
 
 def measure(name: str, path: Path, threads: int, decode: int, reps: int) -> dict:
     import edgelm
-    from edgelm.runtime.constraint_vocab import llg_vocabulary
+    from edgelm.runtime.core.constraint_vocab import llg_vocabulary
 
     model = edgelm.load(path, threads=threads)
     model.eos_id, model.end_ids = None, set()  # random weights: always decode the full length

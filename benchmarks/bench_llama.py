@@ -267,7 +267,7 @@ def read_bandwidth_gbs(threads: int, size_mb: int = 1024) -> float:
 
 def bytes_per_token(path: Path) -> int:
     """Weights read to decode one token: every tensor except the embedding table (one row)."""
-    from edgelm.runtime.gguf_metadata import read_gguf_header
+    from edgelm.runtime.gguf.metadata import read_gguf_header
 
     header = read_gguf_header(path)
     embedding = next(t for t in header.tensors if t.name == "token_embd.weight")
@@ -275,7 +275,7 @@ def bytes_per_token(path: Path) -> int:
 
 
 def params_of(path: Path) -> int:
-    from edgelm.runtime.gguf_metadata import read_gguf_header
+    from edgelm.runtime.gguf.metadata import read_gguf_header
 
     return sum(int(np.prod(t.shape)) for t in read_gguf_header(path).tensors)
 

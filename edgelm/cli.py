@@ -213,10 +213,10 @@ def verify(artifact, as_json, threads):
     verify_artifact(artifact, as_json, threads)
 
 
-def sampling_options(fn):
+def sampling_options(fn, max_tokens_help: str = "Tokens to generate [default: 128]."):
     """The generation flags shared by `run` and `chat`."""
     options = [
-        click.option("--max-tokens", type=int, default=None, help="Tokens to generate [default: 128]."),
+        click.option("--max-tokens", type=int, default=None, help=max_tokens_help),
         click.option("--temperature", type=float, default=None, help="0 is greedy [default: 0.8]."),
         click.option("--top-k", type=int, default=None),
         click.option("--top-p", type=float, default=None),
@@ -292,17 +292,25 @@ def demo(out, quick):
     run_demo(out, quick)
 
 
+def chat_sampling_options(fn):
+    return sampling_options(fn, "Cap each reply at this many tokens [default: none; a reply runs until the "
+                                "model ends its turn or the context is full].")
+
+
 @main.command()
 @click.argument("artifact", type=MODEL)
 @click.option("--system", default=None, help="A system message that opens the conversation.")
-@sampling_options
+@click.option("--resume", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Continue the conversation saved in FILE (by /save; JSON, OpenAI's message shape).")
+@chat_sampling_options
 @constraint_options
-def chat(artifact, system, threads, provider, n_gpu_layers, n_ctx, verify, **sampling):
-    """Chat with a model in the terminal (/reset starts over, /exit quits)."""
+def chat(artifact, system, resume, threads, provider, n_gpu_layers, n_ctx, verify, **sampling):
+    """Chat with a model in the terminal: Ctrl-C stops a reply, /save FILE keeps the conversation,
+    /stats shows each reply's speed, /reset starts over, /exit or Ctrl-D quits."""
     from edgelm.commands.chat import run_chat
 
     device = dict(threads=threads, provider=provider, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, verify=verify)
-    run_chat(artifact, system, device, sampling)
+    run_chat(artifact, system, device, sampling, resume)
 
 
 @main.command()

@@ -140,7 +140,8 @@ def _resolve(target: str) -> Callable[..., Any]:
 
 
 GGUF_EXPORTER = "edgelm.export.gguf:export_gguf"
-LLAMA_CPP_RUNTIME = "edgelm.runtime.llama:load_llama"
+LLAMA_CPP_RUNTIME = "edgelm.runtime.llamacpp.model:load_llama"
+RECURRENT_RUNTIME = "edgelm.runtime.ort.recurrent:load_recurrent"
 TEXT = ("text-generation",)
 
 
@@ -153,16 +154,16 @@ FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
         Family("rnn", "Elman RNN language model trained by edgelm", ("edgelm-rnn",), (
-            ExportSpec("onnx", "edgelm.export.recurrent:export_recurrent", "edgelm.runtime.recurrent:load_recurrent",
+            ExportSpec("onnx", "edgelm.export.recurrent:export_recurrent", RECURRENT_RUNTIME,
                        TEXT, RECURRENT_ONNX_QUANTS),
         )),
         Family("lstm", "LSTM language model trained by edgelm", ("edgelm-lstm",), (
-            ExportSpec("onnx", "edgelm.export.recurrent:export_recurrent", "edgelm.runtime.recurrent:load_recurrent",
+            ExportSpec("onnx", "edgelm.export.recurrent:export_recurrent", RECURRENT_RUNTIME,
                        TEXT, RECURRENT_ONNX_QUANTS),
         )),
         Family("gpt2", "GPT-2 (GPT2LMHeadModel): ONNX with a key/value cache, or GGUF run by llama.cpp",
                ("gpt2",), (
-            ExportSpec("onnx", "edgelm.export.gpt2:export_gpt2", "edgelm.runtime.kv_decoder:load_gpt2", TEXT, (
+            ExportSpec("onnx", "edgelm.export.gpt2:export_gpt2", "edgelm.runtime.ort.kv_decoder:load_gpt2", TEXT, (
                 QuantType("none", "fp32", {"max_abs_logit_diff_vs_torch": 1e-4}),
                 # weight-only MatMulNBits (block scales, int8 activation blocks inside the kernel)
                 # PPL-ratio bounds calibrated as the GGUF types' (README, "Quantization calibration")
@@ -180,14 +181,14 @@ FAMILIES: dict[str, Family] = {
         Family("phi3", "Phi-3 causal LM (Phi3ForCausalLM) to GGUF, run by llama.cpp",
                ("phi3",), (_gguf_decoder("phi3"),)),
         Family("bert", "BERT encoders: sentence embeddings, fill-mask, sequence classification", ("bert",), (
-            ExportSpec("onnx", "edgelm.export.bert:export_bert", "edgelm.runtime.encoders:load_encoder",
+            ExportSpec("onnx", "edgelm.export.bert:export_bert", "edgelm.runtime.ort.encoders:load_encoder",
                        ("embed", "fill-mask", "classify"), (
                 QuantType("none", "fp32", {"min_cosine_vs_torch": 0.99999, "top1_agreement_vs_torch": 1.0}),
                 QuantType("int8", "dynamic-int8", {"min_cosine_vs_torch": 0.99, "top1_agreement_vs_torch": 0.9}),
             )),
             # llama.cpp runs BERT for embeddings only: fill-mask and classify stay ONNX
             ExportSpec("gguf", "edgelm.export.gguf_bert:export_gguf_bert",
-                       "edgelm.runtime.llama_embed:load_gguf_embedder", ("embed",), GGUF_EMBEDDER_QUANTS, "bert"),
+                       "edgelm.runtime.llamacpp.embed:load_gguf_embedder", ("embed",), GGUF_EMBEDDER_QUANTS, "bert"),
         )),
     )
 }

@@ -145,7 +145,7 @@ def write(g: Gguf) -> bytes:
 def relayout(g: Gguf) -> None:
     """Give every tensor the offset ggml expects for its current type and shape, with zero data:
     a changed type or shape then reaches what the values mean rather than the layout check."""
-    from edgelm.runtime.gguf_file import GGML_TYPES
+    from edgelm.runtime.gguf.parser import GGML_TYPES
 
     offset = 0
     for t in g.tensors:

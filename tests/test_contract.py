@@ -255,7 +255,7 @@ def test_a_schema_1_layer_count_cannot_make_the_migration_run_away():
 def test_onnx_refs_reads_initializer_shapes_like_onnx(lstm_artifact):
     import onnx
 
-    from edgelm.runtime.onnx_refs import read_refs
+    from edgelm.runtime.ort.onnx_refs import read_refs
 
     expected = {t.name: tuple(t.dims) for t in onnx.load(str(lstm_artifact / "model.onnx")).graph.initializer}
     refs = read_refs(lstm_artifact / "model.onnx")
@@ -264,7 +264,7 @@ def test_onnx_refs_reads_initializer_shapes_like_onnx(lstm_artifact):
 
 @pytest.mark.parametrize("damage", [lambda b: b[:-7], lambda b: b"\x0a\xff\xff\xff\xff\x0f" + b, lambda b: b"\x0b" + b])
 def test_onnx_bytes_that_do_not_parse_are_one_line(art, damage):
-    from edgelm.runtime.onnx_refs import read_refs
+    from edgelm.runtime.ort.onnx_refs import read_refs
 
     (art / "model.onnx").write_bytes(damage((art / "model.onnx").read_bytes()))
     with pytest.raises(ArtifactError, match="model.onnx: not a valid ONNX file"):

@@ -33,7 +33,7 @@ from test_llama_runtime import spm_vocab, write_tiny_gguf  # noqa: E402
 
 from conftest import fuzz_examples  # noqa: E402
 from edgelm.errors import ArtifactError  # noqa: E402
-from edgelm.runtime.gguf_metadata import read_gguf_header  # noqa: E402
+from edgelm.runtime.gguf.metadata import read_gguf_header  # noqa: E402
 
 HIDDEN, N_VOCAB = 32, len(spm_vocab()[0])
 HEADER_DEADLINE_S = 10.0  # the Python check reads the header only; seconds would mean a runaway loop

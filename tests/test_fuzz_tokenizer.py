@@ -27,8 +27,8 @@ from hypothesis import strategies as st  # noqa: E402
 
 from conftest import fuzz_examples  # noqa: E402
 from edgelm.errors import ArtifactError, EdgelmError  # noqa: E402
-from edgelm.runtime.text import IncrementalDetokenizer  # noqa: E402
-from edgelm.runtime.tokenizer import load_tokenizer  # noqa: E402
+from edgelm.runtime.core.text import IncrementalDetokenizer  # noqa: E402
+from edgelm.runtime.ort.tokenizer import load_tokenizer  # noqa: E402
 from llama_fixtures import LLAMA3_PATTERN  # noqa: E402
 
 TEXT = "The quick brown fox jumps over the lazy dog. It's 2024: caf\u00e9 \u4f60\u597d!\n" * 20

@@ -170,7 +170,7 @@ def test_a_bare_gpt2_gguf_is_labelled_by_its_header_and_runs(gpt2_gguf_f32, tmp_
 
 
 def test_an_architecture_edgelm_does_not_export_keeps_its_own_name(tmp_path):
-    from edgelm.runtime.gguf_file import GgufHeader, manifest_from_header
+    from edgelm.runtime.gguf.parser import GgufHeader, manifest_from_header
 
     header = GgufHeader(version=3, metadata={"general.architecture": "gemma2", "general.file_type": 15,
                                              "gemma2.context_length": 8192})

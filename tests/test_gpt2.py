@@ -102,7 +102,7 @@ def full_recompute_logits(session, ids: list[int]) -> np.ndarray:
 @pytest.mark.parametrize("io_binding", [True, False])
 def test_cached_steps_equal_full_recomputation(gpt2_optimum, io_binding):
     import edgelm
-    from edgelm.runtime.kv_decoder import KvCacheDecoder
+    from edgelm.runtime.ort.kv_decoder import KvCacheDecoder
 
     assert manifest_of(gpt2_optimum)["model"]["graph"] == "optimum"
     with edgelm.load(gpt2_optimum) as model:

@@ -14,9 +14,9 @@ from test_llama_runtime import spm_vocab, write_tiny_gguf
 
 from edgelm.errors import ArtifactError, EdgelmError
 from edgelm.runtime import load
-from edgelm.runtime.gguf_metadata import read_gguf_header
-from edgelm.runtime.text import IncrementalDetokenizer
-from edgelm.runtime.tokenizer import load_tokenizer
+from edgelm.runtime.core.text import IncrementalDetokenizer
+from edgelm.runtime.gguf.metadata import read_gguf_header
+from edgelm.runtime.ort.tokenizer import load_tokenizer
 
 N_VOCAB = len(spm_vocab()[0])
 
@@ -255,7 +255,7 @@ def test_known_architectures_are_those_of_the_installed_llama_cpp():
 
     import llama_cpp
 
-    from edgelm.runtime.gguf_metadata import KNOWN_ARCHITECTURES
+    from edgelm.runtime.gguf.metadata import KNOWN_ARCHITECTURES
 
     library = b"".join(p.read_bytes() for p in (Path(llama_cpp.__file__).parent / "lib").glob("libllama.so*"))
     # C string literals end in NUL (the linker may share a tail: "bert" inside "modern-bert")

@@ -17,7 +17,7 @@ import time
 import pytest
 
 from edgelm.errors import ArtifactError, InputError, UnsupportedModelError, UsageError
-from edgelm.runtime.chat_template import render_chat
+from edgelm.runtime.chat.template import render_chat
 from edgelm.runtime.device import RuntimeOptions, thread_count
 
 MESSAGES = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
@@ -144,8 +144,9 @@ def test_bad_thread_counts_are_refused_by_both_backends(lstm_artifact, tmp_path)
 def test_a_context_that_does_not_fit_in_memory_is_refused_before_llama_cpp(tmp_path, monkeypatch):
     from test_llama_runtime import write_tiny_gguf
 
-    from edgelm.runtime import load, memory
-    from edgelm.runtime.gguf_metadata import read_gguf_header
+    from edgelm.runtime import load
+    from edgelm.runtime.llamacpp import memory
+    from edgelm.runtime.gguf.metadata import read_gguf_header
 
     gguf = write_tiny_gguf(tmp_path / "tiny.gguf", context=4096)
     header = read_gguf_header(gguf)
@@ -164,7 +165,7 @@ def test_a_context_that_does_not_fit_in_memory_is_refused_before_llama_cpp(tmp_p
 
 
 def test_available_memory_is_read_on_this_machine():
-    from edgelm.runtime.memory import available_memory
+    from edgelm.runtime.llamacpp.memory import available_memory
 
     available = available_memory()
     assert available is None or available > 0

@@ -19,8 +19,8 @@ from hypothesis import strategies as st  # noqa: E402
 
 from conftest import fuzz_examples  # noqa: E402
 from edgelm.errors import ArtifactError, InputError  # noqa: E402
-from edgelm.runtime import template_limits  # noqa: E402
-from edgelm.runtime.chat_template import render_chat  # noqa: E402
+from edgelm.runtime.chat import template_limits  # noqa: E402
+from edgelm.runtime.chat.template import render_chat  # noqa: E402
 
 MESSAGES = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi there"}]
 NUMBERS = st.sampled_from(["0", "1", "3", "64", "100000", "1000000", "10**9", "-1"])

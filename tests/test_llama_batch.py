@@ -14,10 +14,10 @@ from edgelm.errors import CapacityError, ContextOverflowError, InputError, Usage
 from edgelm.metrics import mean_kl, top1_agreement
 from edgelm.runtime import load
 from edgelm.runtime.device import RuntimeOptions
-from edgelm.runtime.gguf_metadata import read_gguf_header
-from edgelm.runtime.llama import open_batch_decoder
-from edgelm.runtime.llama_log import captured_llama_log
-from edgelm.runtime.memory import estimate_need
+from edgelm.runtime.gguf.metadata import read_gguf_header
+from edgelm.runtime.llamacpp.log import captured_llama_log
+from edgelm.runtime.llamacpp.memory import estimate_need
+from edgelm.runtime.llamacpp.model import open_batch_decoder
 
 THREADS = 2
 CONTEXT = 256  # the context of conftest's tiny_gguf_256
@@ -232,7 +232,7 @@ def test_errors_a_user_can_cause_are_one_line(tiny_gguf_256):
 
 def test_the_memory_preflight_counts_every_slot(tiny_gguf_256, monkeypatch):
     from edgelm.errors import ArtifactError
-    from edgelm.runtime import memory
+    from edgelm.runtime.llamacpp import memory
 
     header = read_gguf_header(tiny_gguf_256)
     size = tiny_gguf_256.stat().st_size

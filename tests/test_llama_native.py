@@ -1,4 +1,4 @@
-"""llama-cpp-python's private parts are touched in one module only: `edgelm/runtime/llama_native.py`.
+"""llama-cpp-python's private parts are touched in one module only: `edgelm/runtime/llamacpp/native.py`.
 
 The names come from llama-cpp-python's own source (every `self._x` its `Llama` and internal
 wrappers set), so a new private attribute in a later release is covered without editing this
@@ -15,7 +15,7 @@ import llama_cpp
 import edgelm
 
 ROOT = Path(edgelm.__file__).resolve().parent
-ALLOWED = ROOT / "runtime" / "llama_native.py"
+ALLOWED = ROOT / "runtime" / "llamacpp" / "native.py"
 
 
 def llama_cpp_private_names() -> set[str]:
@@ -72,7 +72,7 @@ def test_only_llama_native_touches_llama_cpp_python_privates():
 
 def test_the_scan_finds_each_kind_of_access():
     names = llama_cpp_private_names()
-    sample = ROOT / "runtime" / "llama_native.py"  # the allowed module does all three kinds
+    sample = ROOT / "runtime" / "llamacpp" / "native.py"  # the allowed module does all three kinds
     uses = private_uses(sample, names)
     assert any(u.endswith(" ._ctx") for u in uses)
     assert any("llama_cpp.llama_cpp._lib" in u for u in uses)

@@ -18,11 +18,11 @@ from click.testing import CliRunner
 from edgelm.artifact import Manifest
 from edgelm.errors import ArtifactError, ContextOverflowError, InputError, ProviderError, UsageError
 from edgelm.runtime import load
-from edgelm.runtime.chat_template import render_chat
+from edgelm.runtime.chat.template import render_chat
 from edgelm.runtime.device import RuntimeOptions
-from edgelm.runtime.gguf_file import GGML_TYPES, parse_gguf_header
-from edgelm.runtime.gguf_metadata import read_gguf_header
-from edgelm.runtime.llama import load_llama
+from edgelm.runtime.gguf.metadata import read_gguf_header
+from edgelm.runtime.gguf.parser import GGML_TYPES, parse_gguf_header
+from edgelm.runtime.llamacpp.model import load_llama
 
 WORDS = ["hello", "world", "the", "cat", "sat", "on", "mat", "and", "dog", "ran"]
 SPECIALS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]

@@ -21,8 +21,8 @@ from hypothesis import strategies as st  # noqa: E402
 
 from conftest import fuzz_examples  # noqa: E402
 from edgelm.errors import ArtifactError, UsageError  # noqa: E402
-from edgelm.runtime.params import GenerationParams  # noqa: E402
-from edgelm.runtime.sampler import Sampler, filtered_probs  # noqa: E402
+from edgelm.runtime.core.params import GenerationParams  # noqa: E402
+from edgelm.runtime.core.sampler import Sampler, filtered_probs  # noqa: E402
 
 SUBNORMAL = 5e-324
 FLOATS = st.floats(allow_nan=True, allow_infinity=True, allow_subnormal=True)

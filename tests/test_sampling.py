@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from edgelm.errors import UsageError
-from edgelm.runtime.params import GenerationParams
-from edgelm.runtime.sampler import Sampler, apply_repetition_penalty, filtered_probs
+from edgelm.runtime.core.params import GenerationParams
+from edgelm.runtime.core.sampler import Sampler, apply_repetition_penalty, filtered_probs
 
 LOGITS = np.array([2.0, 1.0, 0.5, -1.0, 3.0], dtype=np.float32)
 

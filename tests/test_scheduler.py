@@ -18,7 +18,7 @@ import pytest
 
 from edgelm.errors import ContextOverflowError, EdgelmError, InputError, UsageError
 from edgelm.runtime import load
-from edgelm.runtime.scheduler import PREFILL_CHUNK, Scheduler
+from edgelm.runtime.core.scheduler import PREFILL_CHUNK, Scheduler
 
 THREADS = 2
 CONTEXT = 256  # the context of conftest's tiny_gguf_256

@@ -498,7 +498,7 @@ def test_serving_imports_no_torch_and_the_runtime_no_server(gguf_path):
 
 
 def test_generators_get_their_constraint_vocabulary_at_load(models, base_url):
-    from edgelm.runtime.constraint_vocab import _CACHE
+    from edgelm.runtime.core.constraint_vocab import _CACHE
 
     assert models["chat"] in _CACHE and models["lstm"] in _CACHE  # built by create_app, not by the first request
     assert models["embed"] not in _CACHE

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from edgelm.runtime.text import IncrementalDetokenizer, StopMatcher
+from edgelm.runtime.core.text import IncrementalDetokenizer, StopMatcher
 
 
 @pytest.fixture(scope="module")

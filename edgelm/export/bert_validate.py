@@ -65,7 +65,7 @@ def validate_encoder(source: Path, folder: Path, manifest: Manifest) -> list[Che
 def ort_agreement(folder: Path, manifest: Manifest) -> Check:
     """The .ort copy (--target mobile) must give what the .onnx file gives on every probe."""
     from edgelm.runtime.device import RuntimeOptions
-    from edgelm.runtime.encoders import load_encoder
+    from edgelm.runtime.ort.encoders import load_encoder
 
     mask = manifest.tokenizer.mask_token if manifest.task == "fill-mask" else None
     texts = probe_texts(int(manifest.model.context_length), mask)

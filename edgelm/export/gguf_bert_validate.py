@@ -20,7 +20,7 @@ def validate_gguf_embedder(path: Path, source: Path, manifest: Manifest) -> list
     from edgelm.export.checks import checks_from_reference
     from edgelm.reference.encoder import reference_arrays
     from edgelm.runtime.device import RuntimeOptions
-    from edgelm.runtime.llama_embed import load_gguf_embedder
+    from edgelm.runtime.llamacpp.embed import load_gguf_embedder
 
     texts = probe_texts(int(manifest.model.context_length))
     reference = torch_outputs(source, manifest, texts)

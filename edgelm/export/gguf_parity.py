@@ -105,7 +105,7 @@ def chat_template_checks(source: Path, manifest: Manifest) -> list[Check]:
         return []
     from transformers import AutoTokenizer
 
-    from edgelm.runtime.chat_template import render_chat
+    from edgelm.runtime.chat.template import render_chat
 
     hf = AutoTokenizer.from_pretrained(source)
     hf.chat_template = template

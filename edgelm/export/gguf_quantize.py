@@ -15,7 +15,7 @@ from pathlib import Path
 
 from edgelm.errors import ExportError
 from edgelm.families import FLOAT_GGUF, LLAMA_FTYPES
-from edgelm.runtime.llama_log import captured_llama_log, log_lines
+from edgelm.runtime.llamacpp.log import captured_llama_log, log_lines
 
 # "warning: blk.0.attn_q.weight - ncols 64 not divisible by 256 (required for type q4_K)"
 FALLBACK_LINE = re.compile(

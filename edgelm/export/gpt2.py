@@ -251,7 +251,7 @@ def validate(source: Path, folder: Path, manifest: Manifest, fp32_path: Path) ->
     from edgelm.export.checks import checks_from_reference
     from edgelm.reference.gpt2 import reference_arrays
     from edgelm.reference.store import rows_within_budget
-    from edgelm.runtime.tokenizer import load_tokenizer
+    from edgelm.runtime.ort.tokenizer import load_tokenizer
 
     torch.manual_seed(0)
     model = GPT2LMHeadModel.from_pretrained(str(source), use_safetensors=True).eval()
@@ -273,7 +273,7 @@ def validate(source: Path, folder: Path, manifest: Manifest, fp32_path: Path) ->
 
 def _fp32_perplexity(fp32_path: Path, manifest: Manifest, held_out: list[int]) -> float:
     from edgelm.runtime.device import RuntimeOptions, onnx_session
-    from edgelm.runtime.kv_decoder import make_decoder
+    from edgelm.runtime.ort.kv_decoder import make_decoder
 
     fp32 = make_decoder(onnx_session(fp32_path, RuntimeOptions()), manifest)
     return _perplexity(fp32.score(held_out), held_out)
@@ -282,7 +282,7 @@ def _fp32_perplexity(fp32_path: Path, manifest: Manifest, held_out: list[int]) -
 def _ort_checks(folder: Path, manifest: Manifest, prompts: list[list[int]]) -> list[Check]:
     """The .ort copy must decode as the .onnx file does: same logits at every step, same greedy tokens."""
     from edgelm.runtime.device import RuntimeOptions, onnx_session
-    from edgelm.runtime.kv_decoder import make_decoder
+    from edgelm.runtime.ort.kv_decoder import make_decoder
 
     decoder = make_decoder(onnx_session(folder / MODEL_FILE, RuntimeOptions()), manifest)
     mobile = make_decoder(onnx_session(folder / manifest.model.ort_file, RuntimeOptions()), manifest)

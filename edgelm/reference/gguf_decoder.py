@@ -124,7 +124,7 @@ def inputs_of(arrays: dict[str, np.ndarray]) -> list[list[int]]:
 
 def run_checks(folder: Path, manifest: Manifest, arrays: dict[str, np.ndarray], options: Any) -> list[Check]:
     from edgelm.runtime.device import thread_count
-    from edgelm.runtime.gguf_metadata import read_gguf_header
+    from edgelm.runtime.gguf.metadata import read_gguf_header
 
     path = artifact_file(folder, manifest, manifest.model.file, "model.file")
     read_gguf_header(path)  # the header is checked in Python before llama.cpp opens the file
@@ -142,7 +142,7 @@ def open_llama_for_logits(path: Path, n_ctx: int, threads: int | None = None):
     """llama.cpp with every position's logits and an F32 KV cache (type 0 = GGML_TYPE_F32)."""
     import llama_cpp
 
-    from edgelm.runtime.llama_log import captured_llama_log, log_lines
+    from edgelm.runtime.llamacpp.log import captured_llama_log, log_lines
 
     threaded = {"n_threads": threads, "n_threads_batch": threads} if threads else {}
     with captured_llama_log() as log:

@@ -117,8 +117,8 @@ def _check_fp32_arrays(arrays: dict[str, np.ndarray], vocab: int, context: int, 
 
 
 def run_checks(folder: Path, manifest: Manifest, arrays: dict[str, np.ndarray], options: Any) -> list[Check]:
-    from edgelm.runtime.kv_decoder import make_decoder
     from edgelm.runtime.loading import manifest_where, open_onnx
+    from edgelm.runtime.ort.kv_decoder import make_decoder
 
     session, _ = open_onnx(folder, manifest, options)
     decoder = make_decoder(session, manifest, manifest_where(folder))

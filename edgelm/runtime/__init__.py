@@ -40,8 +40,8 @@ def info(path: str | Path, verify: bool = False) -> Manifest:
     """The manifest of an artifact folder, or the stand-in manifest of a bare .gguf file."""
     path = Path(path)
     if path.is_file() and path.suffix == ".gguf":
-        from edgelm.runtime.gguf_file import manifest_from_header
-        from edgelm.runtime.gguf_metadata import read_gguf_header
+        from edgelm.runtime.gguf.metadata import read_gguf_header
+        from edgelm.runtime.gguf.parser import manifest_from_header
 
         return manifest_from_header(path, read_gguf_header(path))
     return read_manifest(path, verify=verify)
@@ -50,14 +50,14 @@ def info(path: str | Path, verify: bool = False) -> Manifest:
 def load_bare_gguf(path: Path, options: RuntimeOptions) -> Any:
     """Run a GGUF file that came without an edgelm.json (from elsewhere): checked, then loaded.
     It lives here, beside load(), so the header parser never imports the loaders it guards."""
-    from edgelm.runtime.gguf_file import manifest_from_header
-    from edgelm.runtime.gguf_metadata import read_gguf_header
+    from edgelm.runtime.gguf.metadata import read_gguf_header
+    from edgelm.runtime.gguf.parser import manifest_from_header
 
     manifest = manifest_from_header(path, read_gguf_header(path))
     if manifest.task == "embed":
-        from edgelm.runtime.llama_embed import load_gguf_embedder
+        from edgelm.runtime.llamacpp.embed import load_gguf_embedder
 
         return load_gguf_embedder(path.parent, manifest, options)
-    from edgelm.runtime.llama import load_llama
+    from edgelm.runtime.llamacpp.model import load_llama
 
     return load_llama(path.parent, manifest, options)

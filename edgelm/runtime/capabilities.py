@@ -12,9 +12,9 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
-    from edgelm.runtime.encoders import Embeddings, MaskPredictions
-    from edgelm.runtime.generator import Completion, Decoder, TextStream
-    from edgelm.runtime.params import GenerationParams
+    from edgelm.runtime.core.generator import Completion, Decoder, TextStream
+    from edgelm.runtime.core.params import GenerationParams
+    from edgelm.runtime.ort.encoders import Embeddings, MaskPredictions
 
 
 @runtime_checkable

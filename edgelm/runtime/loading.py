@@ -16,8 +16,8 @@ from edgelm.artifact import MANIFEST_NAME, Manifest, artifact_file
 from edgelm.contract import ModelSection
 from edgelm.errors import ArtifactError
 from edgelm.runtime.device import RuntimeOptions, onnx_session
-from edgelm.runtime.onnx_refs import OnnxRefs, read_refs
-from edgelm.runtime.tokenizer import load_tokenizer
+from edgelm.runtime.ort.onnx_refs import OnnxRefs, read_refs
+from edgelm.runtime.ort.tokenizer import load_tokenizer
 
 # learned position embeddings, as edgelm's and optimum's GPT-2 graphs name them
 POSITION_TABLES = ("wpe", "transformer.wpe.weight", "wpe.weight")
@@ -138,7 +138,7 @@ def check_ids(manifest: Manifest, vocab_size: int, where: str) -> None:
 
 def check_gguf(header: Any, manifest: Manifest, where: str) -> None:
     """Architecture, layer count, context length, vocabulary and special ids against the GGUF header."""
-    from edgelm.runtime.gguf_file import ArrayValue
+    from edgelm.runtime.gguf.parser import ArrayValue
 
     model = manifest.model
     arch = header.get("general.architecture")

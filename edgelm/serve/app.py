@@ -21,7 +21,7 @@ from starlette.routing import Route
 
 from edgelm.errors import EdgelmError, UsageError
 from edgelm.runtime.capabilities import EmbeddingModel, TextModel, TokenIdsModel, Tokenized, can_chat
-from edgelm.runtime.params import GenerationParams
+from edgelm.runtime.core.params import GenerationParams
 from edgelm.serve import constrained
 from edgelm.serve.errors import ApiError, from_edgelm, quoted
 from edgelm.serve.http import EventStream, JobResponse, read_json, render_result
@@ -430,7 +430,7 @@ def _warm_constraints(task: Any) -> None:
     so the first request with response_format or tools does not pay for it."""
     if constrained.completion_fields(task) is None and constrained.chat_fields(task) is None:
         return
-    from edgelm.runtime.constraint_vocab import llg_vocabulary
+    from edgelm.runtime.core.constraint_vocab import llg_vocabulary
 
     try:
         llg_vocabulary(task)

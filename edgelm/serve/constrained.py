@@ -56,7 +56,7 @@ def response_format(value: Any, name: str) -> dict[str, Any]:
 
 
 def tools_list(value: Any, name: str) -> list:
-    from edgelm.runtime.tools import check_tools
+    from edgelm.runtime.chat.tools import check_tools
 
     try:
         return check_tools(value)
@@ -84,7 +84,7 @@ def supports_tools(task: Any) -> bool:
 
 def supports_constraints() -> bool:
     try:
-        from edgelm.runtime.constraints import CONSTRAINT_PARAMS
+        from edgelm.runtime.core.constraints import CONSTRAINT_PARAMS
     except ImportError:
         return False
     return {"json_schema", "json_object"} <= set(CONSTRAINT_PARAMS)

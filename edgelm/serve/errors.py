@@ -69,7 +69,7 @@ def _named_parameter(message: str) -> str | None:
     """GenerationParams names the offending parameter first ("temperature must be ...")."""
     from dataclasses import fields
 
-    from edgelm.runtime.params import GenerationParams
+    from edgelm.runtime.core.params import GenerationParams
 
     first = message.split(" ", 1)[0].strip(":,;")
     return first if first in {f.name for f in fields(GenerationParams)} else None

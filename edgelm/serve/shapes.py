@@ -6,7 +6,7 @@ import time
 import uuid
 from typing import Any
 
-from edgelm.runtime.generator import Completion
+from edgelm.runtime.core.generator import Completion
 
 FINISH = {"eos": "stop", "stop": "stop", "length": "length", "tool_calls": "tool_calls"}  # edgelm's -> OpenAI's
 

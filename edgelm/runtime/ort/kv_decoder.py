@@ -20,11 +20,11 @@ import numpy as np
 
 from edgelm.artifact import Manifest
 from edgelm.errors import ArtifactError, InputError
-from edgelm.runtime.constraints import pop_constraint
+from edgelm.runtime.core.constraints import pop_constraint
+from edgelm.runtime.core.generator import Completion, Continuation, Decoder, TextGenerator
+from edgelm.runtime.core.params import GenerationParams
 from edgelm.runtime.device import RuntimeOptions
-from edgelm.runtime.generator import Completion, Continuation, Decoder, TextGenerator
 from edgelm.runtime.loading import check_cache_geometry, check_graph_io, manifest_where, open_onnx
-from edgelm.runtime.params import GenerationParams
 
 ROLE_INPUTS = ("input_ids", "attention_mask", "position_ids")  # the decoder-with-past interface
 
@@ -164,7 +164,7 @@ class KvTextGenerator(TextGenerator):
 
 def make_decoder(session: Any, manifest: Manifest, where: str = "manifest") -> Decoder:
     """The decoder for the manifest's graph kind: optimum's concatenating graph or edgelm's fused one."""
-    from edgelm.runtime.kv_buffer_decoder import KvBufferDecoder
+    from edgelm.runtime.ort.kv_buffer_decoder import KvBufferDecoder
 
     kinds = {"optimum": KvCacheDecoder, "fused-gqa": KvBufferDecoder}
     kind = manifest.model.graph

@@ -17,14 +17,14 @@ import numpy as np
 
 from edgelm.artifact import Manifest, artifact_file
 from edgelm.errors import ArtifactError, ContextOverflowError, ProviderError, UsageError, first_line
+from edgelm.runtime.core.generator import Decoder
+from edgelm.runtime.core.params import check_token_ids
 from edgelm.runtime.device import RuntimeOptions, thread_count
-from edgelm.runtime.generator import Decoder
-from edgelm.runtime.gguf_metadata import read_gguf_header
-from edgelm.runtime.llama_log import GGML_LOG_ERROR, captured_llama_log, log_lines
-from edgelm.runtime.llama_native import context_pointer, vocab_pointer
+from edgelm.runtime.gguf.metadata import read_gguf_header
+from edgelm.runtime.llamacpp.log import GGML_LOG_ERROR, captured_llama_log, log_lines
+from edgelm.runtime.llamacpp.memory import check_fits
+from edgelm.runtime.llamacpp.native import context_pointer, vocab_pointer
 from edgelm.runtime.loading import check_gguf, manifest_where
-from edgelm.runtime.memory import check_fits
-from edgelm.runtime.params import check_token_ids
 
 # The KV cache is allocated for the whole context up front; models trained for 128k tokens
 # would need gigabytes for it. Contexts longer than this are capped (and the cap is the limit
@@ -223,7 +223,7 @@ def open_llama(path: Path, options: RuntimeOptions, n_ctx: int | None = None, ex
 
 def load_llama(folder: Path, manifest: Manifest, options: RuntimeOptions):
     """The runtime entry the llama family registers for format "gguf"."""
-    from edgelm.runtime.chat import ChatGenerator
+    from edgelm.runtime.chat.generator import ChatGenerator
 
     path = artifact_file(folder, manifest, manifest.model.file, "model.file")
     where = str(path) if manifest.source.bare_gguf else manifest_where(folder)
@@ -237,8 +237,8 @@ def load_llama(folder: Path, manifest: Manifest, options: RuntimeOptions):
 
 def _scheduled_llama(path: Path, manifest: Manifest, options: RuntimeOptions):
     """A chat generator whose calls are sequences of one scheduler over `options.parallel` slots."""
-    from edgelm.runtime.chat import ChatGenerator
-    from edgelm.runtime.scheduler import Scheduler
+    from edgelm.runtime.chat.generator import ChatGenerator
+    from edgelm.runtime.core.scheduler import Scheduler
 
     decoder = open_batch_decoder(path, options, options.parallel, manifest.model.context_length)
     tokenizer = LlamaCppTokenizer(vocab_pointer(decoder.llm))
@@ -249,7 +249,7 @@ def open_batch_decoder(path: Path, options: RuntimeOptions, slots: int, n_ctx: i
                        batch_tokens: int | None = None):
     """A LlamaBatchDecoder over a GGUF file: `slots` sequences of up to `n_ctx` tokens each (the
     model's context, capped as `context_for` says), in one unified KV cache."""
-    from edgelm.runtime.llama_batch import DEFAULT_BATCH_TOKENS, LlamaBatchDecoder, check_slots
+    from edgelm.runtime.llamacpp.batch import DEFAULT_BATCH_TOKENS, LlamaBatchDecoder, check_slots
 
     check_slots(slots)
     llm, n_ctx = open_llama(path, options, n_ctx, sequences=slots)

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from edgelm.errors import ArtifactError
-from edgelm.runtime.params import GenerationParams
+from edgelm.runtime.core.params import GenerationParams
 
 FLOAT64_MAX = float(np.finfo(np.float64).max)
 

@@ -36,9 +36,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edgelm.errors import ArtifactError, CapacityError, ContextOverflowError, InputError, UsageError
-from edgelm.runtime.llama_log import GGML_LOG_ERROR, captured_llama_log, log_lines
-from edgelm.runtime.llama_native import model_pointer
-from edgelm.runtime.params import check_token_ids
+from edgelm.runtime.core.params import check_token_ids
+from edgelm.runtime.llamacpp.log import GGML_LOG_ERROR, captured_llama_log, log_lines
+from edgelm.runtime.llamacpp.native import model_pointer
 
 # tokens per llama_decode at most: decode steps first, prompt chunks fill the rest. llama.cpp's
 # own default batch; it splits a batch into micro-batches of n_ubatch tokens itself

@@ -45,7 +45,7 @@ WHOLE_PROMPT = 1 << 30  # "as much as the batch holds"; the decoder caps it by i
 
 
 class BatchDecoder(Protocol):
-    """What the scheduler drives (runtime/llama_batch.py's LlamaBatchDecoder)."""
+    """What the scheduler drives (runtime/llamacpp/batch.py's LlamaBatchDecoder)."""
 
     slots: int
     context_length: int

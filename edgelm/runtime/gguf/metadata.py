@@ -17,7 +17,7 @@ import mmap
 from pathlib import Path
 
 from edgelm.errors import ArtifactError
-from edgelm.runtime.gguf_file import ArrayValue, GgufHeader, MalformedGguf, parse_gguf_header
+from edgelm.runtime.gguf.parser import ArrayValue, GgufHeader, MalformedGguf, parse_gguf_header
 
 # llama.cpp's LLM_ARCH_NAMES in the llama-cpp-python build edgelm pins (a test checks each name
 # is in the installed library); any other name is refused before llama.cpp is asked.

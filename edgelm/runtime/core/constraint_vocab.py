@@ -71,7 +71,7 @@ def _llama_tokenizer(vocab, tokens: list[bytes], end_ids: list[int]):
     import llama_cpp
     import llguidance
 
-    from edgelm.runtime.llama_native import native_tokenize_address
+    from edgelm.runtime.llamacpp.native import native_tokenize_address
 
     tokenize = native_tokenize_address()
     return llguidance.LLTokenizer.from_llamacpp(tokens=tokens, vocab_ptr=vocab, tokenize_fptr=tokenize,

@@ -17,9 +17,9 @@ import numpy as np
 from edgelm.artifact import Manifest, artifact_file
 from edgelm.errors import ArtifactError, InputError
 from edgelm.runtime.device import RuntimeOptions
-from edgelm.runtime.encoders import Embeddings
-from edgelm.runtime.llama import LlamaCppTokenizer, open_llama
-from edgelm.runtime.llama_native import context_pointer, decode_whole_sequences, vocab_pointer
+from edgelm.runtime.llamacpp.model import LlamaCppTokenizer, open_llama
+from edgelm.runtime.llamacpp.native import context_pointer, decode_whole_sequences, vocab_pointer
+from edgelm.runtime.ort.encoders import Embeddings
 from edgelm.safe_text import check_text
 
 # texts per decode by default: llama.cpp attends over every token of a decode (other texts masked

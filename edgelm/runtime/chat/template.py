@@ -46,7 +46,7 @@ def _strftime_now(fmt: str) -> str:
 def _environment():
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    from edgelm.runtime import template_limits as limits
+    from edgelm.runtime.chat import template_limits as limits
 
     class ChatTemplateEnvironment(ImmutableSandboxedEnvironment):
         """The sandbox, plus a clock and a size limit checked at every call, lookup and operator."""
@@ -139,7 +139,7 @@ def render_chat(template: str, messages: list[dict], *, bos_token: str = "", eos
     """
     from jinja2.exceptions import SecurityError
 
-    from edgelm.runtime.template_limits import TemplateLimitError, budget
+    from edgelm.runtime.chat.template_limits import TemplateLimitError, budget
 
     if not isinstance(template, str) or not template.strip():
         raise ArtifactError("this model has no chat template; use generate() with a plain prompt")

@@ -20,7 +20,7 @@ import numpy as np
 
 from edgelm.artifact import Manifest
 from edgelm.errors import ContextOverflowError, InputError
-from edgelm.runtime.generator import Decoder
+from edgelm.runtime.core.generator import Decoder
 from edgelm.runtime.loading import check_cache_geometry, check_graph_io
 
 STEP_INPUTS = ("input_ids", "position_ids", "seqlens_k", "total_sequence_length", "logits_index")

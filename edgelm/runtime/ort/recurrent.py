@@ -9,8 +9,8 @@ import numpy as np
 
 from edgelm.artifact import Manifest
 from edgelm.errors import ArtifactError
+from edgelm.runtime.core.generator import Decoder, TextGenerator
 from edgelm.runtime.device import RuntimeOptions
-from edgelm.runtime.generator import Decoder, TextGenerator
 from edgelm.runtime.loading import check_dim, manifest_where, node_named, open_onnx, static_dim
 
 

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from edgelm.errors import InputError, UsageError
-from edgelm.runtime.constraints import Constraint, json_schema_constraint, lark_constraint
+from edgelm.runtime.core.constraints import Constraint, json_schema_constraint, lark_constraint
 
 COMPACT = {"x-guidance": {"whitespace_flexible": False}}
 EMPTY_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}

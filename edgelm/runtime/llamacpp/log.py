@@ -23,7 +23,7 @@ def captured_llama_log(min_level: int = 0) -> Iterator[list[str]]:
     their line), collected instead of printed."""
     import llama_cpp
 
-    from edgelm.runtime.llama_native import library_log_callback
+    from edgelm.runtime.llamacpp.native import library_log_callback
 
     lines: list[str] = []
     last_kept = [False]

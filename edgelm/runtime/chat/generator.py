@@ -8,17 +8,17 @@ from typing import Any
 
 from edgelm.contract import GenerationSection
 from edgelm.errors import ContextOverflowError, InputError, UsageError
-from edgelm.runtime.chat_template import check_messages, render_chat
-from edgelm.runtime.constraints import pop_constraint
-from edgelm.runtime.generator import Completion, TextGenerator, TextStream
-from edgelm.runtime.params import GenerationParams
-from edgelm.runtime.tools import (
+from edgelm.runtime.chat.template import check_messages, render_chat
+from edgelm.runtime.chat.tools import (
     assistant_message,
     check_tools,
     messages_for_template,
     parse_tool_calls,
     tool_constraint,
 )
+from edgelm.runtime.core.constraints import pop_constraint
+from edgelm.runtime.core.generator import Completion, TextGenerator, TextStream
+from edgelm.runtime.core.params import GenerationParams
 
 
 class ChatGenerator(TextGenerator):

@@ -12,11 +12,11 @@ import numpy as np
 
 from edgelm.contract import GenerationSection, TokenizerSection
 from edgelm.errors import ContextOverflowError, InputError
-from edgelm.runtime.constraint_vocab import llg_vocabulary
-from edgelm.runtime.constraints import Constraint, GrammarMask, pop_constraint
-from edgelm.runtime.params import GenerationParams
-from edgelm.runtime.sampler import Sampler
-from edgelm.runtime.text import IncrementalDetokenizer, StopMatcher
+from edgelm.runtime.core.constraint_vocab import llg_vocabulary
+from edgelm.runtime.core.constraints import Constraint, GrammarMask, pop_constraint
+from edgelm.runtime.core.params import GenerationParams
+from edgelm.runtime.core.sampler import Sampler
+from edgelm.runtime.core.text import IncrementalDetokenizer, StopMatcher
 from edgelm.safe_text import check_text
 
 
@@ -82,7 +82,7 @@ class Decoder(ABC):
 class TextGenerator:
     """`generate` and `stream` over a decoder and a `tokenizers.Tokenizer`.
 
-    With a `scheduler` (runtime/scheduler.py, over a batched decoder) every call becomes one
+    With a `scheduler` (runtime/core/scheduler.py, over a batched decoder) every call becomes one
     sequence of the scheduler's shared loop, so calls from several threads at once share batched
     steps; without one, a call runs its own loop over `decoder` and calls must not overlap."""
 

@@ -1,0 +1,1 @@
+"""Chat on top of any text generator: templates, their limits, and tool calls."""
