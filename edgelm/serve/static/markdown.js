@@ -21,7 +21,8 @@ const INLINE = new RegExp([
   String.raw`(?<ticks>\`{1,3})(?<code>[^\n]{1,${SPAN}}?)\k<ticks>(?!\`)`,
   String.raw`(?<image>!\[[^\]\n]{0,${SPAN}}\]\([^()\s]{0,2000}\))`, // kept as text, never loaded
   String.raw`\[(?<label>[^\]\n]{1,${SPAN}})\]\(\s{0,10}(?<href>[^()\s]{1,2000})\s{0,10}\)`,
-  String.raw`(?<pair>\*\*|__)(?=\S)(?<strong>[^\n]{0,${SPAN}}?\S)\k<pair>`,
+  String.raw`\*\*(?=\S)(?<strong>[^\n]{0,${SPAN}}?\S)\*\*`,
+  String.raw`(?<!\w)__(?=\S)(?<bold>[^\n]{0,${SPAN}}?\S)__(?!\w)`,
   String.raw`\*(?=[^\s*])(?<em>[^\n]{0,${SPAN}}?[^\s*])\*(?!\*)`,
   String.raw`(?<!\w)_(?=[^\s_])(?<underscored>[^\n]{0,${SPAN}}?[^\s_])_(?!\w)`, // never inside snake_case
   String.raw`~~(?=\S)(?<deleted>[^\n]{0,${SPAN}}?\S)~~`,
@@ -257,8 +258,8 @@ function renderMatch(g, whole, parent, inLink) {
     link(g.label, g.href, whole, parent, inLink);
   } else if (g.url !== undefined) {
     link(g.url, g.url, whole, parent, inLink);
-  } else if (g.strong !== undefined) {
-    wrap("strong", g.strong, parent, inLink);
+  } else if ((g.strong ?? g.bold) !== undefined) {
+    wrap("strong", g.strong ?? g.bold, parent, inLink);
   } else if ((g.em ?? g.underscored) !== undefined) {
     wrap("em", g.em ?? g.underscored, parent, inLink);
   } else if (g.deleted !== undefined) {
