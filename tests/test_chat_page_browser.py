@@ -372,3 +372,17 @@ def test_any_reply_renders_to_plain_elements_and_http_links_only(browser, base_u
                 assert "img" in rendered["text"] or "script" in rendered["text"]
     finally:
         context.close()
+
+
+def test_pathological_replies_render_quickly(context, base_url):
+    # every pattern is bounded: unclosed markers by the thousand stay linear (a few ms here)
+    page = Watched(context, base_url).open().page
+    cases = ["*a " * 15000, "_a " * 15000, "`a " * 15000, "[a](" * 10000, "# " + " " * 50000 + "x",
+             "> " * 20000 + "x", "".join("  " * i + "- a\n" for i in range(300)), "http://a" * 5000,
+             "**a _b `c [d](e ~~f " * 3000, "```\n" * 10000, "\n".join(">" * i + " q" for i in range(500))]
+    took = page.evaluate("""async (cases) => {
+        const { renderMarkdown } = await import('/static/markdown.js');
+        return cases.map((text) => { const start = performance.now(); renderMarkdown(text);
+                                     return performance.now() - start; });
+    }""", cases)
+    assert max(took) < 2000, took  # milliseconds; a quadratic pattern takes minutes on these
