@@ -150,3 +150,43 @@ def test_save_to_a_folder_that_does_not_exist_is_one_line_and_the_chat_goes_on(l
                     input=f"/save {tmp_path / 'no' / 'such.json'}\n/stats\n")
     assert result.exit_code == 0 and "error: cannot save to" in result.stderr
     assert "(speed of each reply shown)" in result.stderr and not list(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="a pseudo-terminal is POSIX")
+def test_ctrl_c_typed_in_a_terminal_stops_the_reply_then_quits_at_the_prompt(long_context_gguf):
+    """The same through a pseudo-terminal: click's prompt with line editing, and ^C as the terminal sends it."""
+    import pty
+    import select
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the chat on the terminal's side
+        os.execv(sys.executable, [sys.executable, "-m", "edgelm.cli", "chat", str(long_context_gguf), "--threads",
+                                  "1", "--temperature", "0", "--regex", LONG])
+    seen = b""
+
+    def read_until(predicate, timeout: float = 60.0) -> bytes:
+        nonlocal seen
+        deadline = time.monotonic() + timeout
+        while not predicate(seen):
+            assert time.monotonic() < deadline, f"timed out; so far: {seen[-400:]!r}"
+            if select.select([fd], [], [], 0.1)[0]:
+                seen += os.read(fd, 4096)
+        return seen
+
+    try:
+        read_until(lambda b: b.rstrip().endswith(b">"))
+        os.write(fd, b"hi\r")
+        read_until(lambda b: b"aaa" in b.partition(b"hi")[2])  # echoed, then the reply streams
+        os.write(fd, b"\x03")
+        read_until(lambda b: b"(reply stopped; what was written is kept)" in b)
+        read_until(lambda b: b.rstrip().endswith(b">"))
+        os.write(fd, b"\x03")
+        _, status = os.waitpid(pid, 0)
+        pid = 0
+    finally:
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert b"Traceback" not in seen and b"interrupted" not in seen
