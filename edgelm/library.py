@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import re
+import stat
 import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
@@ -213,13 +214,19 @@ def dump_index(entries: dict[str, Entry]) -> bytes:
 def read_index(home: Path | None = None) -> dict[str, Entry]:
     """Every entry; an empty library when there is no index yet."""
     path = index_path(home)
-    try:
-        with open(path, "rb") as file:
-            data = file.read(MAX_INDEX_BYTES + 1)  # one byte past the bound is enough to refuse it
+    try:  # non-blocking open: a FIFO put in the index's place must not hang every command
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
     except FileNotFoundError:
         return {}
     except OSError as err:
         raise ArtifactError(f"{path}: cannot read the library index ({err.strerror or err})") from None
+    with os.fdopen(fd, "rb") as file:
+        if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+            raise ArtifactError(f"{path}: the library index is not a regular file; remove it")
+        try:
+            data = file.read(MAX_INDEX_BYTES + 1)  # one byte past the bound is enough to refuse it
+        except OSError as err:
+            raise ArtifactError(f"{path}: cannot read the library index ({err.strerror or err})") from None
     return parse_index(data, path)
 
 

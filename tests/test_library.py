@@ -180,6 +180,13 @@ def test_a_corrupt_index_is_one_line_naming_the_file(home, gguf_copy):
         assert_one_line_error(invoke(*args), 1, str(home / "library.json"))
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs are POSIX")
+def test_an_index_that_is_not_a_regular_file_is_refused_without_hanging(home):
+    home.mkdir()
+    os.mkfifo(home / "library.json")
+    assert_one_line_error(invoke("list"), 1, "not a regular file")
+
+
 def test_a_hand_edited_copied_entry_cannot_make_rm_delete_elsewhere(home, tmp_path):
     precious = tmp_path / "precious"
     precious.mkdir()
