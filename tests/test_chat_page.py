@@ -5,7 +5,10 @@ and that no request path reaches any file but the page's own (the browser test i
 from __future__ import annotations
 
 import re
+import signal
 import socket
+import subprocess
+import sys
 import tomllib
 from fnmatch import fnmatch
 from pathlib import Path
@@ -174,3 +177,22 @@ def test_no_hostile_path_serves_anything_but_a_page_file(base_url, segments, und
         assert body in served, target
     for secret in SECRETS:
         assert secret not in body, target
+
+
+def test_edgelm_serve_announces_the_page_and_serves_it(tiny_gguf_256):
+    process = subprocess.Popen([sys.executable, "-m", "edgelm.cli", "serve", str(tiny_gguf_256), "--port", "0",
+                                "--threads", "1", "--api-key", KEY], stderr=subprocess.PIPE, text=True)
+    try:
+        url = None
+        for line in process.stderr:
+            if line.startswith("chat page: "):
+                url = line.removeprefix("chat page: ").strip()
+                break
+        assert url and re.fullmatch(r"http://127\.0\.0\.1:\d+/", url)
+        page = httpx.get(url)
+        assert page.status_code == 200 and page.content == packaged("/")
+        assert_page_headers(page)
+        assert httpx.get(url + "v1/models").status_code == 401
+    finally:
+        process.send_signal(signal.SIGINT)
+        assert process.wait(15) == 130

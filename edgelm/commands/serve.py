@@ -116,6 +116,7 @@ def run_serve(artifacts: Sequence[Path], names: Sequence[str], host: str, port: 
             click.echo(f"serving {model_id!r} ({', '.join(served.endpoints)})", err=True)
         click.echo(f"OpenAI base URL: http://{shown}:{bound_port}/v1" + (" (API key required)" if api_key else ""),
                    err=True)
+        click.echo(f"chat page: http://{shown}:{bound_port}/", err=True)
         uvicorn.Server(uvicorn_config(app, log_level="debug" if debug else "info")).run(sockets=[sock])
     finally:
         sock.close()
