@@ -47,6 +47,7 @@ class ArchSpec:
     rotary_interleave: bool = False  # LLaMA's rotary layout: q/k rows reordered per head
     ggml_gelu: bool = False  # GELU MLP: llama.cpp's GELU rounds through an F16 table (gguf_validate.py)
     tokenizers: tuple[str, ...] = ("spm", "bpe")  # tokenizer kinds (gguf_tokenizer.py) its export takes
+    norm_offset: float = 0.0  # added to every RMSNorm weight: Gemma's norms scale by (1 + w)
 
 
 def _int(config: dict, *keys: str, default: int | None = None) -> int:
@@ -234,6 +235,103 @@ PHI3 = ArchSpec(
 )
 
 
+# ---- Qwen3 (per-head q/k RMSNorm, NEOX rotary) and Gemma 3 text -----------------------------
+
+def _check_qwen3(source: Path, config: dict) -> None:
+    _refuse_archs(source, config, ("Qwen3ForCausalLM",), "a Qwen3 causal LM (Qwen3ForCausalLM)")
+    _refuse_activation(source, config, "hidden_act", "silu", "silu")
+    _refuse_rope_scaling(source, config, "e.g. YaRN for long contexts")
+    if config.get("use_sliding_window"):
+        raise UnsupportedModelError(f"{source}: use_sliding_window is on; llama.cpp has no sliding window for Qwen3")
+    if config.get("attention_bias"):
+        raise UnsupportedModelError(f"{source}: attention biases are not part of llama.cpp's Qwen3 graph")
+
+
+def _head_dim_keys(writer, shape: Shape) -> None:
+    """Key and value lengths where a head is not hidden / heads wide (Qwen3, Gemma 3)."""
+    writer.add_rope_dimension_count(shape.head_dim)
+    if shape.head_dim != shape.hidden // shape.n_heads:
+        writer.add_key_length(shape.head_dim)
+        writer.add_value_length(shape.head_dim)
+
+
+def _qwen3_keys(writer, config: dict, shape: Shape) -> None:
+    _rms_rope_keys(writer, config, shape)
+    _head_dim_keys(writer, shape)
+
+
+QK_NORMS = ("attn_q_norm", "attn_k_norm")
+
+QWEN3 = ArchSpec(
+    name="qwen3", family="qwen3", model_arch="QWEN3", architectures=("Qwen3ForCausalLM",),
+    shape=_llama_like_shape, check=_check_qwen3, write_keys=_qwen3_keys,
+    top_tensors=("token_embd.weight", "output_norm.weight"),
+    layer_tensors=tuple(f"{p}.weight" for p in (*LLAMA_BLOCK, *QK_NORMS)),
+    skipped=("rotary_emb.inv_freq",),
+)
+
+
+def gemma3_sliding_layers(config: dict) -> list[bool]:
+    """Which layers attend within the sliding window: config.json's layer_types, else Gemma 3's 5-in-6."""
+    layers = _int(config, "num_hidden_layers")
+    if not config.get("sliding_window"):
+        return [False] * layers
+    types = config.get("layer_types")
+    if isinstance(types, list) and len(types) == layers:
+        return [t == "sliding_attention" for t in types]
+    pattern = int(config.get("sliding_window_pattern") or config.get("_sliding_window_pattern") or 6)
+    return [(i + 1) % pattern != 0 for i in range(layers)]
+
+
+def _check_gemma3(source: Path, config: dict) -> None:
+    _refuse_archs(source, config, ("Gemma3ForCausalLM",), "a Gemma 3 text model (Gemma3ForCausalLM)")
+    _refuse_activation(source, config, "hidden_activation", "gelu_pytorch_tanh", "gelu_pytorch_tanh")
+    shape = _llama_like_shape(config)
+    # llama.cpp scales queries by 1/sqrt(head_dim) (1/sqrt(hidden/heads) for the 27B): the scalar must agree
+    if int(config.get("query_pre_attn_scalar") or shape.head_dim) != shape.head_dim:
+        raise UnsupportedModelError(f"{source}: query_pre_attn_scalar {config.get('query_pre_attn_scalar')} is not "
+                                    f"head_dim {shape.head_dim}; llama.cpp's Gemma 3 graph scales by head_dim")
+    for key in ("attn_logit_softcapping", "use_bidirectional_attention", "attention_bias"):
+        if config.get(key):
+            raise UnsupportedModelError(f"{source}: {key} is set; llama.cpp's Gemma 3 text graph has none")
+    if _rope_kind(config) not in (None, "linear"):
+        raise UnsupportedModelError(f"{source}: rope scaling {_rope_kind(config)!r} is not converted for Gemma 3 "
+                                    "(linear is)")
+    types = config.get("layer_types")
+    if isinstance(types, list) and set(types) - {"sliding_attention", "full_attention"}:
+        raise UnsupportedModelError(f"{source}: layer_types other than sliding_attention/full_attention")
+
+
+def _gemma3_keys(writer, config: dict, shape: Shape) -> None:
+    import gguf
+
+    _rms_rope_keys(writer, config, shape)
+    _head_dim_keys(writer, shape)
+    sliding = gemma3_sliding_layers(config)
+    if any(sliding):  # llama.cpp: a window on the layers marked true, local rope base there
+        writer.add_sliding_window(int(config["sliding_window"]))
+        writer.add_sliding_window_pattern(sliding)
+        writer.add_rope_freq_base_swa(float(config.get("rope_local_base_freq", 10000.0)))
+    if config.get("final_logit_softcapping"):
+        writer.add_final_logit_softcapping(float(config["final_logit_softcapping"]))
+    if _rope_kind(config) == "linear":  # the global layers only, as in transformers
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(config["rope_scaling"]["factor"]))
+
+
+GEMMA3_BLOCK = (*LLAMA_BLOCK, *QK_NORMS, "post_attention_norm", "post_ffw_norm")
+
+GEMMA3 = ArchSpec(
+    # the embedding scale sqrt(hidden) is llama.cpp's own (its graph multiplies), as is GELU-tanh;
+    # the norms are (1 + w) in transformers and plain w in llama.cpp: 1 is added on the way
+    name="gemma3", family="gemma3", model_arch="GEMMA3", architectures=("Gemma3ForCausalLM",),
+    shape=_llama_like_shape, check=_check_gemma3, write_keys=_gemma3_keys,
+    top_tensors=("token_embd.weight", "output_norm.weight"),
+    layer_tensors=tuple(f"{p}.weight" for p in GEMMA3_BLOCK),
+    skipped=("rotary_emb.inv_freq", "rotary_emb_local.inv_freq"), ggml_gelu=True, norm_offset=1.0,
+)
+
+
 # ---- BERT (embeddings) ------------------------------------------------------------------------
 
 def _bert_shape(config: dict) -> Shape:
@@ -277,8 +375,9 @@ BERT = ArchSpec(
 )
 
 
-ARCHS = {spec.name: spec for spec in (LLAMA, GPT2, QWEN2, PHI3, BERT)}
-MODEL_TYPES = {"llama": LLAMA, "mistral": LLAMA, "gpt2": GPT2, "qwen2": QWEN2, "phi3": PHI3, "bert": BERT}
+ARCHS = {spec.name: spec for spec in (LLAMA, GPT2, QWEN2, PHI3, QWEN3, GEMMA3, BERT)}
+MODEL_TYPES = {"llama": LLAMA, "mistral": LLAMA, "gpt2": GPT2, "qwen2": QWEN2, "phi3": PHI3, "qwen3": QWEN3,
+               "gemma3_text": GEMMA3, "bert": BERT}
 
 
 def arch_for_config(source: Path, config: dict) -> ArchSpec:

@@ -27,6 +27,7 @@ class TensorPlan:
     file: Path | None = None
     rotary_heads: int = 0  # > 0: reorder rows for llama.cpp's rotary layout with this many heads
     transpose: bool = False  # stored [in, out] (HF Conv1D): transposed to (out, in) on the way
+    offset: float = 0.0  # added to every value (Gemma's (1 + w) norms become llama.cpp's plain w)
 
 
 def weight_files(source: Path) -> list[Path]:
@@ -65,8 +66,9 @@ def plan_tensors(source: Path, spec: ArchSpec, shape: Shape, float_type: str) ->
                 transpose = len(dims) == 2 and gguf_name.split(".")[-2] in spec.conv1d
                 dims = dims[::-1] if transpose else dims
                 rotary = _rotary_heads(gguf_name, shape) if spec.rotary_interleave else 0
+                offset = spec.norm_offset if gguf_name.endswith("_norm.weight") else 0.0
                 plans.append(TensorPlan(gguf_name, dims, _storage(gguf_name, dims, float_type),
-                                        hf_name, file, rotary, transpose))
+                                        hf_name, file, rotary, transpose, offset))
     _check_complete(plans, spec, shape)
     return plans
 
@@ -149,6 +151,8 @@ def converted(plan: TensorPlan, config: dict, shape: Shape) -> np.ndarray:
         data = data.T
     if plan.rotary_heads:
         data = interleave_rotary_rows(data, plan.rotary_heads)
+    if plan.offset:
+        data = data + np.float32(plan.offset)
     if plan.storage == "f16":
         return data.astype(np.float16)
     if plan.storage == "bf16":

@@ -74,23 +74,29 @@ def _ggml_activation_reference(model, manifest: Manifest, quant: QuantType, inpu
     if spec is None or not spec.ggml_gelu or "max_abs_logit_diff_vs_torch" not in quant.bounds:
         return None
     import torch
+    from transformers import activations
     from transformers.activations import NewGELUActivation
+
+    # the tanh GELU under the names transformers has used for it (GELUTanh since 4.57)
+    tanh_gelus = tuple(getattr(activations, n) for n in ("NewGELUActivation", "GELUTanh", "PytorchGELUTanh")
+                       if hasattr(activations, n))
 
     class GgmlGelu(torch.nn.Module):
         def forward(self, x):  # ggml: 0 below -10, identity above 10, else F16(gelu(F16(x)))
             table = NewGELUActivation()(x.half().float()).half().float()
             return torch.where(x <= -10, torch.zeros_like(x), torch.where(x >= 10, x, table))
 
-    swapped = []
+    swapped = []  # GPT-2's MLP calls it act, Gemma's act_fn; both are the tanh GELU
     for module in model.modules():
-        if isinstance(getattr(module, "act", None), NewGELUActivation):
-            swapped.append((module, module.act))
-            module.act = GgmlGelu()
+        for attr in ("act", "act_fn"):
+            if isinstance(getattr(module, attr, None), tanh_gelus):
+                swapped.append((module, attr, getattr(module, attr)))
+                setattr(module, attr, GgmlGelu())
     try:
         return [_torch_logits(model, ids) for ids in inputs]
     finally:
-        for module, act in swapped:
-            module.act = act
+        for module, attr, act in swapped:
+            setattr(module, attr, act)
 
 
 def _load_source(source: Path):
