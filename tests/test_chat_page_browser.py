@@ -268,6 +268,10 @@ def test_a_hostile_reply_renders_as_text_and_loads_nothing(context, base_url):
     assert links == [["http://127.0.0.1:9/pixel.gif", "noopener noreferrer", "http://127.0.0.1:9/pixel.gif"],
                      ["https://example.com/docs", "noopener noreferrer", "fine"]]
     assert page.text_content("#messages .code pre") == "<script>window.__pwned='code'</script>"
+    context.grant_permissions(["clipboard-read", "clipboard-write"], origin=base_url)
+    page.click("#messages .code .copy")
+    page.wait_for_selector("#messages .code .copy:text-is('Copied')", timeout=5_000)
+    assert page.evaluate("navigator.clipboard.readText()") == "<script>window.__pwned='code'</script>"
     assert page.text_content("#messages strong") == "bold"
     assert not any(":9/" in url for url in watched.requests)  # no beacon
     assert watched.foreign_requests() == []
