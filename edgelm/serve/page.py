@@ -1,6 +1,6 @@
 """The chat page at `/`: a few files shipped inside the package, served by the same app.
 
-The files are a fixed table from URL path to packaged file: a request path is looked up in it and
+The files are a fixed table of names: the name in a /static/NAME request is looked up in it and
 never joined to a folder, so no path a client sends can reach another file. Every answer carries a
 Content-Security-Policy that allows scripts, styles and requests from this origin only and no
 inline code, so text a model writes cannot run as script even if the page's own renderer slipped.
