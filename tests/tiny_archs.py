@@ -116,7 +116,8 @@ def build_tiny_gemma3(folder: str | Path, *, hidden: int = 64, layers: int = 7, 
 def build_tokenizer(kind: str, folder: str | Path) -> Path:
     """A tokenizer folder of one kind: "spm" (tokenizer.model), "bpe" (byte-level tokenizer.json), "wordpiece"."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    if kind != "wordpiece":  # the BERT builder makes its own folder
+        folder.mkdir(parents=True, exist_ok=True)
     if kind == "spm":
         tokenizer = _spm_tokenizer(folder, 512)
     elif kind == "bpe":
