@@ -8,13 +8,14 @@ from typing import Any
 
 from edgelm.contract import GenerationSection
 from edgelm.errors import ContextOverflowError, InputError, UsageError
-from edgelm.runtime.chat.template import check_messages, render_chat
+from edgelm.runtime.chat.template import check_messages, reads_variable, render_chat
 from edgelm.runtime.chat.tools import (
     assistant_message,
     check_tools,
     messages_for_template,
     parse_tool_calls,
     tool_constraint,
+    with_tool_description,
 )
 from edgelm.runtime.core.constraints import pop_constraint
 from edgelm.runtime.core.generator import Completion, TextGenerator, TextStream
@@ -45,8 +46,13 @@ class ChatGenerator(TextGenerator):
                     tools: list[dict] | None = None) -> str:
         """The prompt text the model's chat template makes of `messages` (and `tools`, passed to
         the template as `tools`, the way Hugging Face templates expect them)."""
-        extra = {"tools": check_tools(tools)} if tools is not None else {}
-        return render_chat(self.chat_template, messages_for_template(messages), bos_token=self.bos_text,
+        messages = messages_for_template(messages)
+        extra = {}
+        if tools is not None:
+            extra["tools"] = check_tools(tools)
+            if not reads_variable(self.chat_template, "tools"):  # no tools section: describe them in words
+                messages = with_tool_description(check_messages(messages), extra["tools"])
+        return render_chat(self.chat_template, messages, bos_token=self.bos_text,
                            eos_token=self.eos_text, add_generation_prompt=add_generation_prompt, **extra)
 
     def chat_ids(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
@@ -144,8 +150,13 @@ def _reading_tool_calls(pieces: Iterator[str], holder: dict[str, Completion]) ->
     """Pass the pieces on; once the reply is complete, read the tool call it makes (if any)."""
     yield from pieces
     completion = holder.get("completion")  # none when the stream was cancelled
-    if completion is not None and not completion.constraint_incomplete:
+    if completion is None:
+        return
+    if not completion.constraint_incomplete:
         completion.tool_calls = parse_tool_calls(completion.text)
+    elif completion.text.lstrip().startswith("{"):
+        # a call cut short (max_tokens, a stop string) is no call, and its partial JSON no content
+        completion.text = ""
 
 
 def _oldest_turn(messages: list[dict]) -> tuple[int, int] | None:

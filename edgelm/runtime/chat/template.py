@@ -107,6 +107,18 @@ def _compiled(template: str):
         raise ArtifactError(f"the chat template is not valid Jinja2 (line {err.lineno}: {err.message})") from None
 
 
+@lru_cache(maxsize=16)
+def reads_variable(template: str, name: str) -> bool:
+    """Whether a chat template reads the variable `name` anywhere (a template with a tools section
+    reads `tools`); False for a template that does not parse."""
+    from jinja2 import meta
+
+    try:
+        return name in meta.find_undeclared_variables(_environment().parse(template))
+    except Exception:  # noqa: BLE001 - a template that does not parse fails again, with its reason, in render_chat
+        return False
+
+
 def check_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Messages as plain dicts, each with a string role and content; an InputError otherwise."""
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):

@@ -11,23 +11,45 @@ non-blank character is "{" is the call (so plain text cannot start with "{").
 
 from __future__ import annotations
 
+import copy
 import json
 import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from edgelm.errors import InputError, UsageError
-from edgelm.runtime.core.constraints import Constraint, json_schema_constraint, lark_constraint
+from edgelm.escaping import printable
+from edgelm.runtime.core.constraint_limits import (
+    MAX_SCHEMA_BYTES,
+    MAX_TOOLS,
+    TOOL_NAME,
+    check_json_values,
+    check_schema,
+    limit_error,
+    subschemas,
+)
+from edgelm.runtime.core.constraints import Constraint, compiled_grammar, schema_grammar
 
 COMPACT = {"x-guidance": {"whitespace_flexible": False}}
 EMPTY_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
+MAX_ARGUMENT_STRING = 1024  # characters of a free string argument whose schema sets no maxLength
+TOOL_DEFINITIONS = "edgelm-tool-"  # root $defs key of each tool's parameters in the call schema
+_OPEN_OBJECT_KEYS = ("additionalProperties", "patternProperties", "unevaluatedProperties")
+_STRING_BOUNDS = ("maxLength", "enum", "const", "pattern", "format")
 
 
 def check_tools(tools: Any) -> list[dict[str, Any]]:
     """Tools as OpenAI gives them: [{"type": "function", "function": {"name", "description"?,
-    "parameters"?}}]; an InputError naming the first problem."""
+    "parameters"?}}]; an InputError naming the first problem. Names follow OpenAI's rule (letters,
+    digits, _ and -, at most 64); each `parameters` passes the constraint limits (a boolean schema
+    takes its JSON Schema meaning)."""
     if isinstance(tools, (str, bytes, Mapping)) or not isinstance(tools, Sequence) or not tools:
         raise InputError('tools must be a non-empty list of {"type": "function", "function": {...}} dicts')
+    if len(tools) > MAX_TOOLS:
+        raise limit_error("tools", f"more than {MAX_TOOLS} tools")
+    check_json_values(list(tools), "tools")
+    if len(json.dumps(list(tools), ensure_ascii=False).encode("utf-8")) > MAX_SCHEMA_BYTES:
+        raise limit_error("tools", f"larger than {MAX_SCHEMA_BYTES} bytes as JSON")
     checked, names = [], set()
     for i, tool in enumerate(tools):
         function = tool.get("function") if isinstance(tool, Mapping) else None
@@ -35,42 +57,94 @@ def check_tools(tools: Any) -> list[dict[str, Any]]:
                 function, Mapping):
             raise InputError(f'tool {i} is not {{"type": "function", "function": {{...}}}}')
         name = function.get("name")
-        if not isinstance(name, str) or not name or name in names:
-            raise InputError(f"tool {i} needs a unique, non-empty function name, got {name!r}")
-        parameters = function.get("parameters", EMPTY_PARAMETERS)
-        if not isinstance(parameters, Mapping):
-            raise InputError(f"tool {name!r}: parameters must be a JSON Schema object")
+        if not isinstance(name, str) or not TOOL_NAME.fullmatch(name) or name in names:
+            shown = printable(name[:80]) if isinstance(name, str) else type(name).__name__
+            raise InputError(f"tool {i} needs a unique, non-empty function name of letters, digits, _ or - "
+                             f"(at most 64), got {shown!r}")
+        parameters = check_schema(function.get("parameters", EMPTY_PARAMETERS), f"tool {name!r} parameters")
         names.add(name)
-        checked.append({"type": "function", "function": {**function, "parameters": dict(parameters)}})
+        checked.append({"type": "function", "function": {**function, "parameters": parameters}})
     return checked
 
 
 def call_schema(tools: list[dict[str, Any]], name: str | None = None) -> dict[str, Any]:
-    """The JSON Schema of one call to any of `tools` (or to the one named)."""
+    """The JSON Schema of one call to any of `tools` (or to the one named).
+
+    Each tool's parameters move whole into the root's `$defs` (their own `$defs` and every `$ref`
+    inside rewritten to the new place), so pointers stay valid under `arguments`. Where a schema
+    does not say otherwise, an object allows only its declared properties (each at most once) and
+    a free string at most MAX_ARGUMENT_STRING characters: the call ends."""
+    chosen = [t for t in tools if name is None or t["function"]["name"] == name]
+    definitions = {TOOL_DEFINITIONS + t["function"]["name"]: closed_arguments(t["function"]["parameters"],
+                                                                             TOOL_DEFINITIONS + t["function"]["name"])
+                   for t in chosen}
     shapes = [
         {"type": "object", "properties": {"name": {"const": t["function"]["name"]},
-                                          "arguments": t["function"]["parameters"]},
+                                          "arguments": {"$ref": f"#/$defs/{TOOL_DEFINITIONS}{t['function']['name']}"}},
          "required": ["name", "arguments"], "additionalProperties": False}
-        for t in tools if name is None or t["function"]["name"] == name
+        for t in chosen
     ]
-    return {**(shapes[0] if len(shapes) == 1 else {"anyOf": shapes}), **COMPACT}
+    return {**(shapes[0] if len(shapes) == 1 else {"anyOf": shapes}), "$defs": definitions, **COMPACT}
+
+
+def closed_arguments(parameters: Any, key: str) -> Any:
+    """A copy of a tool's parameters as they sit at `#/$defs/<key>`: local `$ref`s rewritten, open
+    objects closed and free strings bounded (unless the schema says otherwise)."""
+    if not isinstance(parameters, Mapping):
+        return parameters
+    root = copy.deepcopy(dict(parameters))  # depth already bounded by check_schema
+    stack = [root]
+    while stack:
+        schema = stack.pop()
+        ref = schema.get("$ref")
+        if isinstance(ref, str) and (ref == "#" or ref.startswith("#/")):
+            schema["$ref"] = f"#/$defs/{key}{ref[1:]}"
+        types = schema.get("type")
+        types = {types} if isinstance(types, str) else set(types) if isinstance(types, list) else set()
+        if isinstance(schema.get("properties"), Mapping) and not any(k in schema for k in _OPEN_OBJECT_KEYS):
+            schema["additionalProperties"] = False
+        if "string" in types and not any(k in schema for k in _STRING_BOUNDS):
+            schema["maxLength"] = MAX_ARGUMENT_STRING
+        stack += [sub for _, sub in subschemas(schema) if isinstance(sub, dict)]
+    return root
 
 
 def tool_constraint(tools: list[dict[str, Any]], tool_choice: Any) -> Constraint | None:
     """The constraint a tool_choice puts on the reply: None for "none"."""
     if tool_choice is None or tool_choice == "auto":
-        schema = json.dumps(call_schema(tools), ensure_ascii=False)
+        text = json.dumps(call_schema(tools), ensure_ascii=False)
         # plain text (its first non-blank character is not "{"), or a call
-        grammar = lark_constraint(f"start: call | TEXT\ncall: %json {schema}\nTEXT: /\\s*[^{{\\s][\\s\\S]*/\n")
-        return Constraint(grammar.grammar, "tools")
+        lark = f"start: call | TEXT\ncall: %json {text}\nTEXT: /\\s*[^{{\\s][\\s\\S]*/\n"
+        return compiled_grammar(lark, kind="tools", what="tools")
     if tool_choice == "none":
         return None
     if tool_choice == "required":
-        return json_schema_constraint(call_schema(tools), kind="tools")
+        return schema_grammar(call_schema(tools), "tools", "tools")
     name = _named_choice(tool_choice)
     if name not in {t["function"]["name"] for t in tools}:
-        raise UsageError(f"tool_choice names {name!r}, which is not among the tools given")
-    return json_schema_constraint(call_schema(tools, name), kind="tools")
+        raise UsageError(f"tool_choice names {printable(name[:80])!r}, which is not among the tools given")
+    return schema_grammar(call_schema(tools, name), "tools", "tools")
+
+
+def describe_tools(tools: list[dict[str, Any]]) -> str:
+    """The tools in words, for a chat template with no tools section of its own (it never reads
+    `tools`): how a call is written, then one JSON line per function."""
+    lines = ["You can call these tools. To call one, reply with only a JSON object "
+             '{"name": <tool name>, "arguments": {<argument>: <value>, ...}}; otherwise reply in plain text.',
+             "Tools:"]
+    for tool in tools:
+        function = {k: tool["function"][k] for k in ("name", "description", "parameters") if k in tool["function"]}
+        lines.append(json.dumps(function, ensure_ascii=False, separators=(",", ":")))
+    return "\n".join(lines)
+
+
+def with_tool_description(messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The conversation with the tools described at the top of its system message (one is added
+    when there is none)."""
+    description = describe_tools(tools)
+    if messages and messages[0].get("role") == "system" and isinstance(messages[0].get("content"), str):
+        return [{**messages[0], "content": f"{description}\n\n{messages[0]['content']}"}, *messages[1:]]
+    return [{"role": "system", "content": description}, *messages]
 
 
 def _named_choice(tool_choice: Any) -> str | None:
