@@ -21,7 +21,7 @@ import numpy as np
 from edgelm.artifact import Manifest
 from edgelm.errors import ArtifactError, InputError
 from edgelm.runtime.core.constraints import pop_constraint
-from edgelm.runtime.core.generator import Completion, Continuation, Decoder, TextGenerator
+from edgelm.runtime.core.generator import Completion, Continuation, Decoder, TextGenerator, TextStream
 from edgelm.runtime.core.params import GenerationParams
 from edgelm.runtime.device import RuntimeOptions
 from edgelm.runtime.loading import check_cache_geometry, check_graph_io, manifest_where, open_onnx
@@ -137,6 +137,10 @@ class KvTextGenerator(TextGenerator):
         self._check_open()
         if isinstance(prompts, str) or not prompts:
             raise InputError("complete_batch needs a non-empty list of prompts")
+        from edgelm.runtime.ort.batch import FusedBatchDecoder
+
+        if isinstance(self.decoder, FusedBatchDecoder):  # sequence slots: the scheduler batches the prompts
+            return self._complete_scheduled(prompts, params)
         constraint = pop_constraint(params)  # each row gets its own grammar state
         resolved = GenerationParams.from_kwargs(self.defaults, **params)
         rows = [Continuation(self, *self._prompt_ids(p, resolved), resolved, constraint) for p in prompts]
@@ -158,6 +162,22 @@ class KvTextGenerator(TextGenerator):
             row.finish()
         return [r.completion(timings) for r in rows]
 
+    def _complete_scheduled(self, prompts: Sequence[str], params: dict[str, Any]) -> list[Completion]:
+        """Every prompt submitted as a sequence of the scheduler before any is read, so they decode
+        together; one that fails to start cancels those already submitted."""
+        streams: list[TextStream] = []
+        try:
+            for prompt in prompts:
+                streams.append(self.stream(prompt, **params))
+            for stream in streams:
+                for _ in stream:
+                    pass
+        except BaseException:
+            for stream in streams:
+                stream.cancel()
+            raise
+        return [stream.completion for stream in streams]
+
     def generate_batch(self, prompts: Sequence[str], **params: Any) -> list[str]:
         return [c.text for c in self.complete_batch(prompts, **params)]
 
@@ -174,5 +194,14 @@ def make_decoder(session: Any, manifest: Manifest, where: str = "manifest") -> D
 
 
 def load_gpt2(folder: Path, manifest: Manifest, options: RuntimeOptions) -> KvTextGenerator:
+    """`options.parallel` on the fused graph: that many sequence slots, one scheduler stepping them
+    together. Optimum's graph runs one sequence at a time whatever `parallel` says."""
     session, tokenizer = open_onnx(folder, manifest, options)
-    return KvTextGenerator(make_decoder(session, manifest, manifest_where(folder)), tokenizer, manifest)
+    where = manifest_where(folder)
+    if options.parallel is not None and manifest.model.graph == "fused-gqa":
+        from edgelm.runtime.core.scheduler import Scheduler
+        from edgelm.runtime.ort.batch import FusedBatchDecoder
+
+        decoder = FusedBatchDecoder(session, manifest, options.parallel, where)
+        return KvTextGenerator(decoder, tokenizer, manifest, scheduler=Scheduler(decoder, name=folder.name))
+    return KvTextGenerator(make_decoder(session, manifest, where), tokenizer, manifest)

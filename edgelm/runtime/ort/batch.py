@@ -1,0 +1,314 @@
+"""Many sequences over edgelm's fused GPT-2 graph (issue 17's ONNX building block).
+
+The rows of one preallocated key/value buffer per cache tensor, (slots, heads, context + 1,
+head_dim), are sequence slots with their own lengths. GroupQueryAttention reads and writes a row
+only up to `seqlens_k[b]`, so rows are independent, and a run may cover any contiguous range of
+rows: the buffer is bound through IO binding as a raw pointer at the range's first row, with the
+range's shape, as both the past input and the present output.
+
+- `admit(prompt_ids) -> slot` picks the free slot whose cached tokens share the longest prefix
+  with the prompt (at least half of that cache; otherwise the least recently used slot) and
+  keeps that prefix: a chat's next turn evaluates only its new tokens.
+- `step(tokens, prefill)` runs every decoding slot at one token in ONE session run over the
+  smallest range of rows holding them; a row of that range that is not stepped (free, or still
+  prefilling) is fed a filler token written at its own cached length, past everything it holds,
+  where the next real token overwrites it. That is why each row has one column beyond the
+  context: a full row's filler lands there. Each prefilling slot then runs a chunk of its prompt
+  on its row alone (positions continuing its cache, so chunks go in between decode steps).
+- `release(slot)` frees the slot and keeps its cache for prefix reuse; `cached_tokens(slot)`.
+
+Sampling, stop strings and constraints are the scheduler's (runtime/core/scheduler.py), one
+`Continuation` per sequence.
+
+Exactness (tests/test_gpt2_batch_slots.py): every kernel computes a row from that row alone, so
+a batched sequence's logits are a solo run's. On the tiny fused GPT-2 (2 layers), fp32 and int4
+rows are bit-identical to solo runs, prompt chunks included; int8's MatMulNBits takes another
+path for one row than for several and moves decode logits by at most 3e-7, which changes no
+greedy token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from edgelm.artifact import Manifest
+from edgelm.errors import CapacityError, ContextOverflowError, InputError, UsageError
+from edgelm.runtime.core.params import check_token_ids
+from edgelm.runtime.ort.kv_buffer_decoder import KvBufferDecoder
+
+MAX_SLOTS = 64  # each slot holds a whole context's cache; more is a typo, not a plan
+# the part of a slot's cache a prompt must share for the slot to count as its continuation
+# (every prompt shares its first token with every cache; that alone must not evict a conversation)
+CONTINUES = 0.5
+FLOAT_BYTES = 4
+
+
+@dataclass
+class _Slot:
+    cached: list[int] = field(default_factory=list)  # tokens whose keys/values the row holds
+    pending: list[int] = field(default_factory=list)  # prompt tokens admitted, not yet evaluated
+    active: bool = False
+    used: int = 0  # when last admitted or stepped, for least-recently-used choice
+
+
+def check_slots(slots: object) -> int:
+    if isinstance(slots, bool) or not isinstance(slots, int) or not 1 <= slots <= MAX_SLOTS:
+        raise UsageError(f"parallel sequences must be an integer in [1, {MAX_SLOTS}], got {slots!r:.40}")
+    return slots
+
+
+def shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens two sequences have in common."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class FusedBatchDecoder:
+    """`slots` sequences over one onnxruntime session of the fused GPT-2 graph.
+
+    Not thread-safe: one scheduler loop owns it and makes every call (`cached_tokens` may be read
+    beside it). `evaluated` counts the tokens run (prefix reuse shows there), `runs` the session
+    runs."""
+
+    def __init__(self, session: Any, manifest: Manifest, slots: int, where: str = "manifest"):
+        import onnxruntime as ort
+
+        self.graph = KvBufferDecoder(session, manifest, where)  # checks the graph's inputs and cache geometry
+        self.slots = check_slots(slots)
+        self.context_length = self.graph.context_length
+        self.vocab_size = self.graph.vocab_size
+        heads, _, head_dim = self.graph.cache_shape
+        self.row_shape = (heads, self.context_length + 1, head_dim)  # one spare column for fillers
+        self.row_bytes = int(np.prod(self.row_shape)) * FLOAT_BYTES
+        self.buffers = [ort.OrtValue.ortvalue_from_numpy(np.zeros((self.slots, *self.row_shape), np.float32))
+                        for _ in self.graph.past_names]
+        self.states = [_Slot() for _ in range(self.slots)]
+        self._decode_runs: dict[tuple[int, int], _DecodeRun] = {}
+        self.evaluated = 0
+        self.runs = 0
+        self._clock = 0
+
+    @property
+    def session(self) -> Any:
+        return self.graph.session
+
+    # -- sequences ---------------------------------------------------------------------------
+    def admit(self, prompt_ids: Sequence[int]) -> int:
+        """A free slot for this prompt, its cache kept up to the longest prefix it shares with
+        the prompt; the rest of the prompt waits for `step`'s prefill."""
+        self._check_open()
+        ids = check_token_ids(prompt_ids, self.vocab_size, "prompt")
+        if not ids:
+            raise InputError("a prompt needs at least one token")
+        if len(ids) > self.context_length:
+            raise ContextOverflowError(
+                f"a prompt of {len(ids)} tokens exceeds the context length {self.context_length}")
+        free = [s for s, state in enumerate(self.states) if not state.active]
+        if not free:
+            raise CapacityError(f"all {self.slots} sequence slots are in use; release one first")
+        slot = self._choose(free, ids)
+        state = self.states[slot]
+        # evaluate at least the last prompt token: its logits are what the first sample needs.
+        # Keys and values past `keep` stay in the row, unread, until new tokens overwrite them.
+        keep = min(shared_prefix(state.cached, ids), len(ids) - 1)
+        del state.cached[keep:]
+        state.pending = ids[keep:]
+        state.active = True
+        state.used = self._tick()
+        return slot
+
+    def _choose(self, free: list[int], ids: list[int]) -> int:
+        """The free slot whose cache this prompt continues (the longest shared prefix), else the
+        least recently used one."""
+        shared = {s: shared_prefix(self.states[s].cached, ids) for s in free}
+        continued = [s for s in free if shared[s] and shared[s] >= CONTINUES * len(self.states[s].cached)]
+        if continued:
+            return max(continued, key=lambda s: (shared[s], -self.states[s].used))
+        return min(free, key=lambda s: self.states[s].used)  # an unused slot has used == 0
+
+    def release(self, slot: int) -> None:
+        """Ends a sequence; its cached tokens stay for a later prompt that shares them."""
+        state = self._active(slot)
+        state.active = False
+        state.pending = []
+
+    def cached_tokens(self, slot: int) -> tuple[int, ...]:
+        self._slot(slot)
+        return tuple(self.states[slot].cached)
+
+    def pending_tokens(self, slot: int) -> int:
+        """Prompt tokens of an admitted sequence not evaluated yet (0: it is decoding)."""
+        return len(self._active(slot).pending)
+
+    # -- evaluation --------------------------------------------------------------------------
+    def step(self, tokens: Mapping[int, int] | None = None,
+             prefill: Mapping[int, int] | None = None) -> dict[int, np.ndarray]:
+        """Token `tokens[slot]` for each decoding slot (one run over all of them), and up to
+        `prefill[slot]` prompt tokens for each slot still prefilling (one run per slot). Logits
+        (vocab,) for every stepped slot and every slot whose prompt is now complete; a decode
+        row is a view valid until the next step (the scheduler samples every row before it steps
+        again)."""
+        self._check_open()
+        tokens, chunks = self._check_steps(tokens or {}), self._check_prefill(prefill or {})
+        out = self._decode(tokens) if tokens else {}
+        for slot, chunk in chunks.items():
+            logits = self._prefill(slot, chunk)
+            if logits is not None:
+                out[slot] = logits
+        return out
+
+    def _check_steps(self, tokens: Mapping[int, int]) -> dict[int, int]:
+        """Every decode step checked before anything runs, so a refused one changes no row."""
+        checked = {}
+        for slot, token in tokens.items():
+            state = self._active(slot)
+            if state.pending:
+                raise UsageError(f"slot {slot} still has {len(state.pending)} prompt tokens to prefill")
+            if len(state.cached) + 1 > self.context_length:
+                raise ContextOverflowError(
+                    f"slot {slot}: {len(state.cached) + 1} tokens exceed the context length {self.context_length}")
+            checked[slot] = check_token_ids([token], self.vocab_size, f"slot {slot} token")[0]
+        return checked
+
+    def _check_prefill(self, prefill: Mapping[int, int]) -> dict[int, list[int]]:
+        chunks = {}
+        for slot, most in prefill.items():
+            state = self._active(slot)
+            if isinstance(most, bool) or not isinstance(most, int) or most < 1:
+                raise UsageError(f"prefill of slot {slot}: max tokens must be a positive integer, got {most!r:.40}")
+            if state.pending:
+                chunks[slot] = state.pending[:most]
+        return chunks
+
+    def _decode(self, tokens: dict[int, int]) -> dict[int, np.ndarray]:
+        first, last = min(tokens), max(tokens)
+        run = self._decode_runs.get((first, last))
+        if run is None:
+            run = self._decode_runs[(first, last)] = _DecodeRun(self, first, last - first + 1)
+        lengths = np.asarray([len(self.states[s].cached) for s in range(first, last + 1)], np.int64)
+        ids = np.full(len(lengths), self.graph.pad_id, np.int64)
+        positions = np.zeros(len(lengths), np.int64)  # a filler's position only shapes its own garbage
+        for slot, token in tokens.items():
+            ids[slot - first], positions[slot - first] = token, lengths[slot - first]
+        logits = run(ids, positions, lengths)  # (rows, vocab)
+        self._count(len(tokens))  # fillers are not evaluated tokens
+        for slot, token in tokens.items():
+            self._advance(slot, [token])
+        return {slot: logits[slot - first] for slot in tokens}
+
+    def _prefill(self, slot: int, chunk: list[int]) -> np.ndarray | None:
+        """A chunk of one slot's prompt on its row alone; the last prompt token's logits once the
+        whole prompt is in."""
+        state = self.states[slot]
+        start, count = len(state.cached), len(chunk)
+        binding = self._bind_rows(slot, 1)
+        feed = {
+            "input_ids": np.asarray([chunk], np.int64),
+            "position_ids": np.arange(start, start + count, dtype=np.int64)[None],
+            "seqlens_k": np.asarray([start + count - 1], np.int32),
+            "total_sequence_length": np.asarray(start + count, np.int32),
+            "logits_index": np.asarray([[count - 1]], np.int64),
+        }
+        for name, array in feed.items():
+            binding.bind_cpu_input(name, array)
+        logits = np.empty((1, 1, self.vocab_size), np.float32)
+        binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+        self.session.run_with_iobinding(binding)
+        self._count(count)
+        del state.pending[:count]
+        self._advance(slot, chunk)
+        return None if state.pending else logits[0, 0]
+
+    def _advance(self, slot: int, ids: list[int]) -> None:
+        state = self.states[slot]
+        state.cached.extend(ids)
+        state.used = self._tick()
+
+    # -- binding -----------------------------------------------------------------------------
+    def _bind_rows(self, first: int, count: int) -> Any:
+        """An IO binding whose cache inputs and outputs are rows first..first+count-1 of the buffers."""
+        binding = self.session.io_binding()
+        shape = [count, *self.row_shape]
+        for past, present, buffer in zip(self.graph.past_names, self.graph.present_names, self.buffers):
+            address = buffer.data_ptr() + first * self.row_bytes
+            binding.bind_input(past, "cpu", 0, np.float32, shape, address)
+            binding.bind_output(present, "cpu", 0, np.float32, shape, address)
+        return binding
+
+    def _count(self, tokens: int) -> None:
+        self.evaluated += tokens
+        self.runs += 1
+
+    # -- scoring, bookkeeping ----------------------------------------------------------------
+    def score(self, ids: Sequence[int]) -> np.ndarray:
+        """Every position's logits (T, vocab) from one call on fresh buffers (teacher forcing);
+        no slot is touched."""
+        self._check_open()
+        return self.graph.score(ids)
+
+    def _tick(self) -> int:
+        self._clock += 1
+        return self._clock
+
+    def _slot(self, slot: object) -> int:
+        if isinstance(slot, bool) or not isinstance(slot, int) or not 0 <= slot < self.slots:
+            raise UsageError(f"slot must be an integer in [0, {self.slots}), got {slot!r:.40}")
+        return slot
+
+    def _active(self, slot: object) -> _Slot:
+        state = self.states[self._slot(slot)]
+        if not state.active:
+            raise UsageError(f"slot {slot} holds no admitted sequence")
+        return state
+
+    def _check_open(self) -> None:
+        if self.graph.session is None:
+            raise InputError("this decoder was closed; load the model again to use it")
+
+    def close(self) -> None:
+        self._decode_runs = {}
+        self.buffers = []
+        self.graph.close()
+
+
+class _DecodeRun:
+    """The IO binding of one decode run over a fixed range of rows, kept between steps: its
+    small inputs and its logits live in arrays the binding points at, so a step only writes
+    into them."""
+
+    def __init__(self, decoder: FusedBatchDecoder, first: int, count: int):
+        import onnxruntime as ort
+
+        self.session = decoder.session
+        self.binding = decoder._bind_rows(first, count)
+        self.arrays = {
+            "input_ids": np.zeros((count, 1), np.int64),
+            "position_ids": np.zeros((count, 1), np.int64),
+            "seqlens_k": np.zeros(count, np.int32),
+            "total_sequence_length": np.zeros((), np.int32),
+            "logits_index": np.arange(count, dtype=np.int64)[:, None],  # (rows, 1): S is 1
+        }
+        self.values = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in self.arrays.items()}
+        for name, value in self.values.items():
+            self.binding.bind_ortvalue_input(name, value)
+        self.logits = np.zeros((count, 1, decoder.vocab_size), np.float32)
+        self.logits_value = ort.OrtValue.ortvalue_from_numpy(self.logits)
+        self.binding.bind_ortvalue_output("logits", self.logits_value)
+
+    def __call__(self, ids: np.ndarray, positions: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """Each row's token written at its own length (the new key's column); (rows, vocab)."""
+        arrays = self.arrays
+        arrays["input_ids"][:, 0] = ids
+        arrays["position_ids"][:, 0] = positions
+        arrays["seqlens_k"][:] = lengths  # the new length - 1
+        arrays["total_sequence_length"][...] = lengths.max() + 1
+        self.session.run_with_iobinding(self.binding)
+        return self.logits[:, 0]
