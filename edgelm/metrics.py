@@ -211,8 +211,12 @@ def score_chunks(model, chunks: list[list[int]], base=None, progress=None) -> Co
     """Perplexity of a loaded text generator over chunks; with `base` (another one), KL, top-1, ratio."""
     scorer = Scorer()
     for done, chunk in enumerate(chunks, 1):
-        logits, targets = chunk_logits(model.decoder, chunk)
-        base_logits = chunk_logits(base.decoder, chunk)[0] if base is not None else None
+        with model.exclusive():  # no scheduled sequence may step the decoder in between
+            logits, targets = chunk_logits(model.decoder, chunk)
+        base_logits = None
+        if base is not None:
+            with base.exclusive():
+                base_logits = chunk_logits(base.decoder, chunk)[0]
         scorer.add(logits, targets, base_logits)
         if progress is not None:
             progress(done, len(chunks))

@@ -36,7 +36,7 @@ from edgelm.serve.schema import (
 )
 from edgelm.serve.security import Guard
 from edgelm.serve.shapes import Shaper
-from edgelm.serve.worker import Cancelled, Job, ModelWorker, SequenceWorker, cancel_checks
+from edgelm.serve.worker import Job, ModelWorker, SequenceWorker
 
 log = logging.getLogger("edgelm.serve")
 MAX_BODY_BYTES = 4 * 1024 * 1024
@@ -213,8 +213,7 @@ class Server:
     def _generation(self, served: ServedModel, req: GenerationRequest, start, chat: bool,
                     tools: bool = False) -> JobResponse:
         shaper = Shaper(served.id, chat, req.include_usage)
-        scheduled = isinstance(served.worker, SequenceWorker)
-        job = Job(_generation_job(served.task, start, req.stream, scheduled))
+        job = Job(_generation_job(start, req.stream))
         if req.stream:
             return JobResponse(served.worker, job, lambda job, send: _render_stream(job, send, shaper, tools))
         return JobResponse(served.worker, job, lambda job, send: render_result(job, send, shaper.whole))
@@ -239,8 +238,6 @@ async def _off_loop(fn):
 
 
 def _reported(job: Job, err: BaseException) -> None:
-    if isinstance(err, Cancelled):
-        return
     if isinstance(err, ApiError):
         job.emit("error", err)
     elif isinstance(err, EdgelmError):
@@ -263,25 +260,17 @@ def _call_job(compute):
     return run
 
 
-def _generation_job(task: Any, start, send_pieces: bool, scheduled: bool = False):
-    """A job that runs a TextStream on the worker thread, stopping when the client goes.
-
-    A scheduled model's stream is cancelled through its own sequence (`TextStream.cancel`);
-    other models' decoders are wrapped for the job (`cancel_checks`), which only one job at a
-    time may do.
+def _generation_job(start, send_pieces: bool):
+    """A job that runs a TextStream on its request's thread, stopping when the client goes: the
+    stream is cancelled through its own sequence (`TextStream.cancel`), which leaves the
+    scheduler's queue at once or its slot before the next step.
 
     `start()` tokenises and checks the prompt; its errors (a prompt over the context, say) are
     reported before the answer has begun, so they keep their 400 status even when streaming.
-    The result is reported only once the model is back to its own decoder, so a client that has
-    its answer finds the model as it was.
     """
     def run(job: Job) -> None:
         try:
-            if scheduled:
-                completion = _drain(job, start, send_pieces)
-            else:
-                with cancel_checks(task, job.cancelled):
-                    completion = _drain(job, start, send_pieces)
+            completion = _drain(job, start, send_pieces)
         except Exception as err:
             _reported(job, err)
             return
@@ -418,7 +407,8 @@ def _served(models: Mapping[str, Any] | Sequence[str | Path], max_queue: int, lo
 
 
 def _worker(model_id: str, task: Any, max_queue: int) -> ModelWorker | SequenceWorker:
-    """A model with a scheduler (GGUF loaded with parallel=N) takes requests side by side."""
+    """A text generator's requests are sequences of its scheduler (side by side where it has slots
+    for several); an encoder's run one after another on its worker thread."""
     scheduler = getattr(task, "scheduler", None)
     if scheduler is not None:
         return SequenceWorker(model_id, max_queue, scheduler)

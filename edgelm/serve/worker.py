@@ -1,15 +1,14 @@
-"""Where a model's requests run: one worker thread and a bounded FIFO per model, or, for a model
-with a scheduler (GGUF loaded with parallel=N), a thread per request beside the scheduler's loop.
+"""Where a model's requests run: for a text generator, a thread per request beside its
+scheduler's loop; for an encoder, one worker thread and a bounded FIFO per model.
 
-`ModelWorker`: a backend that holds one decoding state runs its requests one after another in
-arrival order on its own thread; different models run in parallel. A cancelled job that is
-still waiting leaves the queue at once; a running one stops before its next token: the decoder
-is wrapped for the job's duration so that every prefill and step checks the cancel flag first.
+`SequenceWorker` (every text generator): each request's thread submits one sequence to the
+model's scheduler, which admits them first come, first served and steps them together (one at a
+time for a one-slot model); a cancelled job cancels its sequence, which leaves the queue at once
+or its slot before the next step. At most slots + max_queue requests are in flight; beyond that
+the answer is 503.
 
-`SequenceWorker`: each request's thread submits one sequence to the model's scheduler, which
-admits them first come, first served and steps them together; a cancelled job cancels its
-sequence, which leaves its slot before the next step. At most slots + max_queue requests are
-in flight; beyond that the answer is 503, as for ModelWorker.
+`ModelWorker` (encoders: embed, fill-mask, classify): one thread and a bounded FIFO per model; a
+cancelled job that is still waiting leaves the queue at once.
 
 Either way results travel back to the event loop as events on the job's asyncio queue.
 """
@@ -26,10 +25,6 @@ from typing import Any
 from edgelm.serve.errors import ApiError
 
 log = logging.getLogger("edgelm.serve")
-
-
-class Cancelled(Exception):
-    """Raised inside the decode loop when the job's client has gone."""
 
 
 class Job:
@@ -222,55 +217,3 @@ class SequenceWorker:
             with self.lock:
                 self.jobs.pop(job, None)
                 job.state = "finished"
-
-
-class CancelCheckedDecoder:
-    """A decoder that raises Cancelled before evaluating anything once the flag is set.
-
-    Checking before the backend call keeps the backend's state consistent: what it holds is
-    always what it has evaluated, so the next request starts from a sound state.
-    """
-
-    def __init__(self, inner: Any, flag: threading.Event):
-        self._inner = inner
-        self._flag = flag
-
-    def _check(self) -> None:
-        if self._flag.is_set():
-            raise Cancelled
-
-    def prefill(self, ids):
-        self._check()
-        return self._inner.prefill(ids)
-
-    def step(self, token_id):
-        self._check()
-        return self._inner.step(token_id)
-
-    def prefill_batch(self, rows):
-        self._check()
-        return self._inner.prefill_batch(rows)
-
-    def step_batch(self, tokens):
-        self._check()
-        return self._inner.step_batch(tokens)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-
-class cancel_checks:
-    """Context manager: the model's decoder checks `flag` for the duration of one job."""
-
-    def __init__(self, model: Any, flag: threading.Event):
-        self.model = model
-        self.flag = flag
-        self.inner = getattr(model, "decoder", None)
-
-    def __enter__(self) -> None:
-        if self.inner is not None:
-            self.model.decoder = CancelCheckedDecoder(self.inner, self.flag)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.inner is not None:
-            self.model.decoder = self.inner

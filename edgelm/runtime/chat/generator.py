@@ -17,12 +17,29 @@ from edgelm.runtime.chat.tools import (
     tool_constraint,
     with_tool_description,
 )
+from edgelm.runtime.core.aio import AsyncTextStream, drained
 from edgelm.runtime.core.constraints import pop_constraint
 from edgelm.runtime.core.generator import Completion, TextGenerator, TextStream
 from edgelm.runtime.core.params import GenerationParams
 
 
-class ChatGenerator(TextGenerator):
+class AsyncChat:
+    """Mixed into ChatGenerator: achat_stream / achat_complete / achat."""
+
+    def achat_stream(self, messages: list[dict], **params: Any) -> AsyncTextStream:
+        return AsyncTextStream(self.chat_stream(messages, **params))
+
+    async def achat_complete(self, messages: list[dict], **params: Any) -> Any:
+        return await drained(self.achat_stream(messages, **params))
+
+    async def achat(self, messages: list[dict], *, return_message: bool = False, **params: Any) -> Any:
+        completion = await self.achat_complete(messages, **params)
+        if return_message:
+            return assistant_message(completion.text, completion.tool_calls)
+        return completion.text
+
+
+class ChatGenerator(TextGenerator, AsyncChat):
     """A TextGenerator with `chat`, `chat_complete` and `chat_stream` over message lists."""
 
     def __init__(self, decoder, tokenizer, manifest: Any = None, defaults: GenerationParams | None = None,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import time
+import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -12,10 +12,13 @@ import numpy as np
 
 from edgelm.contract import GenerationSection, TokenizerSection
 from edgelm.errors import ContextOverflowError, InputError
+from edgelm.runtime.core.aio import AsyncGeneration
 from edgelm.runtime.core.constraint_vocab import llg_vocabulary
 from edgelm.runtime.core.constraints import Constraint, GrammarMask, pop_constraint
+from edgelm.runtime.core.one_slot import OneSlot
 from edgelm.runtime.core.params import GenerationParams
 from edgelm.runtime.core.sampler import Sampler
+from edgelm.runtime.core.scheduler import Scheduler
 from edgelm.runtime.core.text import IncrementalDetokenizer, StopMatcher
 from edgelm.safe_text import check_text
 
@@ -56,8 +59,7 @@ class TextStream:
         return self._holder.get("completion")
 
     def cancel(self) -> None:
-        self._holder["cancelled"] = True  # the one-sequence loop looks before every step
-        stop = self._holder.get("cancel")  # a scheduled sequence: its ticket's cancel
+        stop = self._holder.get("cancel")  # its sequence's ticket: leaves the queue, or its slot
         if stop is not None:
             stop()
 
@@ -79,19 +81,21 @@ class Decoder(ABC):
         """Free the backend's session; the object is unusable afterwards."""
 
 
-class TextGenerator:
+class TextGenerator(AsyncGeneration):
     """`generate` and `stream` over a decoder and a `tokenizers.Tokenizer`.
 
-    With a `scheduler` (runtime/core/scheduler.py, over a batched decoder) every call becomes one
-    sequence of the scheduler's shared loop, so calls from several threads at once share batched
-    steps; without one, a call runs its own loop over `decoder` and calls must not overlap."""
+    Every call becomes one sequence of a scheduler (runtime/core/scheduler.py): the one given,
+    over a batched decoder, where calls from several threads at once share batched steps; or, by
+    default, one over `decoder` alone (`OneSlot`), where such calls take turns in arrival order.
+    Either way the calls may come from any thread, and a stream is cancelled through its own
+    sequence."""
 
     task = "text-generation"
 
     def __init__(self, decoder: Decoder, tokenizer, manifest: Any = None, defaults: GenerationParams | None = None,
                  scheduler: Any = None):
-        self.decoder = decoder
-        self.scheduler = scheduler
+        self._decoder = decoder
+        self.scheduler = scheduler if scheduler is not None else Scheduler(OneSlot(decoder), name=_name_of(manifest))
         self.tokenizer = tokenizer
         self.manifest = manifest
         generation = manifest.generation if manifest is not None else GenerationSection()
@@ -104,6 +108,18 @@ class TextGenerator:
         self.closed = False
         stops = generation.stop
         self.defaults = defaults or GenerationParams(stop=stops)
+
+    @property
+    def decoder(self) -> Any:
+        return self._decoder
+
+    @decoder.setter
+    def decoder(self, decoder: Any) -> None:
+        """Replace the decoder (tests wrap it to record or slow it); a one-slot scheduler drives
+        the new one from its next sequence on."""
+        self._decoder = decoder
+        if isinstance(self.scheduler.decoder, OneSlot):
+            self.scheduler.decoder.decoder = decoder
 
     # -- public API -------------------------------------------------------------------------
     def generate(self, prompt: str, **params: Any) -> str:
@@ -134,8 +150,7 @@ class TextGenerator:
 
     def close(self) -> None:
         self.closed = True
-        if self.scheduler is not None:
-            self.scheduler.close()  # its loop has stopped stepping before the decoder goes
+        self.scheduler.close()  # its loop has stopped stepping before the decoder goes
         self.decoder.close()
 
     def __enter__(self) -> TextGenerator:
@@ -170,32 +185,21 @@ class TextGenerator:
     def _run(self, ids: list[int], dropped: int, params: GenerationParams, holder: dict,
              constraint: Constraint | None = None) -> Iterator[str]:
         sequence = Continuation(self, ids, dropped, params, constraint)
-        if self.scheduler is not None:
-            # submitted now, not at the first next(): a stream is queued in the order it was asked for
-            ticket = self.scheduler.submit(ids, sequence)
-            holder["cancel"] = ticket.cancel
-            return _relayed(ticket, holder)
-        return self._own_loop(sequence, holder)
+        # submitted now, not at the first next(): a stream is queued in the order it was asked for
+        ticket = self.scheduler.submit(ids, sequence)
+        holder["cancel"] = ticket.cancel
+        return _relayed(ticket, holder)
 
-    def _own_loop(self, sequence: Continuation, holder: dict) -> Iterator[str]:
-        ids = sequence.ids
-        started = time.perf_counter()
-        logits = self.decoder.prefill(ids)
-        prefill_s = time.perf_counter() - started
-        while True:
-            token, piece = sequence.accept(logits)
-            if piece:
-                yield piece
-            if sequence.done:
-                break
-            if holder.get("cancelled"):
-                return
-            logits = self.decoder.step(token)
-        tail = sequence.finish()
-        if tail:
-            yield tail
-        holder["completion"] = sequence.completion(
-            {"prefill_s": prefill_s, "total_s": time.perf_counter() - started})
+    def exclusive(self) -> Any:
+        """A context in which the caller drives `decoder` directly (a static batch, scoring) while
+        no scheduled sequence is using it; a no-op for a batched decoder's own scheduler."""
+        slot = self.scheduler.decoder
+        return slot.exclusive if isinstance(slot, OneSlot) else contextlib.nullcontext()
+
+
+def _name_of(manifest: Any) -> str:
+    name = getattr(getattr(manifest, "model", None), "architecture", None) or getattr(manifest, "family", None)
+    return str(name or "model")
 
 
 def _relayed(ticket: Any, holder: dict) -> Iterator[str]:

@@ -9,6 +9,7 @@ the maximum length); `batch_size` texts, each its own sequence, may share one de
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import numpy as np
 
 from edgelm.artifact import Manifest, artifact_file
 from edgelm.errors import ArtifactError, InputError
+from edgelm.runtime.core.aio import AsyncEncoding
 from edgelm.runtime.device import RuntimeOptions
 from edgelm.runtime.llamacpp.model import LlamaCppTokenizer, open_llama
 from edgelm.runtime.llamacpp.native import context_pointer, decode_whole_sequences, vocab_pointer
@@ -28,7 +30,7 @@ from edgelm.safe_text import check_text
 DEFAULT_BATCH = 1
 
 
-class GgufEmbedder:
+class GgufEmbedder(AsyncEncoding):
     """`embed(texts)` over one llama.cpp context in embedding mode; `close()` frees it."""
 
     task = "embed"
@@ -46,6 +48,7 @@ class GgufEmbedder:
         self.dim = int(llm.n_embd())
         self.sep_id = int(llama_cpp.llama_vocab_sep(vocab_pointer(llm)))
         self.closed = False
+        self._context = threading.Lock()  # one llama.cpp context: calls from several threads take turns
 
     def ids(self, text: str) -> tuple[list[int], bool]:
         """[CLS] text [SEP] as llama.cpp tokenises it, cut to the maximum length (ending in [SEP])."""
@@ -67,8 +70,20 @@ class GgufEmbedder:
             check_text(text, f"text {i}")
         unit = self.normalize if normalize is None else normalize
         most = max(1, min(batch_size or DEFAULT_BATCH, self.max_sequences))
-        encoded = [self.ids(text) for text in texts]
-        truncated = [i for i, (_, cut) in enumerate(encoded) if cut]
+        with self._context:
+            encoded = [self.ids(text) for text in texts]
+            rows = self._rows(encoded, most, progress)
+        matrix = np.stack(rows).astype(np.float32) if rows else np.zeros((0, self.dim), np.float32)
+        if unit and len(matrix):
+            matrix = matrix / np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
+        result = matrix.view(Embeddings)
+        result.truncated = tuple(i for i, (_, cut) in enumerate(encoded) if cut)
+        result.token_counts = tuple(len(ids) for ids, _ in encoded)  # what each text ran as: usage needs it
+        return result
+
+    def _rows(self, encoded: list[tuple[list[int], bool]], most: int,
+              progress: Callable[[int, int], None] | None) -> list[np.ndarray]:
+        """Each text's pooled vector, `most` texts per decode within the token budget."""
         rows: list[np.ndarray] = []
         group: list[list[int]] = []
         for ids, _ in encoded:
@@ -76,19 +91,13 @@ class GgufEmbedder:
                 rows += self._vectors(group)
                 group = []
                 if progress is not None:
-                    progress(len(rows), len(texts))
+                    progress(len(rows), len(encoded))
             group.append(ids)
         if group:
             rows += self._vectors(group)
             if progress is not None:
-                progress(len(rows), len(texts))
-        matrix = np.stack(rows).astype(np.float32) if rows else np.zeros((0, self.dim), np.float32)
-        if unit and len(matrix):
-            matrix = matrix / np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
-        result = matrix.view(Embeddings)
-        result.truncated = tuple(truncated)
-        result.token_counts = tuple(len(ids) for ids, _ in encoded)  # what each text ran as: usage needs it
-        return result
+                progress(len(rows), len(encoded))
+        return rows
 
     def _vectors(self, group: list[list[int]]) -> list[np.ndarray]:
         """One decode for several texts, each its own sequence; llama.cpp pools each (dim,)."""
@@ -104,9 +113,10 @@ class GgufEmbedder:
         return vectors
 
     def close(self) -> None:
-        if not self.closed:
-            self.llm.close()
-            self.closed = True
+        with self._context:  # not while another thread's texts are in the context
+            if not self.closed:
+                self.llm.close()
+                self.closed = True
 
     def __enter__(self) -> GgufEmbedder:
         return self

@@ -17,6 +17,7 @@ import numpy as np
 
 from edgelm.artifact import Manifest
 from edgelm.errors import ArtifactError, InputError
+from edgelm.runtime.core.aio import AsyncEncoding
 from edgelm.runtime.device import RuntimeOptions
 from edgelm.runtime.loading import check_dim, manifest_where, node_named, open_onnx, static_dim
 from edgelm.safe_text import check_text
@@ -52,7 +53,7 @@ class Batch:
     mask: np.ndarray  # (B, T) attention mask, 1 on real tokens
 
 
-class EncoderTask:
+class EncoderTask(AsyncEncoding):
     """One ONNX encoder session plus its tokenizer; `close()` frees the session."""
 
     task = ""

@@ -144,6 +144,10 @@ class KvTextGenerator(TextGenerator):
         constraint = pop_constraint(params)  # each row gets its own grammar state
         resolved = GenerationParams.from_kwargs(self.defaults, **params)
         rows = [Continuation(self, *self._prompt_ids(p, resolved), resolved, constraint) for p in prompts]
+        with self.exclusive():  # the batch resets the decoder's state: never in a scheduled sequence's middle
+            return self._decode_rows(rows)
+
+    def _decode_rows(self, rows: list[Continuation]) -> list[Completion]:
         started = time.perf_counter()
         logits = self.decoder.prefill_batch([r.ids for r in rows])  # (B, vocab)
         prefill_s = time.perf_counter() - started
