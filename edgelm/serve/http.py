@@ -1,5 +1,6 @@
-"""HTTP plumbing below the endpoints: reading a bounded JSON body, and answering from a model job
-(a JSON body or a server-sent-event stream) while watching for the client to leave."""
+"""HTTP plumbing below the endpoints: which request framings are refused, reading a bounded JSON
+body, and answering from a model job (a JSON body or a server-sent-event stream) while watching
+for the client to leave."""
 
 from __future__ import annotations
 
@@ -13,6 +14,21 @@ from edgelm.serve.schema import parse_json
 from edgelm.serve.worker import Job, ModelWorker
 
 BODY_TIMEOUT_S = 60.0  # a client that trickles its body is cut off after this
+CLOSE = {"Connection": "close"}  # after a refused body the connection's framing is unknown: start afresh
+
+
+def framing_problem(headers: list[tuple[bytes, bytes]], http_version: bytes) -> str | None:
+    """Why a request head's framing is refused, or None. h11 has already refused what it cannot
+    parse (a space before a colon, a coding other than chunked, two Transfer-Encodings, conflicting
+    lengths); this refuses what it would accept but a proxy in front may frame otherwise (RFC 9112
+    6.1): Content-Length with Transfer-Encoding, the request smuggling shape, and Transfer-Encoding
+    in HTTP/1.0. The connection is closed after the answer."""
+    names = [name.lower() for name, _ in headers]
+    if b"transfer-encoding" in names and b"content-length" in names:
+        return "both Content-Length and Transfer-Encoding given; send one"
+    if b"transfer-encoding" in names and http_version != b"1.1":
+        return "Transfer-Encoding in an HTTP/1.0 request"
+    return None
 
 
 async def read_json(request, limit: int) -> dict[str, Any]:
@@ -25,7 +41,7 @@ async def read_json(request, limit: int) -> dict[str, Any]:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and (len(declared) > 18 or int(declared) > limit):
         raise ApiError(413, f"the request body of {declared} bytes is over the limit of {limit} bytes",
-                       code="request_too_large")
+                       code="request_too_large", headers=CLOSE)
     body = bytearray()
     try:
         async with asyncio.timeout(BODY_TIMEOUT_S):
@@ -33,10 +49,10 @@ async def read_json(request, limit: int) -> dict[str, Any]:
                 body += chunk
                 if len(body) > limit:
                     raise ApiError(413, f"the request body is over the limit of {limit} bytes",
-                                   code="request_too_large")
+                                   code="request_too_large", headers=CLOSE)
     except TimeoutError:
         raise ApiError(408, f"the request body did not arrive within {BODY_TIMEOUT_S:.0f} s",
-                       code="request_timeout") from None
+                       code="request_timeout", headers=CLOSE) from None
     return parse_json(bytes(body))
 
 

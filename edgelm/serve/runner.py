@@ -1,8 +1,10 @@
 """Running the app under uvicorn with edgelm's settings, for the CLI and for embedding apps.
 
-uvicorn answers requests it cannot parse (bad framing, a smuggling-shaped Content-Length with
-Transfer-Encoding, oversized headers) itself, before the app sees them, in plain text. Its HTTP
-protocol classes are subclassed here so that those answers too are OpenAI-shaped JSON.
+uvicorn answers requests it cannot parse (bad framing, oversized headers) itself, before the app
+sees them, in plain text. Its HTTP protocol class is subclassed here so that those answers too are
+OpenAI-shaped JSON, and its h11 connection so that heads h11 would accept but a proxy may frame
+otherwise (Content-Length with Transfer-Encoding: request smuggling) are refused the same way:
+400, then the connection closed, so no byte after them is read as another request.
 """
 
 from __future__ import annotations
@@ -14,9 +16,38 @@ from edgelm.serve.errors import ApiError
 MAX_HEAD_BYTES = 64 * 1024  # request line and headers
 
 
+def _strict_connection():
+    """h11's connection, refusing the request heads `framing_problem` names; the refusal travels as
+    h11's own parse error, so uvicorn answers it through `send_400_response` and closes."""
+    import h11
+
+    from edgelm.serve.http import framing_problem
+
+    class StrictFramingConnection(h11.Connection):
+        refused: str | None = None
+
+        def next_event(self):
+            event = super().next_event()
+            if isinstance(event, h11.Request):
+                self.refused = framing_problem(event.headers.raw_items(), event.http_version)
+                if self.refused:
+                    raise h11.RemoteProtocolError(self.refused, error_status_hint=400)
+            return event
+
+    return StrictFramingConnection
+
+
 def _json_400(protocol_class: type) -> type:
+    connection_class = _strict_connection()
+
     class JsonErrorProtocol(protocol_class):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            limit = self.config.h11_max_incomplete_event_size or MAX_HEAD_BYTES
+            self.conn = connection_class(self.conn.our_role, max_incomplete_event_size=limit)
+
         def send_400_response(self, msg: str) -> None:  # uvicorn's hook for unparseable requests
+            msg = getattr(self.conn, "refused", None) or msg
             body = ApiError(400, f"malformed HTTP request ({msg})", code="bad_http_request").body()
             head = (b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
                     b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body))
