@@ -43,8 +43,9 @@ class EdgelmGroup(click.Group):
             missing = printable(err.name or first_line(err))
             click.echo(f"error: {missing} is not installed; exporting needs `pip install edgelm[export]`", err=True)
             ctx.exit(1)
-        except Exception as err:  # noqa: BLE001 - the last resort: a bug must not show a traceback
-            if debug:
+        except BaseException as err:  # noqa: B036 - the last resort: a bug must not show a traceback
+            # a BaseException that is no exit or interrupt is a bug too: pyo3's PanicException (a Rust panic)
+            if debug or isinstance(err, (SystemExit, GeneratorExit)):
                 raise
             click.echo(f"error: internal error ({type(err).__name__}): {first_line(err)}; rerun with --debug",
                        err=True)

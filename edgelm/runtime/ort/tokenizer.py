@@ -49,4 +49,45 @@ def load_tokenizer(path: Path, vocab_size: int | None = None):
     if vocab_size is not None and largest >= vocab_size:
         raise ArtifactError(f"{path}: the tokenizer has token id {largest}, but the model has only "
                             f"{vocab_size} token ids")
-    return tokenizer
+    return GuardedTokenizer(tokenizer, path)
+
+
+class GuardedTokenizer:
+    """A `tokenizers.Tokenizer` whose encode and decode calls turn a Rust panic into an ArtifactError
+    naming the file: a pre-tokenizer regex that backtracks catastrophically passes the load probe
+    and panics only on some user's text. Everything else is the tokenizer's own (the Rust class
+    cannot be subclassed, so this delegates)."""
+
+    def __init__(self, tokenizer, path: Path):
+        self._tokenizer = tokenizer
+        self._path = path
+
+    def __getattr__(self, name: str):
+        return getattr(self._tokenizer, name)
+
+    def _guarded(self, method: str, *args, **kwargs):
+        try:
+            return getattr(self._tokenizer, method)(*args, **kwargs)
+        except (KeyboardInterrupt, SystemExit, GeneratorExit):
+            raise
+        except Exception as err:
+            if type(err).__name__ == "PanicException":  # pyo3 may also raise it as an Exception subclass
+                raise self._failed(err) from None
+            raise
+        except BaseException as err:  # noqa: B036 - a Rust panic is a BaseException; see the module docstring
+            raise self._failed(err) from None
+
+    def _failed(self, err: BaseException) -> ArtifactError:
+        return ArtifactError(f"{self._path}: the tokenizer failed on this text ({first_line(err, 120)})")
+
+    def encode(self, *args, **kwargs):
+        return self._guarded("encode", *args, **kwargs)
+
+    def encode_batch(self, *args, **kwargs):
+        return self._guarded("encode_batch", *args, **kwargs)
+
+    def decode(self, *args, **kwargs):
+        return self._guarded("decode", *args, **kwargs)
+
+    def decode_batch(self, *args, **kwargs):
+        return self._guarded("decode_batch", *args, **kwargs)
