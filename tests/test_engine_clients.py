@@ -126,3 +126,14 @@ def test_async_encoding_runs_the_blocking_call_off_the_event_loop():
 
     vectors, loop_thread = asyncio.run(main())
     assert vectors == [4, 6] and loop_threads and loop_threads[0] is not loop_thread
+
+
+def test_a_chat_reply_without_max_tokens_runs_until_the_turn_ends_or_the_context_is_full(solo):
+    messages = [{"role": "user", "content": "tell me a long story"}]
+    reply = solo.chat_complete(messages, temperature=0)
+    if reply.finish_reason == "length":  # the context filled: not cut at the 128-token default
+        assert reply.prompt_tokens + reply.completion_tokens == solo.decoder.context_length
+    else:
+        assert reply.finish_reason in ("eos", "stop")
+    capped = solo.chat_complete(messages, temperature=0, max_tokens=5)
+    assert capped.completion_tokens <= 5 and reply.text.startswith(capped.text)

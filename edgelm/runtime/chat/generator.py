@@ -123,17 +123,23 @@ class ChatGenerator(TextGenerator, AsyncChat):
 
     def chat_stream(self, messages: list[dict], *, tools: list[dict] | None = None, tool_choice: Any = None,
                     **params: Any) -> TextStream:
-        """Stream the reply. With truncate=True whole old turns are dropped to fit the context
+        """Stream the reply: until the model ends its turn or the context is full, or at most
+        max_tokens when given. With truncate=True whole old turns are dropped to fit the context
         (the completion's truncated_prompt_tokens says how many tokens went); otherwise a
         conversation that does not fit raises ContextOverflowError. With tools, a reply that
         is a tool call streams as its JSON text and the completion's tool_calls holds it."""
         self._check_open()
         tools, constraint = self._reply_constraint(tools, tool_choice, params)
-        resolved = GenerationParams.from_kwargs(self.defaults, **params)
+        if params.get("max_tokens") is None:
+            params.pop("max_tokens", None)  # None: until the turn ends (below)
+        GenerationParams.from_kwargs(self.defaults, **params)  # bad parameters fail before rendering
         if not self.chat_template:
             raise InputError("this model has no chat template; use generate() with a plain prompt")
         full = self.chat_ids(check_messages(messages_for_template(messages)), tools)
         limit = self.decoder.context_length
+        if "max_tokens" not in params and limit is not None:
+            params["max_tokens"] = self._reply_room(limit, len(full), bool(params.get("truncate")))
+        resolved = GenerationParams.from_kwargs(self.defaults, **params)
         if limit is not None and len(full) + resolved.max_tokens > limit and not resolved.truncate:
             raise ContextOverflowError(
                 f"the conversation of {len(full)} tokens plus max_tokens {resolved.max_tokens} exceeds the "
@@ -146,6 +152,13 @@ class ChatGenerator(TextGenerator, AsyncChat):
         if constraint is not None and constraint.kind == "tools":
             pieces = _reading_tool_calls(pieces, holder)
         return TextStream(pieces, holder)
+
+    @staticmethod
+    def _reply_room(limit: int, prompt: int, truncate: bool) -> int:
+        """Without max_tokens a reply runs until the model ends its turn or the context is full,
+        as a chat does; with truncate and no room left, old turns go to leave a quarter of it."""
+        room = limit - prompt
+        return room if room >= 1 or not truncate else max(1, limit // 4)
 
     def _reply_constraint(self, tools: Any, tool_choice: Any, params: dict) -> tuple[list | None, Any]:
         """(checked tools, the constraint on the reply): the one given in `params` (taken out of
