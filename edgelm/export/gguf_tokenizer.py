@@ -66,12 +66,12 @@ def sentencepiece_problem(source: Path) -> str | None:
     from edgelm.export.hf_source import source_file
 
     path = source_file(source, "tokenizer.model", "tokenizer file")
-    size = path.stat().st_size
-    if size > MAX_SENTENCEPIECE_BYTES:
-        return f"not a SentencePiece model ({size} bytes; at most {MAX_SENTENCEPIECE_BYTES} are read)"
     with open(path, "rb") as handle:
         if handle.read(4) == GGUF_MAGIC:
             return "a GGUF file, not a SentencePiece model"
+    size = path.stat().st_size
+    if size > MAX_SENTENCEPIECE_BYTES:
+        return f"not a SentencePiece model ({size} bytes; at most {MAX_SENTENCEPIECE_BYTES} are read)"
     try:
         read_sentencepiece(path)
     except ValueError as err:
