@@ -443,8 +443,8 @@ def bench(artifacts, prompt_tokens, new_tokens, threads, rounds, as_json):
 @click.option("--n-ctx", type=int, default=None, help="GGUF context [default: trained length, at most 4096].")
 @click.option("--verify", is_flag=True, help="Check every file's sha256 against the manifest first.")
 @click.option("--parallel", type=click.IntRange(1), default=4, show_default=True,
-              help="Sequences each GGUF text model decodes together (slots of one KV cache, each holding "
-              "a whole context); other models take one request at a time.")
+              help="Sequences each GGUF text model or fused-graph ONNX GPT-2 decodes together (slots of "
+              "one KV cache, each holding a whole context); other models take one request at a time.")
 @click.pass_context
 def serve(ctx, artifacts, host, port, api_key, cors_origins, names, max_queue, allow_remote, threads, provider,
           n_gpu_layers, n_ctx, verify, parallel):

@@ -16,7 +16,7 @@ from gpt2_fixtures import make_gpt2_source
 from test_gpt2 import PROMPTS
 
 from conftest import export_to
-from edgelm.errors import CapacityError, ContextOverflowError, InputError, UsageError
+from edgelm.errors import ArtifactError, CapacityError, ContextOverflowError, InputError, UsageError
 from edgelm.metrics import max_abs_diff, mean_kl, top1_agreement
 from edgelm.runtime import load
 from edgelm.runtime.core.generator import Continuation
@@ -208,6 +208,14 @@ def test_errors_a_user_can_cause_are_one_line(gpt2_fp32):
         assert decoder.cached_tokens(slot) == cached
     with pytest.raises(InputError, match="closed"):
         decoder.admit([1])
+
+
+def test_a_cache_too_large_to_allocate_is_one_line(gpt2_fp32, monkeypatch):
+    real = FusedBatchDecoder._zeros
+    monkeypatch.setattr(FusedBatchDecoder, "_zeros", lambda self, shape: real(self, (1 << 46,)))  # 256 TiB
+    with pytest.raises(ArtifactError, match=r"^the key/value cache of 3 sequences of 128 tokens needs .*"
+                                            r"load with fewer parallel sequences$"):
+        load(gpt2_fp32, parallel=3)
 
 
 # -- through the scheduler ----------------------------------------------------------------------

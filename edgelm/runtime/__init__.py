@@ -21,10 +21,10 @@ def load(path: str | Path, *, threads: int | None = None, provider: str = "cpu",
     frees its backend session on exit. model_format="ort" runs the ORT-format copy of an ONNX
     artifact exported with --target mobile.
 
-    parallel=N (GGUF text generators): N sequence slots over one KV cache, driven by one scheduler
-    thread, so generate/stream/chat/chat_stream may be called from several threads at once and
-    share batched steps; each slot can hold a whole context. Other models ignore it and run
-    one call at a time.
+    parallel=N (GGUF text generators, GPT-2 on edgelm's fused ONNX graph): N sequence slots over
+    one KV cache, driven by one scheduler thread, so generate/stream/chat/chat_stream may be
+    called from several threads at once and share batched steps; each slot can hold a whole
+    context. Other models ignore it and run one call at a time.
     """
     options = RuntimeOptions(threads=threads, provider=provider, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx,
                              verify=verify, model_format=model_format, parallel=parallel)
