@@ -7,6 +7,8 @@ import json
 
 import pytest
 from gguf_fixtures import check
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tiny_archs import GEMMA3_WINDOW, build_tiny_gemma3
 
 from conftest import export_to
@@ -102,3 +104,36 @@ def test_what_llama_cpp_computes_differently_is_refused(gemma3_source, tmp_path,
     with pytest.raises(UnsupportedModelError, match=message) as info:
         export(folder, tmp_path / "a", ExportOptions(validate=False))
     assert "\n" not in str(info.value) and not (tmp_path / "a").exists()
+
+
+def test_memory_preflight_counts_sliding_layers_as_llama_cpp_allocates_them(gemma3_f32):
+    """Seen in llama.cpp's log for this file at n_ctx 4096: the global layer 4096 cells; the six sliding
+    layers 4096 cells with swa_full (llama-cpp-python's default), 768 without (window 8 + batch 512, padded)."""
+    from edgelm.runtime.gguf.metadata import read_gguf_header
+    from edgelm.runtime.llamacpp.memory import estimate_need
+
+    header = read_gguf_header(gemma3_f32 / "model.gguf")
+    per_cell = 1 * (32 + 32) * 2  # one KV head, key and value of 32, F16
+    assert estimate_need(header, 0, 4096).kv_cache == 7 * 4096 * per_cell
+    assert estimate_need(header, 0, 4096, swa_full=False).kv_cache == (4096 + 6 * 768) * per_cell
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.booleans(), min_size=1, max_size=40), st.integers(1, 1 << 16), st.integers(1, 1 << 17),
+       st.integers(1, 8), st.booleans())
+def test_sliding_layers_never_count_more_than_a_full_cache(pattern, window, n_ctx, sequences, listed):
+    from edgelm.runtime.gguf.parser import ArrayValue
+    from edgelm.runtime.llamacpp.memory import estimate_need
+
+    layers = len(pattern)
+    header = {"general.architecture": "gemma3", "gemma3.block_count": layers, "gemma3.embedding_length": 64,
+              "gemma3.attention.head_count": 4, "gemma3.attention.head_count_kv": 1,
+              "gemma3.attention.sliding_window": window}
+    if listed:
+        header["gemma3.attention.sliding_window_pattern"] = ArrayValue("bool", layers, tuple(pattern))
+    full = layers * sequences * n_ctx * 1 * (16 + 16) * 2
+    assert estimate_need(header, 0, n_ctx, sequences).kv_cache == full  # swa_full: every layer at n_ctx
+    windowed = estimate_need(header, 0, n_ctx, sequences, swa_full=False).kv_cache
+    assert windowed <= full + layers * 255 * 64  # at most the padding to 256 cells above a full cache
+    if not listed or not any(pattern):
+        assert windowed == full  # nothing known to slide: nothing saved

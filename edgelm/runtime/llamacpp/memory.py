@@ -50,10 +50,14 @@ def _count(header, key: str) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
-def estimate_need(header, file_size: int, n_ctx: int, sequences: int = 1) -> MemoryNeed:
+def estimate_need(header, file_size: int, n_ctx: int, sequences: int = 1, swa_full: bool = True) -> MemoryNeed:
     """Weights (the file, mapped), the F16 KV cache for `sequences` x `n_ctx` tokens, and a
     logits/compute scratch. A batched decoder gives every sequence (slot) its whole context in one
-    unified cache, so all of them are counted, not the one being decoded."""
+    unified cache, so all of them are counted, not the one being decoded.
+
+    Sliding-window layers (Gemma 3's five in six) keep a cache of their own. llama.cpp sizes it at
+    the full context when the context is opened with swa_full (its default, and llama-cpp-python's
+    unless told otherwise); without, at the window per sequence plus one batch, padded to 256 cells."""
     arch = header.get("general.architecture", "llama")
     layers = _count(header, f"{arch}.block_count") or 0
     embd = _count(header, f"{arch}.embedding_length") or 0
@@ -61,10 +65,21 @@ def estimate_need(header, file_size: int, n_ctx: int, sequences: int = 1) -> Mem
     kv_heads = _count(header, f"{arch}.attention.head_count_kv") or heads
     key_len = _count(header, f"{arch}.attention.key_length") or embd // heads
     value_len = _count(header, f"{arch}.attention.value_length") or embd // heads
-    kv_cache = layers * sequences * n_ctx * kv_heads * (key_len + value_len) * KV_BYTES
+    per_cell = kv_heads * (key_len + value_len) * KV_BYTES  # one token of one layer
+    window = _count(header, f"{arch}.attention.sliding_window")
+    sliding = _sliding_layers(header.get(f"{arch}.attention.sliding_window_pattern"), layers) if window else 0
+    full_cells = sequences * n_ctx
+    swa_cells = full_cells if swa_full else -(-min(full_cells, window * sequences + BATCH) // 256) * 256
+    kv_cache = ((layers - sliding) * full_cells + sliding * swa_cells) * per_cell
     vocab = _count(header, f"{arch}.vocab_size") or 0
     scratch = BATCH * (vocab + 4 * embd) * 4
     return MemoryNeed(file_size, kv_cache, scratch)
+
+
+def _sliding_layers(pattern, layers: int) -> int:
+    """How many layers slide, from a per-layer list; 0 (all counted at full size) when the file does not list them."""
+    values = getattr(pattern, "values", ())
+    return sum(1 for v in values[:layers] if v is True) if len(values) == layers else 0
 
 
 def check_fits(path: Path, header, file_size: int, n_ctx: int, available: int | None = None,
