@@ -321,8 +321,7 @@ async def _render_stream(job: Job, send, shaper: Shaper, tools: bool = False) ->
                 if held is not None:
                     if value.tool_calls:
                         await events.event(shaper.tool_calls_chunk(value.tool_calls))
-                    elif held.text:  # a call cut short (max_tokens): what there is, as text
-                        await events.event(shaper.chunk(held.text))
+                    # a call cut short (max_tokens) is no call, and its partial JSON no content: nothing more
                 await events.event(shaper.chunk(None if shaper.chat else "", finish=_finish(value)))
                 if shaper.include_usage:
                     await events.event(shaper.usage_chunk(value))

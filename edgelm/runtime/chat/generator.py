@@ -63,13 +63,8 @@ class ChatGenerator(TextGenerator, AsyncChat):
                     tools: list[dict] | None = None) -> str:
         """The prompt text the model's chat template makes of `messages` (and `tools`, passed to
         the template as `tools`, the way Hugging Face templates expect them)."""
-        messages = messages_for_template(messages)
-        extra = {}
-        if tools is not None:
-            extra["tools"] = check_tools(tools)
-            if not reads_variable(self.chat_template, "tools"):  # no tools section: describe them in words
-                messages = with_tool_description(check_messages(messages), extra["tools"])
-        return render_chat(self.chat_template, messages, bos_token=self.bos_text,
+        extra = {"tools": check_tools(tools)} if tools is not None else {}
+        return render_chat(self.chat_template, messages_for_template(messages), bos_token=self.bos_text,
                            eos_token=self.eos_text, add_generation_prompt=add_generation_prompt, **extra)
 
     def chat_ids(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
@@ -130,6 +125,7 @@ class ChatGenerator(TextGenerator, AsyncChat):
         is a tool call streams as its JSON text and the completion's tool_calls holds it."""
         self._check_open()
         tools, constraint = self._reply_constraint(tools, tool_choice, params)
+        messages = self._with_tools_described(messages, tools, tool_choice)
         if params.get("max_tokens") is None:
             params.pop("max_tokens", None)  # None: until the turn ends (below)
         GenerationParams.from_kwargs(self.defaults, **params)  # bad parameters fail before rendering
@@ -159,6 +155,15 @@ class ChatGenerator(TextGenerator, AsyncChat):
         as a chat does; with truncate and no room left, old turns go to leave a quarter of it."""
         room = limit - prompt
         return room if room >= 1 or not truncate else max(1, limit // 4)
+
+    def _with_tools_described(self, messages: Any, tools: list | None, tool_choice: Any) -> Any:
+        """With tool_choice "auto" and a template that has no tools section (it never reads `tools`),
+        the tools are described at the top of the system message: the model could not know it may
+        call them. With "required" or a named tool the grammar writes the call, and a description
+        would only take context."""
+        if tools is None or tool_choice not in (None, "auto") or reads_variable(self.chat_template, "tools"):
+            return messages
+        return with_tool_description(check_messages(messages_for_template(messages)), tools)
 
     def _reply_constraint(self, tools: Any, tool_choice: Any, params: dict) -> tuple[list | None, Any]:
         """(checked tools, the constraint on the reply): the one given in `params` (taken out of
