@@ -88,6 +88,7 @@ class LlamaBatchDecoder:
     def __init__(self, llm, slots: int, context_length: int, batch_tokens: int = DEFAULT_BATCH_TOKENS):
         import llama_cpp
 
+        self._llama_cpp = llama_cpp
         self.llm = llm
         self.slots = check_slots(slots)
         self.context_length = int(context_length)  # per sequence
@@ -280,11 +281,10 @@ class LlamaBatchDecoder:
 
     def close(self) -> None:
         """Frees the batch and the context, then the model (a context must go before its model)."""
-        import llama_cpp
-
         if self.ctx is not None:
-            llama_cpp.llama_batch_free(self.batch)
-            llama_cpp.llama_free(self.ctx)
+            # the module imported at open: at interpreter exit (__del__) no import can run any more
+            self._llama_cpp.llama_batch_free(self.batch)
+            self._llama_cpp.llama_free(self.ctx)
             self.ctx = None
             self.llm.close()
 
