@@ -13,9 +13,11 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 from gpt2_fixtures import make_gpt2_source
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from test_gpt2 import PROMPTS
 
-from conftest import export_to
+from conftest import export_to, fuzz_examples
 from edgelm.errors import ArtifactError, CapacityError, ContextOverflowError, InputError, UsageError
 from edgelm.metrics import max_abs_diff, mean_kl, top1_agreement
 from edgelm.runtime import load
@@ -173,6 +175,53 @@ def test_a_next_turn_evaluates_only_its_new_tokens(solo, batched):
     assert (count_a, count_b) == (len(a1) + len(reply_a), len(b1) + len(reply_b))
     assert slot_a2 == slot_a and count_a2 == len(new_a)
     assert_parity([solo.decoder.prefill(history)[None]], [logits[None]], "next turn")
+
+
+PREFIXES = [list(range(10, 10 + n)) for n in (0, 5, 40)]  # shared openings make slots reusable
+
+
+@st.composite
+def schedules(draw):
+    """Sequences (prompt, forced tokens, arrival tick, prompt chunk, released after) whose prompts
+    often share an opening, arriving at random ticks; more of them than slots at times."""
+    seqs = []
+    for _ in range(draw(st.integers(2, 6))):
+        prefix = draw(st.sampled_from(PREFIXES))
+        tail = draw(st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=30))
+        forced = draw(st.lists(st.integers(0, VOCAB - 1), max_size=8))
+        release = draw(st.none() | st.integers(0, len(forced)))
+        seqs.append(([*prefix, *tail], forced, draw(st.integers(0, 8)), draw(st.integers(1, 40)), release))
+    return seqs
+
+
+@settings(max_examples=fuzz_examples(15), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(schedule=schedules())
+def test_any_schedule_gives_every_sequence_its_solo_logits(solo, batched, schedule):
+    """Admissions as slots free up, prompt chunks of any size beside decode steps, releases at any
+    point, prefixes reused from whatever earlier sequences (and examples) left in the slots."""
+    decoder = batched.decoder
+    waiting = sorted(range(len(schedule)), key=lambda i: schedule[i][2])
+    slots: dict[int, int] = {}
+    rows: dict[int, list[np.ndarray]] = {i: [] for i in range(len(schedule))}
+    tick = 0
+    while waiting or slots:
+        while waiting and schedule[waiting[0]][2] <= tick and len(slots) < decoder.slots:
+            i = waiting.pop(0)
+            slots[i] = decoder.admit(schedule[i][0])
+        stepping = {slots[i]: schedule[i][1][len(rows[i]) - 1] for i in slots if rows[i]}
+        filling = {slots[i]: schedule[i][3] for i in slots if not rows[i]}
+        by_slot = {slot: i for i, slot in slots.items()}
+        for slot, logits in decoder.step(stepping, filling).items():
+            rows[by_slot[slot]].append(logits.copy())
+        for i in list(slots):
+            forced, release = len(rows[i]) - 1, schedule[i][4]
+            if rows[i] and forced in (len(schedule[i][1]), release):
+                decoder.release(slots.pop(i))
+        tick += 1
+    for i, (prompt, forced, *_) in enumerate(schedule):
+        reference = solo_logits(solo.decoder, prompt, forced[: len(rows[i]) - 1])
+        assert max_abs_diff(reference, np.stack(rows[i])) <= MAX_DIFF
+        assert top1_agreement(reference, np.stack(rows[i])) == 1.0
 
 
 def test_errors_a_user_can_cause_are_one_line(gpt2_fp32):
