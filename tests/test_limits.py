@@ -145,8 +145,8 @@ def test_a_context_that_does_not_fit_in_memory_is_refused_before_llama_cpp(tmp_p
     from test_llama_runtime import write_tiny_gguf
 
     from edgelm.runtime import load
-    from edgelm.runtime.llamacpp import memory
     from edgelm.runtime.gguf.metadata import read_gguf_header
+    from edgelm.runtime.llamacpp import memory
 
     gguf = write_tiny_gguf(tmp_path / "tiny.gguf", context=4096)
     header = read_gguf_header(gguf)

@@ -44,6 +44,16 @@ PREFILL_CHUNK = 64
 WHOLE_PROMPT = 1 << 30  # "as much as the batch holds"; the decoder caps it by its room
 
 
+def shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens two sequences have in common (slot choice and prefix reuse)."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 class BatchDecoder(Protocol):
     """What the scheduler drives (runtime/llamacpp/batch.py's LlamaBatchDecoder)."""
 
@@ -152,6 +162,7 @@ class Scheduler:
             active, queued = len(self._running), len(self._waiting)
         # read beside the loop: a slot's cache list only grows or is cut, so a count is never torn
         cached = sum(len(self.decoder.cached_tokens(s)) for s in range(self.slots))
+        cached += getattr(self.decoder, "saved_tokens", 0)  # released caches kept outside the context
         return {"slots": self.slots, "active": active, "queued": queued, "cached_tokens": cached}
 
     def close(self) -> None:

@@ -3,15 +3,16 @@
 One context is created with `n_seq_max` = slots and one unified KV cache of slots x the context
 length, so every slot can hold a whole conversation at once. Sequences are the unit:
 
-- `admit(prompt_ids) -> slot` picks the free slot whose cached tokens share the longest prefix
-  with the prompt (at least half of that cache; otherwise the least recently used slot, as
-  llama.cpp's server does), and removes only that slot's cache past the shared prefix; a chat's
-  next turn evaluates only its new tokens, even after other conversations used other slots;
+- `admit(prompt_ids) -> slot` takes a free slot, copies back the saved cache that shares the
+  longest prefix with the prompt (saved_prefixes.py), and removes it past the shared prefix; a
+  chat's next turn evaluates only its new tokens, however many conversations ran in between;
 - `step(tokens, prefill)` evaluates, in ONE `llama_decode`, one token for each decoding slot and
   a chunk of each admitted prompt, so a long prompt is fed in pieces between decode steps and
   does not stall running streams; logits are requested only for each sequence's last token;
   `prefill(slot, max_tokens)` is the prompt-only form;
-- `release(slot)` frees the slot but keeps its cache for prefix reuse; `cached_tokens(slot)`.
+- `release(slot)` frees the slot and copies its cache out to host memory for prefix reuse, so
+  an idle conversation's cells are not attended over by every later step (saved_prefixes.py
+  says why and what it measured); `cached_tokens(slot)`, `saved_tokens`.
 
 Sampling, stop strings and constraints are not here: the scheduler keeps one `Continuation` per
 sequence and feeds the chosen tokens back through `step`.
@@ -37,8 +38,10 @@ import numpy as np
 
 from edgelm.errors import ArtifactError, CapacityError, ContextOverflowError, InputError, UsageError
 from edgelm.runtime.core.params import check_token_ids
+from edgelm.runtime.core.scheduler import shared_prefix
 from edgelm.runtime.llamacpp.log import GGML_LOG_ERROR, captured_llama_log, log_lines
 from edgelm.runtime.llamacpp.native import model_pointer
+from edgelm.runtime.llamacpp.saved_prefixes import DEFAULT_BUDGET, SavedPrefixes
 
 # tokens per llama_decode at most: decode steps first, prompt chunks fill the rest. llama.cpp's
 # own default batch; it splits a batch into micro-batches of n_ubatch tokens itself
@@ -67,16 +70,6 @@ def check_slots(slots: object) -> int:
     return slots
 
 
-def shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """How many leading tokens two sequences have in common."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 class LlamaBatchDecoder:
     """`slots` sequences over one llama.cpp context of a loaded `llama_cpp.Llama`'s model.
 
@@ -85,7 +78,8 @@ class LlamaBatchDecoder:
     Not thread-safe: one scheduler loop owns it and makes every call.
     """
 
-    def __init__(self, llm, slots: int, context_length: int, batch_tokens: int = DEFAULT_BATCH_TOKENS):
+    def __init__(self, llm, slots: int, context_length: int, batch_tokens: int = DEFAULT_BATCH_TOKENS,
+                 saved_bytes: int = DEFAULT_BUDGET):
         import llama_cpp
 
         self._llama_cpp = llama_cpp
@@ -98,6 +92,8 @@ class LlamaBatchDecoder:
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self.batch = llama_cpp.llama_batch_init(self.capacity, 0, 1)  # token ids, one seq id each
         self.states = [_Slot() for _ in range(self.slots)]
+        # released sequences' caches, copied out of the context (saved_prefixes.py); 0 keeps them in place
+        self.saved = SavedPrefixes(saved_bytes) if saved_bytes > 0 else None
         self.evaluated = 0  # tokens passed to llama_decode so far (prefix reuse shows here)
         self.decodes = 0  # llama_decode calls so far
         self._clock = 0
@@ -117,6 +113,7 @@ class LlamaBatchDecoder:
         if not free:
             raise CapacityError(f"all {self.slots} sequence slots are in use; release one first")
         slot = self._choose(free, ids)
+        self._restore_saved(slot, ids)
         # evaluate at least the last prompt token: its logits are what the first sample needs
         keep = min(shared_prefix(self.states[slot].cached, ids), len(ids) - 1)
         self._forget_after(slot, keep)
@@ -142,11 +139,60 @@ class LlamaBatchDecoder:
         state = self._active(slot)
         state.active = False
         state.pending = []  # tokens never evaluated are not in the cache
+        self._save(slot)
+
+    # -- saved prefixes ----------------------------------------------------------------------
+    def _save(self, slot: int) -> None:
+        """Copy a released slot's cache to host memory and empty the slot, so idle conversations
+        do not widen every later step's attention; kept in place when it cannot be copied."""
+        import ctypes
+
+        state = self.states[slot]
+        if self.saved is None or not state.cached:
+            return
+        llama_cpp = self._llama_cpp
+        size = int(llama_cpp.llama_state_seq_get_size(self.ctx, slot))
+        if size <= 0 or size > self.saved.budget:
+            return
+        buffer = (ctypes.c_uint8 * size)()
+        written = int(llama_cpp.llama_state_seq_get_data(self.ctx, buffer, size, slot))
+        if written <= 0:
+            return
+        self.saved.save(state.cached, bytes(buffer[:written]))
+        llama_cpp.llama_memory_seq_rm(self.memory, slot, -1, -1)
+        state.cached = []
+
+    def _restore_saved(self, slot: int, ids: list[int]) -> None:
+        """Copy back the saved cache sharing the longest prefix with the prompt, when it shares
+        more than what the slot already holds."""
+        if self.saved is None:
+            return
+        entry, shared = self.saved.best(ids)
+        state = self.states[slot]
+        if entry is None or shared <= shared_prefix(state.cached, ids):
+            return
+        llama_cpp = self._llama_cpp
+        llama_cpp.llama_memory_seq_rm(self.memory, slot, -1, -1)
+        state.cached = []
+        data = _as_c_bytes(entry.state)
+        if int(llama_cpp.llama_state_seq_set_data(self.ctx, data, len(entry.state), slot)) <= 0:
+            llama_cpp.llama_memory_seq_rm(self.memory, slot, -1, -1)  # nothing usable: prefill it all
+            return
+        state.cached = list(entry.tokens)
+        if shared == len(entry.tokens):
+            self.saved.drop(entry)  # continued whole: the slot holds it now, saved again on release
+        else:
+            self.saved.touch(entry)
 
     def cached_tokens(self, slot: int) -> tuple[int, ...]:
         """The tokens whose keys and values the slot's cache holds."""
         self._slot(slot)
         return tuple(self.states[slot].cached)
+
+    @property
+    def saved_tokens(self) -> int:
+        """Tokens of released sequences whose caches wait in host memory for a prompt that shares them."""
+        return self.saved.tokens if self.saved is not None else 0
 
     def pending_tokens(self, slot: int) -> int:
         """Prompt tokens of an admitted sequence not evaluated yet (0: it is decoding)."""
@@ -321,3 +367,10 @@ def _new_context(llm, slots: int, context_length: int, batch_tokens: int):
         reason = next(iter(log_lines(log)), "no reason given")
         raise ArtifactError(f"llama.cpp could not create a context for {slots} sequences ({reason})")
     return ctx
+
+
+def _as_c_bytes(data: bytes):
+    """A ctypes array over a copy of `data` (llama_state_seq_set_data takes a uint8 pointer)."""
+    import ctypes
+
+    return (ctypes.c_uint8 * len(data)).from_buffer_copy(data)

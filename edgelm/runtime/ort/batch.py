@@ -46,6 +46,7 @@ import numpy as np
 from edgelm.artifact import Manifest
 from edgelm.errors import ArtifactError, CapacityError, ContextOverflowError, InputError, UsageError
 from edgelm.runtime.core.params import check_token_ids
+from edgelm.runtime.core.scheduler import shared_prefix
 from edgelm.runtime.ort.kv_buffer_decoder import KvBufferDecoder
 
 MAX_SLOTS = 64  # each slot holds a whole context's cache; more is a typo, not a plan
@@ -69,16 +70,6 @@ def check_slots(slots: object) -> int:
     if isinstance(slots, bool) or not isinstance(slots, int) or not 1 <= slots <= MAX_SLOTS:
         raise UsageError(f"parallel sequences must be an integer in [1, {MAX_SLOTS}], got {slots!r:.40}")
     return slots
-
-
-def shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """How many leading tokens two sequences have in common."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 class FusedBatchDecoder:
