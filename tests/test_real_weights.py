@@ -139,7 +139,7 @@ def compare(path: Path, ids: list[list[int]], theirs: list[np.ndarray]) -> dict[
     """Mean KL(original || ours), top-1 agreement and both perplexities over every position."""
     from edgelm.reference.gguf_decoder import llama_logits, open_llama_for_logits
 
-    llm = open_llama_for_logits(path, 512)
+    llm = open_llama_for_logits(path, max(len(seq) for seq in ids) + 8)
     kls, same, nll_theirs, nll_ours = [], [], [], []
     try:
         for seq, ref in zip(ids, theirs):
