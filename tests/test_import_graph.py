@@ -207,22 +207,11 @@ def test_the_gguf_header_parser_imports_no_loader():
         assert not forbidden_imports(module, is_llama_module, {"llama_cpp"}), module
 
 
-# The one known exception: the llguidance vocabulary of a llama.cpp model is read from llama.cpp
-# itself (its pieces, token attributes and native tokenize function), inside constraint_vocab's
-# llama.cpp-only functions, called only for a tokenizer over a llama.cpp vocabulary. It belongs
-# in the llama.cpp backend, behind a method of its tokenizer; until then it is named here, so
-# any other path from the core into a backend still fails.
-CORE_EXCEPTIONS = frozenset({
-    ("edgelm.runtime.core.constraint_vocab", "llama_cpp"),
-    ("edgelm.runtime.core.constraint_vocab", "edgelm.runtime.llamacpp.native"),
-})
-
-
 def test_the_generation_core_imports_no_backend():
     # The loop, sampler, text and constraints are shared by every backend, and by a batched
     # engine next; they must load with neither llama.cpp nor onnxruntime installed.
     modules = core_modules()
     assert len(modules) >= 7  # the walk found the package
     for module in modules:
-        bad = forbidden_imports(module, is_backend_module, {"llama_cpp", "onnxruntime"}, CORE_EXCEPTIONS)
+        bad = forbidden_imports(module, is_backend_module, {"llama_cpp", "onnxruntime"})
         assert not bad, module

@@ -3,8 +3,8 @@
 llguidance works on bytes; edgelm's tokenizers speak strings. The bytes of each token come
 from the tokenizer's own vocabulary: for byte-level BPE (GPT-2, trained BPE) the printable
 alphabet GPT-2 maps bytes to is mapped back; for SentencePiece-style vocabularies "▁" is a
-space and "<0xAB>" a byte; for character vocabularies a piece is its UTF-8. llama.cpp models
-use llama.cpp's own pieces, read from the loaded vocabulary. Special tokens
+space and "<0xAB>" a byte; for character vocabularies a piece is its UTF-8. A tokenizer that
+knows better builds its own (the llama.cpp backend reads llama.cpp's pieces). Special tokens
 get llguidance's 0xFF prefix, so no grammar can produce them as text.
 
 Building this takes a few hundred milliseconds for a 50k vocabulary, so it is done once per
@@ -43,39 +43,21 @@ def llg_vocabulary(generator: Any) -> Vocabulary:
 
 
 @runtime_checkable
-class LlamaVocabTokenizer(Protocol):
-    """A tokenizer over a loaded llama.cpp vocabulary (llama.py's LlamaCppTokenizer): its pieces
-    are read from `vocab`. Recognised by shape, so this module never imports the backend that
-    makes one (the generation loop imports this module)."""
+class OwnVocabulary(Protocol):
+    """A tokenizer that builds llguidance's view of its vocabulary itself (the llama.cpp
+    backend's, from the loaded model's pieces and native tokenize function). Recognised by
+    shape, so the core never imports the backend that makes one."""
 
-    vocab: Any  # llama_vocab_p
-
-    def decode_bytes(self, ids, skip_special_tokens: bool = True) -> bytes: ...
+    def llg_vocabulary(self, end_ids: set[int]) -> Vocabulary: ...
 
 
 def _build(generator: Any) -> Vocabulary:
-    native = isinstance(generator.tokenizer, LlamaVocabTokenizer)
-    if native:
-        tokens, specials = llama_token_bytes(generator.tokenizer.vocab)
-    else:
-        tokens, specials = token_bytes(generator.tokenizer)
-    end_ids = sorted(i for i in {generator.eos_id, *generator.end_ids} - {None} if i < len(tokens))
-    if native:
-        return Vocabulary(_llama_tokenizer(generator.tokenizer.vocab, tokens, end_ids), len(tokens))
+    end = {generator.eos_id, *generator.end_ids} - {None}
+    if isinstance(generator.tokenizer, OwnVocabulary):
+        return generator.tokenizer.llg_vocabulary(end)
+    tokens, specials = token_bytes(generator.tokenizer)
+    end_ids = sorted(i for i in end if i < len(tokens))
     return _with_end(tokens, specials, end_ids, generator.tokenizer)
-
-
-def _llama_tokenizer(vocab, tokens: list[bytes], end_ids: list[int]):
-    """llama.cpp's pieces, and llama.cpp's own tokenize function called natively by llguidance
-    (which knows to keep SentencePiece's dummy-prefix space off the text it encodes)."""
-    import llama_cpp
-    import llguidance
-
-    from edgelm.runtime.llamacpp.native import native_tokenize_address
-
-    tokenize = native_tokenize_address()
-    return llguidance.LLTokenizer.from_llamacpp(tokens=tokens, vocab_ptr=vocab, tokenize_fptr=tokenize,
-                                                eos_token=end_ids or llama_cpp.llama_vocab_eos(vocab), slices=None)
 
 
 def _with_end(tokens: list[bytes], specials: set[int], end_ids: list[int], tokenizer) -> Vocabulary:
@@ -125,29 +107,6 @@ def token_bytes(tokenizer) -> tuple[list[bytes], set[int]]:
             tokens[i] = piece.encode("utf-8")
         else:
             tokens[i] = _piece_bytes(piece, decoders)
-    return tokens, specials
-
-
-def llama_token_bytes(vocab) -> tuple[list[bytes], set[int]]:
-    """(bytes of every id, the special ids) of a llama.cpp vocabulary: each token's piece as
-    llama.cpp writes it (a byte token is its byte, "▁" already a space); control tokens, and
-    user-defined ones written like "<...>", are special."""
-    import ctypes
-
-    import llama_cpp
-
-    buffer = ctypes.create_string_buffer(1024)
-    tokens, specials = [], set()
-    for i in range(llama_cpp.llama_vocab_n_tokens(vocab)):
-        n = llama_cpp.llama_token_to_piece(vocab, i, buffer, len(buffer), 0, True)
-        piece = buffer.raw[: max(n, 0)]  # a piece longer than the buffer (n < 0) is no text a grammar needs
-        attr = llama_cpp.llama_vocab_get_attr(vocab, i)
-        control = attr & llama_cpp.LLAMA_TOKEN_ATTR_CONTROL
-        tagged = attr & llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED and piece.startswith(b"<") and piece.endswith(b">")
-        if control or tagged:
-            specials.add(i)
-            piece = SPECIAL_PREFIX + piece
-        tokens.append(piece)
     return tokens, specials
 
 

@@ -53,6 +53,12 @@ class LlamaCppTokenizer:
     def __init__(self, vocab):
         self.vocab = vocab  # llama_vocab_p, owned by the model
 
+    def llg_vocabulary(self, end_ids: set[int]):
+        """llguidance's view of this vocabulary (constrained output), from llama.cpp itself."""
+        from edgelm.runtime.llamacpp.llg_vocab import llama_vocabulary
+
+        return llama_vocabulary(self.vocab, end_ids)
+
     def encode(self, text: str, add_special_tokens: bool = False) -> Encoding:
         import llama_cpp
 
