@@ -158,7 +158,7 @@ class LlamaBatchDecoder:
         written = int(llama_cpp.llama_state_seq_get_data(self.ctx, buffer, size, slot))
         if written <= 0:
             return
-        self.saved.save(state.cached, bytes(buffer[:written]))
+        self.saved.save(state.cached, ctypes.string_at(buffer, written))  # one copy, not a list of ints
         llama_cpp.llama_memory_seq_rm(self.memory, slot, -1, -1)
         state.cached = []
 
