@@ -200,17 +200,27 @@ def aggregates(url: str, levels: list[int], per_client: int, tokens: int) -> dic
 def streamed_aggregate(url: str, clients: int, per_client: int, tokens: int) -> dict[str, float]:
     """Streamed requests, `clients` at once, each client sending `per_client` in turn: completion
     tokens per second of wall time, and the p50/p95 time to first token."""
-    def client_run(c: int) -> list[dict[str, float]]:
-        with httpx.Client(timeout=600) as client:
-            return [streamed_over_http(client, url, 100 * c + r, tokens) for r in range(per_client)]
+    def one(client: httpx.Client, index: int) -> dict[str, float] | None:
+        try:
+            return streamed_over_http(client, url, index, tokens)
+        except httpx.HTTPError:  # a server that drops the connection: counted, not fatal to the run
+            return None
+
+    def client_run(c: int) -> list[dict[str, float] | None]:
+        # a new connection per request: llama-server closes idle keep-alive connections, and a
+        # request sent on one it has just closed fails with no response
+        with httpx.Client(timeout=600, limits=httpx.Limits(max_keepalive_connections=0)) as client:
+            return [one(client, 100 * c + r) for r in range(per_client)]
 
     started = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
-        runs = [run for runs in pool.map(client_run, range(clients)) for run in runs]
+        results = [run for runs in pool.map(client_run, range(clients)) for run in runs]
     elapsed = time.perf_counter() - started
-    ttfts = sorted(run["ttft_ms"] for run in runs)
+    runs = [run for run in results if run is not None]
+    ttfts = sorted(run["ttft_ms"] for run in runs) or [float("nan")]
     return {"tok_s": sum(run["tokens"] for run in runs) / elapsed, "ttft_p50": statistics.median(ttfts),
-            "ttft_p95": ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))]}
+            "ttft_p95": ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))],
+            "failed": len(results) - len(runs)}
 
 
 def compare_parallel(gguf: Path, threads: int, levels: list[int], per_client: int, tokens: int,
@@ -236,6 +246,8 @@ def compare_parallel(gguf: Path, threads: int, levels: list[int], per_client: in
             row, one = by_level[n], rows["--parallel 1"][n]
             line = (f"{name:<20} {n:7} {row['tok_s']:8.1f} {row['ttft_p50']:8.0f}/{row['ttft_p95']:<8.0f} "
                     f"{row['tok_s'] / one['tok_s']:16.2f}")
+            if row["failed"]:
+                line += f"  ({row['failed']} requests dropped by the server)"
             if llama_server is not None:
                 line += f" {row['tok_s'] / rows['llama-server -np 4'][n]['tok_s']:16.2f}"
             print(line)
