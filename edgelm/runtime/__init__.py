@@ -21,10 +21,11 @@ def load(path: str | Path, *, threads: int | None = None, provider: str = "cpu",
     frees its backend session on exit. model_format="ort" runs the ORT-format copy of an ONNX
     artifact exported with --target mobile.
 
+    Every text generator's calls (generate/stream/chat/chat_stream and their asyncio forms) may
+    come from several threads at once: each is one sequence of the model's scheduler thread.
     parallel=N (GGUF text generators, GPT-2 on edgelm's fused ONNX graph): N sequence slots over
-    one KV cache, driven by one scheduler thread, so generate/stream/chat/chat_stream may be
-    called from several threads at once and share batched steps; each slot can hold a whole
-    context. Other models ignore it and run one call at a time.
+    one KV cache, so concurrent calls share batched steps; each slot can hold a whole context.
+    Without it, or for other models, there is one slot and calls take turns in arrival order.
     """
     options = RuntimeOptions(threads=threads, provider=provider, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx,
                              verify=verify, model_format=model_format, parallel=parallel)
