@@ -434,8 +434,8 @@ def create_app(models: Mapping[str, Any] | Sequence[str | Path], *, api_key: str
 
     `models` maps ids to task objects from `edgelm.load` (or to artifact paths, loaded here with
     `load_options` and closed at shutdown); a list of paths uses each folder's name as the id.
-    `parallel` (in `load_options`) is how many sequences each GGUF text model decodes together
-    (its scheduler's slots); models loaded elsewhere are served as they were loaded.
+    `parallel` (in `load_options`) is how many sequences each GGUF text model or fused-graph GPT-2
+    decodes together (its scheduler's slots); models loaded elsewhere are served as they were loaded.
     `loopback_only` refuses requests whose Host header is not a loopback name (for a server bound
     to 127.0.0.1 or ::1); `api_key` requires `Authorization: Bearer KEY` everywhere but /health and
     the chat page's files (served at "/", see page.py).
