@@ -263,3 +263,19 @@ def test_four_interleaved_chats_each_prefill_only_new_tokens(tiny_gguf_256):
                 counts[chat].append(count - len(reply))  # prompt tokens evaluated this turn
     print(f"prompt tokens evaluated per turn, chat 0: {counts[0]}")
     assert all(c == [7, 6, 6, 6, 6] for c in counts)  # BOS + 6, then only each turn's 6 new tokens
+
+
+def test_the_saved_prefix_budget_leaves_most_free_memory_alone(tiny_gguf_256, monkeypatch):
+    from edgelm.runtime.llamacpp import memory
+    from edgelm.runtime.llamacpp.saved_prefixes import DEFAULT_BUDGET
+
+    header = read_gguf_header(tiny_gguf_256)
+    size = tiny_gguf_256.stat().st_size
+    need = estimate_need(header, size, CONTEXT, sequences=2).total
+    monkeypatch.setattr(memory, "available_memory", lambda: need + 4 * (1 << 20))  # 4 MiB beyond the model
+    with open_batch_decoder(tiny_gguf_256, RuntimeOptions(threads=1), slots=2) as decoder:
+        assert decoder.saved is not None and decoder.saved.budget == 1 << 20  # a quarter of what is left
+    monkeypatch.setattr(memory, "available_memory", lambda: None)  # unknown: the default ceiling
+    with open_batch_decoder(tiny_gguf_256, RuntimeOptions(threads=1), slots=2) as decoder:
+        assert decoder.saved.budget == DEFAULT_BUDGET
+

@@ -82,6 +82,17 @@ def _sliding_layers(pattern, layers: int) -> int:
     return sum(1 for v in values[:layers] if v is True) if len(values) == layers else 0
 
 
+def saved_prefix_budget(header, file_size: int, n_ctx: int, sequences: int, ceiling: int) -> int:
+    """Bytes of released sequences' caches worth keeping in host memory (saved_prefixes.py): at
+    most `ceiling`, and at most a quarter of what stays free once the model and its contexts are
+    in, so a machine the model only just fits does not page for a cache of old conversations."""
+    available = available_memory()
+    if available is None:
+        return ceiling
+    need = estimate_need(header, file_size, n_ctx, sequences).total
+    return max(0, min(ceiling, (available - need) // 4))
+
+
 def check_fits(path: Path, header, file_size: int, n_ctx: int, available: int | None = None,
                sequences: int = 1) -> None:
     """An ArtifactError with the numbers when the model and the contexts of its `sequences`

@@ -22,7 +22,7 @@ from edgelm.runtime.core.params import check_token_ids
 from edgelm.runtime.device import RuntimeOptions, thread_count
 from edgelm.runtime.gguf.metadata import read_gguf_header
 from edgelm.runtime.llamacpp.log import GGML_LOG_ERROR, captured_llama_log, log_lines
-from edgelm.runtime.llamacpp.memory import check_fits
+from edgelm.runtime.llamacpp.memory import check_fits, saved_prefix_budget
 from edgelm.runtime.llamacpp.native import context_pointer, vocab_pointer
 from edgelm.runtime.loading import check_gguf, manifest_where
 
@@ -256,11 +256,14 @@ def open_batch_decoder(path: Path, options: RuntimeOptions, slots: int, n_ctx: i
     """A LlamaBatchDecoder over a GGUF file: `slots` sequences of up to `n_ctx` tokens each (the
     model's context, capped as `context_for` says), in one unified KV cache."""
     from edgelm.runtime.llamacpp.batch import DEFAULT_BATCH_TOKENS, LlamaBatchDecoder, check_slots
+    from edgelm.runtime.llamacpp.saved_prefixes import DEFAULT_BUDGET
 
     check_slots(slots)
     llm, n_ctx = open_llama(path, options, n_ctx, sequences=slots)
     try:
-        return LlamaBatchDecoder(llm, slots, n_ctx, batch_tokens or DEFAULT_BATCH_TOKENS)
+        header = read_gguf_header(path)
+        saved = saved_prefix_budget(header, header.file_size or path.stat().st_size, n_ctx, slots, DEFAULT_BUDGET)
+        return LlamaBatchDecoder(llm, slots, n_ctx, batch_tokens or DEFAULT_BATCH_TOKENS, saved_bytes=saved)
     except BaseException:
         llm.close()
         raise
