@@ -137,3 +137,18 @@ def test_a_chat_reply_without_max_tokens_runs_until_the_turn_ends_or_the_context
         assert reply.finish_reason in ("eos", "stop")
     capped = solo.chat_complete(messages, temperature=0, max_tokens=5)
     assert capped.completion_tokens <= 5 and reply.text.startswith(capped.text)
+
+
+def test_more_async_streams_than_worker_threads_all_finish(solo):
+    # the event loop is woken by the scheduler: no thread waits per stream, so twelve streams
+    # (beyond asyncio's default executor on a small machine) all run to their solo results
+    prompts = [f"the cat {i}" for i in range(12)]
+    expected = [solo.generate(p, max_tokens=6, temperature=0) for p in prompts]
+
+    async def main():
+        async def one(prompt):
+            return "".join([piece async for piece in solo.astream(prompt, max_tokens=6, temperature=0)])
+
+        return await asyncio.wait_for(asyncio.gather(*(one(p) for p in prompts)), 60)
+
+    assert asyncio.run(main()) == expected

@@ -1,9 +1,10 @@
 """asyncio variants of the generation API, for apps with an event loop.
 
-A stream's pieces are produced by the model's scheduler thread; here each piece is awaited in a
-worker thread, so the event loop never blocks on the model. A task that is cancelled while it
-waits, or a stream closed early, cancels the sequence itself: it leaves the scheduler's queue at
-once or its slot before the next step, exactly as `TextStream.cancel` does.
+A stream's pieces are produced by the model's scheduler thread, which wakes the event loop for
+each (`TextStream.on_ready`): a piece is read only once it is there, so the loop never blocks on
+the model and no thread waits per stream. A task that is cancelled while it waits, or a stream
+closed early, cancels the sequence itself: it leaves the scheduler's queue at once or its slot
+before the next step, exactly as `TextStream.cancel` does.
 """
 
 from __future__ import annotations
@@ -15,29 +16,37 @@ from typing import Any
 _END = object()
 
 
-def _next_piece(pieces: Any) -> Any:
-    return next(pieces, _END)
-
-
 class AsyncTextStream:
     """`async for piece in stream`; `completion` once the iteration has finished; `cancel()`."""
 
     def __init__(self, stream: Any):
         self._stream = stream
         self._pieces = iter(stream)
+        self._arrived: asyncio.Event | None = None  # made on first use, on the loop that reads
 
     def __aiter__(self) -> AsyncIterator[str]:
         return self
 
     async def __anext__(self) -> str:
         try:
-            piece = await asyncio.to_thread(_next_piece, self._pieces)
+            await self._until_ready()
         except asyncio.CancelledError:
             self._stream.cancel()  # the awaiting task went: so does its sequence
             raise
+        piece = next(self._pieces, _END)  # there already: does not wait
         if piece is _END:
             raise StopAsyncIteration
         return piece
+
+    async def _until_ready(self) -> None:
+        if self._arrived is None:
+            loop, self._arrived = asyncio.get_running_loop(), asyncio.Event()
+            self._stream.on_ready(lambda: loop.call_soon_threadsafe(self._arrived.set))
+        while not self._stream.ready():
+            self._arrived.clear()
+            if self._stream.ready():  # arrived between the check and the clear
+                return
+            await self._arrived.wait()
 
     @property
     def completion(self) -> Any:

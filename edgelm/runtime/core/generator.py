@@ -58,6 +58,20 @@ class TextStream:
     def completion(self) -> Completion | None:
         return self._holder.get("completion")
 
+    def ready(self) -> bool:
+        """Whether the next piece (or the end) is there already: `next()` will not wait."""
+        ticket = self._holder.get("ticket")
+        return ticket is None or ticket.ready()
+
+    def on_ready(self, wakeup) -> None:
+        """Have `wakeup()` called (from the scheduler's thread) whenever the stream has something
+        new, so an event loop can read it while `ready()` without a thread blocked on it."""
+        ticket = self._holder.get("ticket")
+        if ticket is None:
+            wakeup()
+        else:
+            ticket.on_event(wakeup)
+
     def cancel(self) -> None:
         stop = self._holder.get("cancel")  # its sequence's ticket: leaves the queue, or its slot
         if stop is not None:
@@ -188,6 +202,7 @@ class TextGenerator(AsyncGeneration):
         # submitted now, not at the first next(): a stream is queued in the order it was asked for
         ticket = self.scheduler.submit(ids, sequence)
         holder["cancel"] = ticket.cancel
+        holder["ticket"] = ticket
         return _relayed(ticket, holder)
 
     def exclusive(self) -> Any:

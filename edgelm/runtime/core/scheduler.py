@@ -89,6 +89,29 @@ class Ticket:
         self.admitted: float | None = None
         self.first_logits: float | None = None
         self._scheduler = scheduler
+        self._wakeup: Any = None  # called after each event is queued (from the loop thread)
+
+    def post(self, kind: str, value: Any) -> None:
+        """(On the loop thread.) Queue an event and wake whoever waits for one without a thread."""
+        self.events.put((kind, value))
+        wakeup = self._wakeup
+        if wakeup is not None:
+            try:
+                wakeup()
+            except Exception:  # noqa: BLE001 - a waiter that has gone (a closed event loop) wakes nobody
+                log.debug("a ticket's wakeup failed", exc_info=True)
+
+    def on_event(self, wakeup: Any) -> None:
+        """Call `wakeup()` (from the loop thread, so it must be quick and thread-safe) after each
+        event, and once now when events are already waiting: for a consumer, such as an event
+        loop, that reads `pieces()` only while `ready()` instead of blocking a thread on it."""
+        self._wakeup = wakeup
+        if self.ready():
+            wakeup()
+
+    def ready(self) -> bool:
+        """Whether the next step of `pieces()` returns without waiting."""
+        return not self.events.empty()
 
     def cancel(self) -> None:
         """Stop this sequence: a waiting one leaves the queue now, a running one its slot before
@@ -268,13 +291,13 @@ class Scheduler:
         try:
             token, piece = sequence.accept(logits)
             if piece:
-                ticket.events.put(("piece", piece))
+                ticket.post("piece", piece)
             if not sequence.done:
                 ticket.token = token
                 return
             tail = sequence.finish()
             if tail:
-                ticket.events.put(("piece", tail))
+                ticket.post("piece", tail)
             ticket.completion = sequence.completion(ticket.timings(time.perf_counter()))
         except Exception as err:  # noqa: BLE001 - one sequence's failure (a grammar error) ends it alone
             with self._lock:
@@ -295,4 +318,4 @@ class Scheduler:
     @staticmethod
     def _end(ticket: Ticket, kind: str, value: Any) -> None:
         ticket.finished = True
-        ticket.events.put((kind, value))
+        ticket.post(kind, value)
