@@ -199,6 +199,21 @@ def test_dark_mode_follows_the_system_and_the_toggle(browser, base_url):
         context.close()
 
 
+def test_the_toggle_turns_a_light_system_dark_and_back(browser, base_url):
+    context = browser.new_context(color_scheme="light")
+    try:
+        page = Watched(context, base_url).open().page
+        background = "getComputedStyle(document.body).backgroundColor"
+        assert page.evaluate(background) == "rgb(247, 247, 245)"
+        page.click("#theme")  # to dark
+        assert page.evaluate("document.documentElement.dataset.theme") == "dark"
+        assert page.evaluate(background) == "rgb(23, 25, 27)"
+        page.click("#theme")  # back to light
+        assert page.evaluate(background) == "rgb(247, 247, 245)"
+    finally:
+        context.close()
+
+
 def test_the_key_is_asked_once_and_kept_for_the_tab(context, model):
     with running(create_app({"tiny": model}, api_key=KEY)) as url:
         watched = Watched(context, url)
