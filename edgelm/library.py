@@ -27,6 +27,7 @@ from typing import Any
 
 from edgelm.errors import ArtifactError, UsageError
 from edgelm.locking import file_lock
+from edgelm.safe_text import terminal_json
 
 INDEX_FILE = "library.json"
 MODELS_DIR = "models"
@@ -208,7 +209,9 @@ def _text(value: Any, field: str, limit: int) -> str:
 
 def dump_index(entries: dict[str, Entry]) -> bytes:
     models = {name: {k: v for k, v in entry.to_dict().items() if k != "name"} for name, entry in entries.items()}
-    return (json.dumps({"version": INDEX_VERSION, "models": models}, indent=2, ensure_ascii=False) + "\n").encode()
+    # lone surrogates (a file name's undecodable bytes, as os gives them) cannot be UTF-8: written
+    # as \u escapes, they read back as the same path
+    return (terminal_json({"version": INDEX_VERSION, "models": models}, indent=2) + "\n").encode()
 
 
 def read_index(home: Path | None = None) -> dict[str, Entry]:

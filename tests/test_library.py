@@ -163,6 +163,16 @@ def test_an_entry_whose_files_are_gone_shows_as_missing(home, gguf_copy):
     assert invoke("rm", "gone").exit_code == 0 and list(read_index()) == ["here"]
 
 
+@pytest.mark.skipif(sys.platform in ("win32", "darwin"), reason="needs a file system that takes any bytes")
+def test_a_file_name_that_is_not_utf8_is_added_and_found_again(home, gguf_copy):
+    odd = gguf_copy.with_name(os.fsdecode(b"caf\xe9.gguf"))  # Latin-1 bytes: a lone surrogate in Python
+    gguf_copy.rename(odd)
+    added = invoke("add", odd, "--name", "odd")
+    assert added.exit_code == 0, added.output
+    assert read_index()["odd"].path == str(odd) and listed()["odd"]["status"] == "ok"
+    assert resolve_model("odd") == odd
+
+
 def test_a_broken_artifact_lists_as_broken(home, lstm_artifact, tmp_path):
     folder = tmp_path / "art"
     shutil.copytree(lstm_artifact, folder)

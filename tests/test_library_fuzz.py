@@ -29,14 +29,16 @@ WHERE = Path("/home/someone/.local/share/edgelm/library.json")
 NAME_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-"
 valid_names = st.text(NAME_CHARS, min_size=1, max_size=MAX_NAME).filter(is_valid_name)
 short_text = st.text(max_size=30)
+# what os can hand edgelm as a path or a manifest field: undecodable bytes arrive as lone surrogates
+any_text = st.text(st.characters(blacklist_characters="\x00"), max_size=30)
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | short_text,
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(short_text, inner, max_size=4),
     max_leaves=20,
 )
 entries = st.builds(
-    Entry, name=valid_names, path=st.text(min_size=1, max_size=60).map(lambda t: "/" + t.replace("\x00", "")),
-    copied=st.booleans(), family=short_text, format=short_text, quant=short_text, task=short_text,
+    Entry, name=valid_names, path=any_text.map(lambda t: "/" + t),
+    copied=st.booleans(), family=any_text, format=any_text, quant=any_text, task=any_text,
     added=short_text,
     verified=st.none() | st.builds(Verification, passed=st.booleans(), at=short_text, cpu=short_text),
 )
