@@ -32,13 +32,13 @@ top-1 100% forcing the solo run's greedy tokens; max |logit difference| 0.04.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 
 import numpy as np
 
-from edgelm.errors import ArtifactError, CapacityError, ContextOverflowError, InputError, UsageError
+from edgelm.errors import ArtifactError, ContextOverflowError, InputError, UsageError
 from edgelm.runtime.core.params import check_token_ids
 from edgelm.runtime.core.scheduler import shared_prefix
+from edgelm.runtime.core.slots import SlotBook, check_slot_count
 from edgelm.runtime.llamacpp.log import GGML_LOG_ERROR, captured_llama_log, log_lines
 from edgelm.runtime.llamacpp.native import model_pointer
 from edgelm.runtime.llamacpp.saved_prefixes import DEFAULT_BUDGET, SavedPrefixes
@@ -47,30 +47,16 @@ from edgelm.runtime.llamacpp.saved_prefixes import DEFAULT_BUDGET, SavedPrefixes
 # own default batch; it splits a batch into micro-batches of n_ubatch tokens itself
 DEFAULT_BATCH_TOKENS = 512
 MAX_UBATCH = 512
-# the part of a slot's cache a prompt must share for the slot to count as its continuation
-# (llama.cpp's server thresholds a similar ratio, its --slot-prompt-similarity)
-CONTINUES = 0.5
-
-
-@dataclass
-class _Slot:
-    cached: list[int] = field(default_factory=list)  # tokens whose keys/values the cache holds
-    pending: list[int] = field(default_factory=list)  # prompt tokens admitted, not yet evaluated
-    active: bool = False
-    used: int = 0  # when last admitted or stepped, for least-recently-used choice
 
 
 def check_slots(slots: object) -> int:
     """The number of sequence slots, within what llama.cpp supports."""
     import llama_cpp
 
-    most = int(llama_cpp.llama_max_parallel_sequences())
-    if isinstance(slots, bool) or not isinstance(slots, int) or not 1 <= slots <= most:
-        raise UsageError(f"parallel sequences must be an integer in [1, {most}], got {slots!r}")
-    return slots
+    return check_slot_count(slots, int(llama_cpp.llama_max_parallel_sequences()))
 
 
-class LlamaBatchDecoder:
+class LlamaBatchDecoder(SlotBook):
     """`slots` sequences over one llama.cpp context of a loaded `llama_cpp.Llama`'s model.
 
     The Llama object only keeps the model alive (its own context is unused; `open_batch_decoder`
@@ -84,61 +70,35 @@ class LlamaBatchDecoder:
 
         self._llama_cpp = llama_cpp
         self.llm = llm
-        self.slots = check_slots(slots)
+        self._open_slots(check_slots(slots))
         self.context_length = int(context_length)  # per sequence
         self.capacity = max(int(batch_tokens), self.slots)  # a step holds one token of every slot
-        self.n_vocab = int(llm.n_vocab())
+        self.n_vocab = self.vocab_size = int(llm.n_vocab())
         self.ctx = _new_context(llm, self.slots, self.context_length, self.capacity)
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self.batch = llama_cpp.llama_batch_init(self.capacity, 0, 1)  # token ids, one seq id each
-        self.states = [_Slot() for _ in range(self.slots)]
         # released sequences' caches, copied out of the context (saved_prefixes.py); 0 keeps them in place
         self.saved = SavedPrefixes(saved_bytes) if saved_bytes > 0 else None
         self.evaluated = 0  # tokens passed to llama_decode so far (prefix reuse shows here)
         self.decodes = 0  # llama_decode calls so far
-        self._clock = 0
 
     # -- sequences ---------------------------------------------------------------------------
     def admit(self, prompt_ids: Sequence[int]) -> int:
         """A free slot for this prompt, its cache kept up to the longest prefix it shares with
         the prompt; the rest of the prompt waits for `prefill`/`step`."""
         self._check_open()
-        ids = check_token_ids(prompt_ids, self.n_vocab, "llama.cpp prompt")  # an id past the vocabulary aborts
-        if not ids:
-            raise InputError("a prompt needs at least one token")
-        if len(ids) > self.context_length:
-            raise ContextOverflowError(
-                f"a prompt of {len(ids)} tokens exceeds the context length {self.context_length}")
-        free = [s for s, state in enumerate(self.states) if not state.active]
-        if not free:
-            raise CapacityError(f"all {self.slots} sequence slots are in use; release one first")
-        slot = self._choose(free, ids)
+        ids = self._checked_prompt(prompt_ids, "llama.cpp prompt")  # an id past the vocabulary aborts
+        slot = self._free_slot_for(ids)
         self._restore_saved(slot, ids)
         # evaluate at least the last prompt token: its logits are what the first sample needs
         keep = min(shared_prefix(self.states[slot].cached, ids), len(ids) - 1)
         self._forget_after(slot, keep)
-        state = self.states[slot]
-        state.pending = ids[keep:]
-        state.active = True
-        state.used = self._tick()
+        self._start(slot, ids, keep)
         return slot
-
-    def _choose(self, free: list[int], ids: list[int]) -> int:
-        """The free slot whose cache this prompt continues (the longest shared prefix), else the
-        least recently used one. A cache counts as continued when the prompt shares at least
-        CONTINUES of it: every prompt shares BOS with every cache, and reusing one token must not
-        evict another conversation while an empty or older slot is free."""
-        shared = {s: shared_prefix(self.states[s].cached, ids) for s in free}
-        continued = [s for s in free if shared[s] and shared[s] >= CONTINUES * len(self.states[s].cached)]
-        if continued:
-            return max(continued, key=lambda s: (shared[s], -self.states[s].used))
-        return min(free, key=lambda s: self.states[s].used)  # an unused slot has used == 0
 
     def release(self, slot: int) -> None:
         """Ends a sequence; its cached tokens stay for a later prompt that shares them."""
-        state = self._active(slot)
-        state.active = False
-        state.pending = []  # tokens never evaluated are not in the cache
+        self._end(slot)
         self._save(slot)
 
     # -- saved prefixes ----------------------------------------------------------------------
@@ -184,19 +144,10 @@ class LlamaBatchDecoder:
         else:
             self.saved.touch(entry)
 
-    def cached_tokens(self, slot: int) -> tuple[int, ...]:
-        """The tokens whose keys and values the slot's cache holds."""
-        self._slot(slot)
-        return tuple(self.states[slot].cached)
-
     @property
     def saved_tokens(self) -> int:
         """Tokens of released sequences whose caches wait in host memory for a prompt that shares them."""
         return self.saved.tokens if self.saved is not None else 0
-
-    def pending_tokens(self, slot: int) -> int:
-        """Prompt tokens of an admitted sequence not evaluated yet (0: it is decoding)."""
-        return len(self._active(slot).pending)
 
     # -- evaluation --------------------------------------------------------------------------
     def prefill(self, slot: int, max_tokens: int) -> np.ndarray | None:
@@ -306,21 +257,6 @@ class LlamaBatchDecoder:
         del state.cached[keep:]
 
     # -- bookkeeping -------------------------------------------------------------------------
-    def _tick(self) -> int:
-        self._clock += 1
-        return self._clock
-
-    def _slot(self, slot: object) -> int:
-        if isinstance(slot, bool) or not isinstance(slot, int) or not 0 <= slot < self.slots:
-            raise UsageError(f"slot must be an integer in [0, {self.slots}), got {slot!r}")
-        return slot
-
-    def _active(self, slot: object) -> _Slot:
-        state = self.states[self._slot(slot)]
-        if not state.active:
-            raise UsageError(f"slot {slot} holds no admitted sequence")
-        return state
-
     def _check_open(self) -> None:
         if self.ctx is None:
             raise InputError("this decoder was closed; open it again to use it")

@@ -38,41 +38,28 @@ prompts in chunks and one released mid-batch:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from edgelm.artifact import Manifest
-from edgelm.errors import ArtifactError, CapacityError, ContextOverflowError, InputError, UsageError
+from edgelm.errors import ArtifactError, ContextOverflowError, InputError, UsageError
 from edgelm.runtime.core.params import check_token_ids
 from edgelm.runtime.core.scheduler import shared_prefix
+from edgelm.runtime.core.slots import SlotBook, check_slot_count
 from edgelm.runtime.ort.kv_buffer_decoder import KvBufferDecoder
 
 MAX_SLOTS = 64  # each slot holds a whole context's cache; more is a typo, not a plan
-# the part of a slot's cache a prompt must share for the slot to count as its continuation
-# (every prompt shares its first token with every cache; that alone must not evict a conversation)
-CONTINUES = 0.5
 FLOAT_BYTES = 4
 GIB = 1 << 30
 KEPT_BINDINGS = 16  # decode bindings kept, by row range (the ranges in use change slowly)
 
 
-@dataclass
-class _Slot:
-    cached: list[int] = field(default_factory=list)  # tokens whose keys/values the row holds
-    pending: list[int] = field(default_factory=list)  # prompt tokens admitted, not yet evaluated
-    active: bool = False
-    used: int = 0  # when last admitted or stepped, for least-recently-used choice
-
-
 def check_slots(slots: object) -> int:
-    if isinstance(slots, bool) or not isinstance(slots, int) or not 1 <= slots <= MAX_SLOTS:
-        raise UsageError(f"parallel sequences must be an integer in [1, {MAX_SLOTS}], got {slots!r:.40}")
-    return slots
+    return check_slot_count(slots, MAX_SLOTS)
 
 
-class FusedBatchDecoder:
+class FusedBatchDecoder(SlotBook):
     """`slots` sequences over one onnxruntime session of the fused GPT-2 graph.
 
     Not thread-safe: one scheduler loop owns it and makes every call (`cached_tokens` may be read
@@ -83,7 +70,7 @@ class FusedBatchDecoder:
         import onnxruntime as ort
 
         self.graph = KvBufferDecoder(session, manifest, where)  # checks the graph's inputs and cache geometry
-        self.slots = check_slots(slots)
+        self._open_slots(check_slots(slots))
         self.context_length = self.graph.context_length
         self.vocab_size = self.graph.vocab_size
         heads, _, head_dim = self.graph.cache_shape
@@ -92,11 +79,9 @@ class FusedBatchDecoder:
         self.buffers = [ort.OrtValue.ortvalue_from_numpy(self._zeros((self.slots, *self.row_shape)))
                         for _ in self.graph.past_names]
         self.logits = np.zeros((self.slots, 1, self.vocab_size), np.float32)  # every decode run writes here
-        self.states = [_Slot() for _ in range(self.slots)]
         self._decode_runs: dict[tuple[int, int], _DecodeRun] = {}  # by (first row, row count)
         self.evaluated = 0
         self.runs = 0
-        self._clock = 0
 
     def _zeros(self, shape: tuple[int, ...]) -> np.ndarray:
         try:
@@ -117,48 +102,16 @@ class FusedBatchDecoder:
         """A free slot for this prompt, its cache kept up to the longest prefix it shares with
         the prompt; the rest of the prompt waits for `step`'s prefill."""
         self._check_open()
-        ids = check_token_ids(prompt_ids, self.vocab_size, "prompt")
-        if not ids:
-            raise InputError("a prompt needs at least one token")
-        if len(ids) > self.context_length:
-            raise ContextOverflowError(
-                f"a prompt of {len(ids)} tokens exceeds the context length {self.context_length}")
-        free = [s for s, state in enumerate(self.states) if not state.active]
-        if not free:
-            raise CapacityError(f"all {self.slots} sequence slots are in use; release one first")
-        slot = self._choose(free, ids)
-        state = self.states[slot]
+        ids = self._checked_prompt(prompt_ids, "prompt")
+        slot = self._free_slot_for(ids)
         # evaluate at least the last prompt token: its logits are what the first sample needs.
         # Keys and values past `keep` stay in the row, unread, until new tokens overwrite them.
-        keep = min(shared_prefix(state.cached, ids), len(ids) - 1)
-        del state.cached[keep:]
-        state.pending = ids[keep:]
-        state.active = True
-        state.used = self._tick()
+        self._start(slot, ids, min(shared_prefix(self.states[slot].cached, ids), len(ids) - 1))
         return slot
-
-    def _choose(self, free: list[int], ids: list[int]) -> int:
-        """The free slot whose cache this prompt continues (the longest shared prefix), else the
-        least recently used one."""
-        shared = {s: shared_prefix(self.states[s].cached, ids) for s in free}
-        continued = [s for s in free if shared[s] and shared[s] >= CONTINUES * len(self.states[s].cached)]
-        if continued:
-            return max(continued, key=lambda s: (shared[s], -self.states[s].used))
-        return min(free, key=lambda s: self.states[s].used)  # an unused slot has used == 0
 
     def release(self, slot: int) -> None:
         """Ends a sequence; its cached tokens stay for a later prompt that shares them."""
-        state = self._active(slot)
-        state.active = False
-        state.pending = []
-
-    def cached_tokens(self, slot: int) -> tuple[int, ...]:
-        self._slot(slot)
-        return tuple(self.states[slot].cached)
-
-    def pending_tokens(self, slot: int) -> int:
-        """Prompt tokens of an admitted sequence not evaluated yet (0: it is decoding)."""
-        return len(self._active(slot).pending)
+        self._end(slot)
 
     # -- evaluation --------------------------------------------------------------------------
     def step(self, tokens: Mapping[int, int] | None = None,
@@ -267,21 +220,6 @@ class FusedBatchDecoder:
         no slot is touched."""
         self._check_open()
         return self.graph.score(ids)
-
-    def _tick(self) -> int:
-        self._clock += 1
-        return self._clock
-
-    def _slot(self, slot: object) -> int:
-        if isinstance(slot, bool) or not isinstance(slot, int) or not 0 <= slot < self.slots:
-            raise UsageError(f"slot must be an integer in [0, {self.slots}), got {slot!r:.40}")
-        return slot
-
-    def _active(self, slot: object) -> _Slot:
-        state = self.states[self._slot(slot)]
-        if not state.active:
-            raise UsageError(f"slot {slot} holds no admitted sequence")
-        return state
 
     def _check_open(self) -> None:
         if self.graph.session is None:
