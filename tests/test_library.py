@@ -173,6 +173,18 @@ def test_a_file_name_that_is_not_utf8_is_added_and_found_again(home, gguf_copy):
     assert resolve_model("odd") == odd
 
 
+def test_an_over_long_manifest_field_is_cut_and_the_library_stays_readable(home, lstm_artifact, tmp_path):
+    folder = tmp_path / "art"
+    shutil.copytree(lstm_artifact, folder)
+    manifest = json.loads((folder / "edgelm.json").read_text())
+    manifest["quant"] = "q" * 5000  # what a stranger's manifest may hold
+    (folder / "edgelm.json").write_text(json.dumps(manifest))
+    assert invoke("add", folder, "--name", "long").exit_code == 0
+    assert invoke("add", lstm_artifact, "--name", "other").exit_code == 0  # the index still reads
+    rows = listed()
+    assert rows["long"]["quant"] == "q" * 200 and rows["long"]["status"] == "ok" and "other" in rows
+
+
 def test_a_broken_artifact_lists_as_broken(home, lstm_artifact, tmp_path):
     folder = tmp_path / "art"
     shutil.copytree(lstm_artifact, folder)

@@ -16,6 +16,7 @@ import click
 from edgelm.errors import ArtifactError, EdgelmError, UsageError, first_line
 from edgelm.library import (
     HOW_TO_LIST,
+    MAX_FIELD,
     MODELS_DIR,
     Entry,
     check_name,
@@ -38,8 +39,7 @@ def add_model(path: Path, name: str | None, copy: bool, quiet: bool = False) -> 
     manifest = describe_source(path)
     name = check_name(name) if name is not None else name_from_path(path)
     _refuse_taken(name, read_index())  # before a long copy; checked again under the lock
-    entry = Entry(name=name, path=str(path), copied=copy, family=manifest.family, format=manifest.format,
-                  quant=manifest.quant, task=manifest.task, added=_now())
+    entry = Entry(name=name, path=str(path), copied=copy, added=_now(), **kind_of(manifest))
     if copy:
         entry = _add_copy(entry, path)
     else:
@@ -62,6 +62,12 @@ def describe_source(path: Path):
     if path.is_file() and path.suffix != ".gguf":
         raise UsageError(f"{path}: add takes an artifact folder (with edgelm.json) or a .gguf file")
     return info(path)
+
+
+def kind_of(manifest) -> dict[str, str]:
+    """The family, format, quant and task an entry shows, cut to what the index accepts: a
+    manifest's text is unbounded, and one over-long field would make the whole index unreadable."""
+    return {key: getattr(manifest, key)[:MAX_FIELD] for key in ("family", "format", "quant", "task")}
 
 
 def _refuse_taken(name: str, entries: dict[str, Entry]) -> None:
@@ -129,8 +135,7 @@ def export_into_library(source: Path, name: str, progress: Callable | None = Non
 
 def _set_kind(name: str, manifest) -> Entry:
     with editing() as entries:
-        entry = replace(entries[name], family=manifest.family, format=manifest.format, quant=manifest.quant,
-                        task=manifest.task)
+        entry = replace(entries[name], **kind_of(manifest))
         entries[name] = entry
     return entry
 
@@ -221,8 +226,7 @@ def row_for(entry: Entry) -> Row:
         manifest = info(path)
     except EdgelmError as err:
         return Row(entry, "broken", size, "-", first_line(err))
-    fresh = replace(entry, family=manifest.family, format=manifest.format, quant=manifest.quant,
-                    task=manifest.task)
+    fresh = replace(entry, **kind_of(manifest))
     return Row(fresh, "ok", size, _validated_text(manifest))
 
 
