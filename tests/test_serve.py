@@ -9,6 +9,7 @@ by rounding).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import http.client
 import json
@@ -34,6 +35,8 @@ import edgelm
 from conftest import export_to
 from edgelm.cli import main
 from edgelm.serve import create_app
+from edgelm.serve.errors import ApiError
+from edgelm.serve.worker import Job, ModelWorker
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "the cat sat on the mat"}]
 GREEDY = dict(temperature=0, max_tokens=12)
@@ -472,6 +475,43 @@ def test_shutting_down_stops_a_running_generation(gguf_path):
     assert slow.decoder.steps < 100  # 120 tokens would take 6 s
     connection.close()
     slow.close()
+
+def test_the_encoder_worker_queues_refuses_drops_and_stops():
+    """An encoder's worker (every text generator has a scheduler instead): one call runs, max_queue
+    wait, the next is a 503; a cancelled waiting call leaves the queue; stopping drops the rest."""
+    async def scenario() -> None:
+        release = threading.Event()
+        worker = ModelWorker("enc", max_queue=1)
+        ran = []
+        blocking = Job(lambda job: release.wait(5) and ran.append("first"))
+        waiting = Job(lambda job: ran.append("waiting"))
+        worker.submit(blocking)
+        wait_for(lambda: worker.health() == {"active": 1, "queued": 0}, timeout=2.0)
+        worker.submit(waiting)
+        with pytest.raises(ApiError) as full:
+            worker.submit(Job(lambda job: None))
+        assert full.value.status == 503
+        worker.cancel(waiting)
+        assert waiting.state == "dropped" and worker.health()["queued"] == 0
+        last = Job(lambda job: ran.append("last"))
+        worker.submit(last)
+        release.set()
+        wait_for(lambda: ran == ["first", "last"], timeout=2.0)
+        running_job = Job(lambda job: job.cancelled.wait(5))  # ends once stop() flags it
+        worker.submit(running_job)
+        wait_for(lambda: worker.health()["active"] == 1, timeout=2.0)
+        dropped = Job(lambda job: ran.append("dropped"))
+        worker.submit(dropped)
+        started = time.monotonic()
+        assert worker.stop(timeout=5.0) and time.monotonic() - started < 2.0
+        assert running_job.cancelled.is_set() and dropped.state == "dropped" and "dropped" not in ran
+        kind, error = await dropped.next_event()
+        assert kind == "error" and error.status == 503
+        with pytest.raises(ApiError):
+            worker.submit(Job(lambda job: None))
+
+    asyncio.run(scenario())
+
 
 def test_cli_serves_until_interrupted(gguf_path, tmp_path):
     process = subprocess.Popen([sys.executable, "-m", "edgelm.cli", "serve", str(gguf_path), "--port", "0",

@@ -11,7 +11,7 @@ from typing import Any
 
 from edgelm.serve.errors import ApiError
 from edgelm.serve.schema import parse_json
-from edgelm.serve.worker import Job, ModelWorker
+from edgelm.serve.worker import Job, ModelWorker, SequenceWorker
 
 BODY_TIMEOUT_S = 60.0  # a client that trickles its body is cut off after this
 CLOSE = {"Connection": "close"}  # after a refused body the connection's framing is unknown: start afresh
@@ -66,7 +66,7 @@ class JobResponse:
     cancelled, which frees its place in the queue or stops its decoding before the next token.
     """
 
-    def __init__(self, worker: ModelWorker, job: Job, render: Render):
+    def __init__(self, worker: ModelWorker | SequenceWorker, job: Job, render: Render):
         self.worker = worker
         self.job = job
         self.render = render

@@ -106,7 +106,8 @@ class ModelWorker:
             self.lock.notify()
 
     def cancel(self, job: Job) -> None:
-        """Stop a job: a waiting one leaves the queue now, a running one before its next token."""
+        """Stop a job: a waiting one leaves the queue now; a running encoder call runs to its end,
+        and its result goes to nobody."""
         job.cancel()
         with self.lock:
             if job.state == "queued":
@@ -114,17 +115,17 @@ class ModelWorker:
                 self.pending.remove(job)
 
     def stop(self, timeout: float = 5.0) -> bool:
-        """Refuse new jobs, drop waiting ones, stop the running one and wait for the thread;
+        """Refuse new jobs, drop waiting ones, flag the running one and wait for the thread;
         whether the thread has ended (only then may the model be closed)."""
         with self.lock:
             self.stopping = True
             for job in self.pending:
-                job.cancelled.set()
+                job.cancel()
                 job.state = "dropped"
                 job.emit("error", ApiError(503, "the server is shutting down", code="shutting_down"))
             self.pending.clear()
             if self.running is not None:
-                self.running.cancelled.set()
+                self.running.cancel()
             self.lock.notify()
             thread = self.thread
         if thread is not None:
