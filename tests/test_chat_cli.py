@@ -162,10 +162,11 @@ def test_a_hostile_conversation_file_is_one_line(long_context_gguf, tmp_path, co
     assert_one_line_error(invoke("chat", long_context_gguf, "--resume", path, input="/exit\n"), 1, fragment)
 
 
-def test_save_to_a_folder_that_does_not_exist_is_one_line_and_the_chat_goes_on(long_context_gguf, tmp_path):
+@pytest.mark.parametrize("name", ["no/such.json", "a\x00b.json"])  # a missing folder; a NUL piped in
+def test_save_to_a_path_that_cannot_be_is_one_line_and_the_chat_goes_on(long_context_gguf, tmp_path, name):
     result = invoke("chat", long_context_gguf, "--threads", 1, "--max-tokens", 2,
-                    input=f"/save {tmp_path / 'no' / 'such.json'}\n/stats\n")
-    assert result.exit_code == 0 and "error: cannot save to" in result.stderr
+                    input=f"/save {tmp_path / name}\n/stats\n")
+    assert result.exit_code == 0 and "error: cannot save to" in result.stderr, result.output
     assert "(speed of each reply shown)" in result.stderr and not list(tmp_path.iterdir())
 
 

@@ -89,8 +89,9 @@ def _converse(chat: Chat) -> None:
             try:
                 save_conversation(Path(argument.strip()), chat.messages)
                 click.echo(f"(saved {len(chat.messages)} messages to {printable(argument.strip())})", err=True)
-            except OSError as err:
-                click.echo(f"error: cannot save to {printable(argument.strip())} ({err.strerror or err})", err=True)
+            except (OSError, ValueError) as err:  # ValueError: a NUL byte in the name (a piped line may hold one)
+                why = getattr(err, "strerror", None) or err
+                click.echo(f"error: cannot save to {printable(argument.strip())} ({printable(why)})", err=True)
         elif text.startswith("/"):
             click.echo(f"unknown command {printable(text)}; {HELP}", err=True)
         elif text:
