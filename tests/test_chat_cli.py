@@ -147,6 +147,11 @@ def test_save_then_resume_continues_the_conversation(long_context_gguf, tmp_path
     assert replaced.exit_code == 0 and json.loads(saved.read_text())[0]["content"] == "Be long."
 
 
+def test_save_before_any_message_writes_nothing_resume_would_refuse(long_context_gguf, tmp_path):
+    result = invoke("chat", long_context_gguf, "--threads", 1, input=f"/save {tmp_path / 'talk.json'}\n")
+    assert result.exit_code == 0 and "(nothing to save yet)" in result.stderr and not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("content, fragment", [
     (b"[1, 2]", "message 0 is not an object"),
     (b'[{"role": "wizard", "content": "x"}]', "has role 'wizard'"),
@@ -164,7 +169,7 @@ def test_a_hostile_conversation_file_is_one_line(long_context_gguf, tmp_path, co
 
 @pytest.mark.parametrize("name", ["no/such.json", "a\x00b.json"])  # a missing folder; a NUL piped in
 def test_save_to_a_path_that_cannot_be_is_one_line_and_the_chat_goes_on(long_context_gguf, tmp_path, name):
-    result = invoke("chat", long_context_gguf, "--threads", 1, "--max-tokens", 2,
+    result = invoke("chat", long_context_gguf, "--threads", 1, "--max-tokens", 2, "--system", "Be brief.",
                     input=f"/save {tmp_path / name}\n/stats\n")
     assert result.exit_code == 0 and "error: cannot save to" in result.stderr, result.output
     assert "(speed of each reply shown)" in result.stderr and not list(tmp_path.iterdir())

@@ -85,6 +85,8 @@ def _converse(chat: Chat) -> None:
         elif text == "/stats":
             chat.show_stats = not chat.show_stats
             click.echo(f"(speed of each reply {'shown' if chat.show_stats else 'hidden'})", err=True)
+        elif command == "/save" and argument.strip() and not chat.messages:  # --resume refuses an empty file
+            click.echo("(nothing to save yet)", err=True)
         elif command == "/save" and argument.strip():
             try:
                 save_conversation(Path(argument.strip()), chat.messages)
