@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from batch_harness import CHUNK, cancelled_mid_batch, run_batched
 from gpt2_fixtures import make_gpt2_source
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -28,7 +29,6 @@ from edgelm.runtime.ort.batch import FusedBatchDecoder
 THREADS = 2
 CONTEXT = 128  # n_positions of tests/gpt2_fixtures.py
 VOCAB = 400
-CHUNK = 8  # prompt tokens per prefill: prompts go in pieces between decode steps
 STEPS = 24
 MAX_KL = 1e-4
 MIN_TOP1 = 0.99
@@ -64,39 +64,6 @@ def solo_logits(decoder, prompt: list[int], forced: list[int]) -> np.ndarray:
     return np.stack(rows)
 
 
-def run_batched(decoder: FusedBatchDecoder, seqs, starts: list[int],
-                release_at: dict[int, int] | None = None) -> list[np.ndarray]:
-    """Drives the decoder as the scheduler does: at tick t, sequence i (if starts[i] == t) is
-    admitted; each tick is ONE step that advances every decoding sequence by its next forced
-    token and feeds every prefilling one a chunk. Each sequence's logits rows (the prompt's
-    last, then after each forced token); `release_at[i]`: released after that many."""
-    release_at = release_at or {}
-    slots: dict[int, int] = {}
-    rows: dict[int, list[np.ndarray]] = {i: [] for i in range(len(seqs))}
-    done: set[int] = set()
-    tick = 0
-    while len(done) < len(seqs):
-        for i, start in enumerate(starts):
-            if start == tick:
-                slots[i] = decoder.admit(seqs[i][0])
-        live = [i for i in slots if i not in done]
-        stepping = {slots[i]: seqs[i][1][len(rows[i]) - 1] for i in live if rows[i]}
-        filling = {slots[i]: CHUNK for i in live if not rows[i]}
-        runs = decoder.runs
-        out = decoder.step(stepping, filling)
-        assert decoder.runs == runs + bool(stepping) + len(filling)  # one run for all decode steps
-        by_slot = {slot: i for i, slot in slots.items() if i in live}
-        for slot, logits in out.items():
-            rows[by_slot[slot]].append(logits.copy())  # decode rows are views until the next step
-        for i in live:
-            forced = len(rows[i]) - 1
-            if forced == len(seqs[i][1]) or forced == release_at.get(i):
-                decoder.release(slots[i])
-                done.add(i)
-        tick += 1
-    return [np.stack(rows[i]) for i in range(len(seqs))]
-
-
 def assert_parity(reference: list[np.ndarray], other: list[np.ndarray], what: str) -> None:
     ref, oth = np.concatenate(reference), np.concatenate(other)
     kl, top1, diff = mean_kl(ref, oth), top1_agreement(ref, oth), max_abs_diff(ref, oth)
@@ -112,7 +79,8 @@ def test_slots_stepped_together_match_solo_runs(quant, request):
     seqs = sequences(0, [6, 23, 11, 40])
     with load(artifact, threads=THREADS) as alone, load(artifact, threads=THREADS, parallel=4) as together:
         reference = [solo_logits(alone.decoder, prompt, forced) for prompt, forced in seqs]
-        batched = run_batched(together.decoder, seqs, starts=[0, 2, 5, 9], release_at={0: 10})
+        batched = run_batched(together.decoder, seqs, [0, 2, 5, 9], calls=lambda: together.decoder.runs,
+                              calls_per_step=runs_per_step, release_at={0: 10})
     assert len(batched[0]) == 11  # released mid-batch, while the others ran on
     assert_parity([r[: len(b)] for r, b in zip(reference, batched)], batched, f"{quant}, 4 slots")
 
@@ -317,22 +285,7 @@ def test_generate_batch_goes_through_the_scheduler(solo, batched):
 
 
 def test_cancelling_one_stream_mid_batch_leaves_the_others_unchanged(solo, batched):
-    prompts = [f"{PROMPTS[i % 3]} {i}" for i in range(4)]
-    params = dict(max_tokens=48, temperature=0.8, stop=[])
-    alone = [solo.complete(p, seed=i, **params).text for i, p in enumerate(prompts)]
-    streams = [batched.stream(p, seed=i, **params) for i, p in enumerate(prompts)]
-    texts = ["" for _ in prompts]
-    iterators = [iter(s) for s in streams]
-    for _ in range(3):  # every stream running, one piece each
-        for i, it in enumerate(iterators):
-            texts[i] += next(it, "")
-    streams[1].cancel()
-    texts[1] += "".join(iterators[1])  # ends soon, without a completion
-    for i in (0, 2, 3):
-        texts[i] += "".join(iterators[i])
-    assert [texts[i] for i in (0, 2, 3)] == [alone[i] for i in (0, 2, 3)]
-    assert streams[1].completion is None and alone[1].startswith(texts[1]) and texts[1] != alone[1]
-    assert batched.scheduler.stats()["active"] == 0
+    cancelled_mid_batch(solo, batched, [f"{PROMPTS[i % 3]} {i}" for i in range(4)])
 
 
 def test_a_prompt_too_long_fails_alone(solo, batched):
@@ -389,3 +342,8 @@ def test_the_server_serves_a_fused_gpt2_with_its_slots(gpt2_fp32):
         assert reply.status_code == 200, reply.text
         health = client.get("/health").json()["models"][gpt2_fp32.name]
     assert health["slots"] == 2 and health["active"] == 0 and health["cached_tokens"] > 0
+
+
+def runs_per_step(stepping: dict, filling: dict) -> int:
+    return bool(stepping) + len(filling)  # one run for all decode steps, one per prompt chunk
+

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from batch_harness import CHUNK, run_batched
 
 from edgelm.errors import CapacityError, ContextOverflowError, InputError, UsageError
 from edgelm.metrics import mean_kl, top1_agreement
@@ -24,7 +25,6 @@ CONTEXT = 256  # the context of conftest's tiny_gguf_256
 MAX_KL = 1e-4
 MIN_TOP1 = 0.99
 STEPS = 24
-CHUNK = 8  # prompt tokens per prefill call: prompts are fed in pieces between decode steps
 
 
 @pytest.fixture(scope="module")
@@ -60,39 +60,6 @@ def solo_logits(solo, prompt: list[int], forced: list[int]) -> np.ndarray:
     return np.stack(rows)
 
 
-def run_batched(decoder, seqs, starts: list[int], release_at: dict[int, int] | None = None) -> list[np.ndarray]:
-    """Drives the decoder as a scheduler would: at tick t, sequence i (if starts[i] == t) is
-    admitted; each tick is ONE step call that advances every decoding sequence by its next forced
-    token and feeds every prefilling one a chunk. Returns each sequence's logits rows (prompt's
-    last, then after each forced token). `release_at[i]`: release sequence i after that many
-    forced tokens."""
-    release_at = release_at or {}
-    slots: dict[int, int] = {}
-    rows: dict[int, list[np.ndarray]] = {i: [] for i in range(len(seqs))}
-    done: set[int] = set()
-    tick = 0
-    while len(done) < len(seqs):
-        for i, start in enumerate(starts):
-            if start == tick:
-                slots[i] = decoder.admit(seqs[i][0])
-        live = [i for i in slots if i not in done]
-        stepping = {slots[i]: seqs[i][1][len(rows[i]) - 1] for i in live if rows[i]}
-        filling = {slots[i]: CHUNK for i in live if not rows[i]}
-        before = decoder.decodes
-        out = decoder.step(stepping, filling)
-        assert decoder.decodes == before + (1 if stepping or filling else 0)  # one llama_decode per tick
-        by_slot = {slot: i for i, slot in slots.items() if i in live}
-        for slot, logits in out.items():
-            rows[by_slot[slot]].append(logits.copy())  # a view of llama.cpp's buffer until the next step
-        for i in live:
-            forced = len(rows[i]) - 1
-            if forced == len(seqs[i][1]) or forced == release_at.get(i):
-                decoder.release(slots[i])
-                done.add(i)
-        tick += 1
-    return [np.stack(rows[i]) for i in range(len(seqs))]
-
-
 def agreement(reference: list[np.ndarray], other: list[np.ndarray]) -> tuple[float, float]:
     ref, oth = np.concatenate(reference), np.concatenate(other)
     return mean_kl(ref, oth), top1_agreement(ref, oth)
@@ -103,7 +70,7 @@ def test_four_sequences_stepped_together_match_solo_runs(tiny_gguf_256, solo, ft
     path = tiny_gguf_256 if ftype is None else quantized(tiny_gguf_256, ftype)
     seqs = sequences(0, [6, 23, 11, 40])
     with open_batch_decoder(path, RuntimeOptions(threads=THREADS), slots=4) as decoder:
-        batched = run_batched(decoder, seqs, starts=[0, 2, 5, 9])  # admitted at different times
+        batched = batched_run(decoder, seqs, starts=[0, 2, 5, 9])  # admitted at different times
     if ftype is None:
         reference = [solo_logits(solo, prompt, forced) for prompt, forced in seqs]
     else:
@@ -119,9 +86,9 @@ def test_a_released_sequence_leaves_the_others_unchanged(tiny_gguf_256):
     seqs = sequences(1, [9, 30, 14])
     options = RuntimeOptions(threads=THREADS)
     with open_batch_decoder(tiny_gguf_256, options, slots=3) as decoder:
-        with_third = run_batched(decoder, seqs, starts=[0, 1, 2], release_at={2: 5})  # released mid-batch
+        with_third = batched_run(decoder, seqs, starts=[0, 1, 2], release_at={2: 5})  # released mid-batch
     with open_batch_decoder(tiny_gguf_256, options, slots=3) as decoder:
-        without = run_batched(decoder, seqs[:2], starts=[0, 1])  # as if it never existed
+        without = batched_run(decoder, seqs[:2], starts=[0, 1])  # as if it never existed
     assert len(with_third[2]) == 6
     kl, top1 = agreement(without, with_third[:2])
     print(f"release mid-batch: mean KL {kl:.3g}, top-1 {top1:.2%}")
@@ -278,4 +245,10 @@ def test_the_saved_prefix_budget_leaves_most_free_memory_alone(tiny_gguf_256, mo
     monkeypatch.setattr(memory, "available_memory", lambda: None)  # unknown: the default ceiling
     with open_batch_decoder(tiny_gguf_256, RuntimeOptions(threads=1), slots=2) as decoder:
         assert decoder.saved.budget == DEFAULT_BUDGET
+
+
+def batched_run(decoder, seqs, starts: list[int], release_at: dict[int, int] | None = None) -> list[np.ndarray]:
+    """run_batched with llama.cpp's count: one llama_decode per tick, decode steps and prompt chunks together."""
+    return run_batched(decoder, seqs, starts, calls=lambda: decoder.decodes,
+                       calls_per_step=lambda stepping, filling: 1 if stepping or filling else 0, release_at=release_at)
 

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from batch_harness import cancelled_mid_batch
 
 from edgelm.errors import ContextOverflowError, EdgelmError, InputError, UsageError
 from edgelm.runtime import load
@@ -96,22 +97,7 @@ def test_a_single_call_behaves_as_before(solo, batched):
 
 
 def test_cancelling_one_stream_mid_batch_leaves_the_others_unchanged(solo, batched):
-    prompts = [f"a dog {i}" for i in range(4)]
-    params = dict(max_tokens=48, temperature=0.8, stop=[])
-    alone = [solo.complete(p, seed=i, **params).text for i, p in enumerate(prompts)]
-    streams = [batched.stream(p, seed=i, **params) for i, p in enumerate(prompts)]
-    texts = ["" for _ in prompts]
-    iterators = [iter(s) for s in streams]
-    for _ in range(3):  # every stream running, one piece each
-        for i, it in enumerate(iterators):
-            texts[i] += next(it, "")
-    streams[1].cancel()
-    texts[1] += "".join(iterators[1])  # ends soon, without a completion
-    for i in (0, 2, 3):
-        texts[i] += "".join(iterators[i])
-    assert [texts[i] for i in (0, 2, 3)] == [alone[i] for i in (0, 2, 3)]
-    assert streams[1].completion is None and alone[1].startswith(texts[1]) and texts[1] != alone[1]
-    assert batched.scheduler.stats()["active"] == 0
+    cancelled_mid_batch(solo, batched, [f"a dog {i}" for i in range(4)])
 
 
 def test_a_second_chat_turn_after_other_conversations_prefills_only_new_tokens(tiny_gguf_256):
