@@ -14,9 +14,8 @@ from pathlib import Path
 
 from edgelm.artifact import Manifest, sha256_of, write_artifact
 from edgelm.contract import GenerationSection, GgufModel, SourceSection, TokenizerSection
-from edgelm.errors import UnsupportedModelError
 from edgelm.export.checks import validate_into
-from edgelm.export.gguf_arch import ArchSpec, Shape, arch_for_config
+from edgelm.export.gguf_arch import ArchSpec, Shape, arch_for_config, config_values
 from edgelm.export.gguf_tensors import (
     TensorPlan,
     nbytes,
@@ -38,7 +37,7 @@ FLOAT_SCRATCH = "float.gguf.part"  # the float file a quantized export starts fr
 def export_gguf(source: Path, config: dict, out: Path, options: ExportOptions) -> Manifest:
     check_source_links(source)  # every file read below, by edgelm or gguf's SpecialVocab, stays inside
     spec = arch_for_config(source, config)
-    shape = _shape(spec, config)
+    shape = _shape(source, spec, config)
     quant = options.quant
     choice = choose_tokenizer(source)  # the tokenizer files decide the GGUF tokenizer, not the architecture
     check_pairing(source, choice, spec.name, spec.tokenizers)
@@ -95,11 +94,15 @@ def _warn_fallbacks(fallbacks: list[dict], count: int, quant: str) -> None:
                   stacklevel=3)
 
 
-def _shape(spec: ArchSpec, config: dict) -> Shape:
-    try:
+def _shape(source: Path, spec: ArchSpec, config: dict) -> Shape:
+    with config_values(source, spec.name):
         return spec.shape(config)
-    except (TypeError, ValueError) as err:
-        raise UnsupportedModelError(f"config.json lacks a usable {spec.name} field ({err})") from None
+
+
+def write_arch_keys(writer, source: Path, spec: ArchSpec, config: dict, shape: Shape) -> None:
+    """The architecture's keys from config.json; a value of the wrong type is one line, before any tensor."""
+    with config_values(source, spec.name):
+        spec.write_keys(writer, config, shape)
 
 
 def _intermediate_type(config: dict) -> str:
@@ -122,7 +125,7 @@ def write_float_gguf(path: Path, source: Path, config: dict, spec: ArchSpec, sha
         plans.append(freqs)
     writer = gguf.GGUFWriter(path, spec.name)
     writer.add_name(gguf_model_name(source.resolve().name, vocab.tokens, added_rstrip(source)))
-    spec.write_keys(writer, config, shape)
+    write_arch_keys(writer, source, spec, config, shape)
     if extra_keys is not None:
         extra_keys(writer)
     writer.add_file_type(LLAMA_FTYPES[float_type])

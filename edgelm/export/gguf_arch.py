@@ -8,11 +8,15 @@ transposed, LLaMA's rotary rows interleaved). The generic converter in gguf.py d
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgelm.errors import UnsupportedModelError
+from edgelm.errors import UnsupportedModelError, first_line
+
+# what reading a config.json value of the wrong type or form raises (int("x"), set([{}]), a list's .get)
+CONFIG_VALUE_ERRORS = (TypeError, ValueError, KeyError, AttributeError, OverflowError)
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,19 @@ class ArchSpec:
     ggml_gelu: bool = False  # GELU MLP: llama.cpp's GELU rounds through an F16 table (gguf_validate.py)
     tokenizers: tuple[str, ...] = ("spm", "bpe")  # tokenizer kinds (gguf_tokenizer.py) its export takes
     norm_offset: float = 0.0  # added to every RMSNorm weight: Gemma's norms scale by (1 + w)
+
+
+@contextmanager
+def config_values(source: Path, arch: str) -> Iterator[None]:
+    """Reading config.json's values for `arch`: a value of the wrong type or form is one line, not a traceback.
+
+    config.json comes from a stranger; the shape, the checks and the keys all read it this way.
+    """
+    try:
+        yield
+    except CONFIG_VALUE_ERRORS as err:
+        raise UnsupportedModelError(f"{source / 'config.json'}: a {arch} field has the wrong type or form "
+                                    f"({first_line(err)})") from None
 
 
 def _int(config: dict, *keys: str, default: int | None = None) -> int:
@@ -382,8 +399,10 @@ MODEL_TYPES = {"llama": LLAMA, "mistral": LLAMA, "gpt2": GPT2, "qwen2": QWEN2, "
 
 def arch_for_config(source: Path, config: dict) -> ArchSpec:
     """The spec for a source's config.json, checked: unsupported options are refused here."""
-    spec = MODEL_TYPES.get(config.get("model_type"))
+    model_type = config.get("model_type")
+    spec = MODEL_TYPES.get(model_type) if isinstance(model_type, str) else None
     if spec is None:
         raise UnsupportedModelError(f"{source}: model_type {config.get('model_type')!r} has no GGUF converter")
-    spec.check(source, config)
+    with config_values(source, spec.name):
+        spec.check(source, config)
     return spec

@@ -17,7 +17,7 @@ from edgelm.errors import UnsupportedModelError, UsageError
 from edgelm.export.bert import max_length_of, sentence_transformers_facts
 from edgelm.export.checks import validate_into
 from edgelm.export.gguf import MODEL_FILE, write_model_file
-from edgelm.export.gguf_arch import BERT, Shape
+from edgelm.export.gguf_arch import BERT, Shape, config_values
 from edgelm.export.gguf_tensors import weight_files
 from edgelm.export.gguf_tokenizer import check_pairing, choose_tokenizer
 from edgelm.export.gguf_vocab import CONTROL, NORMAL, UNKNOWN, Vocab
@@ -34,8 +34,9 @@ def export_gguf_bert(source: Path, config: dict, out: Path, options: ExportOptio
         raise UsageError(f"task {options.task!r} is not available in GGUF (llama.cpp runs BERT for embeddings "
                          "only); export it with --format onnx")
     check_source_links(source)
-    BERT.check(source, config)
-    shape = BERT.shape(config)
+    with config_values(source, BERT.name):
+        BERT.check(source, config)
+        shape = BERT.shape(config)
     choice = choose_tokenizer(source)
     check_pairing(source, choice, BERT.name, BERT.tokenizers)
     st = sentence_transformers_facts(source)
