@@ -141,10 +141,7 @@ def _llama_keys(writer, config: dict, shape: Shape) -> None:
     import gguf
 
     _rms_rope_keys(writer, config, shape)
-    writer.add_rope_dimension_count(shape.head_dim)
-    if shape.head_dim != shape.hidden // shape.n_heads:
-        writer.add_key_length(shape.head_dim)
-        writer.add_value_length(shape.head_dim)
+    _head_dim_keys(writer, shape)
     writer.add_vocab_size(shape.vocab_size)
     if _rope_kind(config) == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
