@@ -68,6 +68,18 @@ def read_source_json(folder: str | Path, name: str, what: str | None = None,
     return read_json_file(path, what or name, error, MAX_SOURCE_JSON_BYTES, expect)
 
 
+def bounded_size(path: Path, limit: int, what: str, error: type[EdgelmError] = ArtifactError) -> int:
+    """The size of the file at `path`, refused in one line when it cannot be read or passes `limit`
+    (checked before a parser holds the whole file in memory)."""
+    try:
+        size = path.stat().st_size
+    except OSError as err:
+        raise error(f"{path}: cannot read the {what} ({err.strerror or type(err).__name__})") from None
+    if size > limit:
+        raise error(f"{path}: a {what} of {size} bytes is too large (at most {limit})")
+    return size
+
+
 def read_json_file(path: Path, what: str, error: type[EdgelmError], limit: int, expect: type = dict) -> Any:
     """An already-confined JSON file as `expect`: at most `limit` bytes, UTF-8; else `error`, one line."""
     try:

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from edgelm.errors import ArtifactError, first_line
+from edgelm.paths import bounded_size
 
 REFERENCE_NAME = "reference.npz"
 MAX_REFERENCE_BYTES = 64 << 20  # what exporters write stays within a few MiB (rows are budgeted)
@@ -51,12 +52,7 @@ def write_reference(folder: Path, arrays: dict[str, np.ndarray]) -> Path:
 
 def read_reference(path: Path, schema: dict[str, Field]) -> dict[str, np.ndarray]:
     """The arrays of a reference file, each checked against `schema`; ArtifactError on any problem."""
-    try:
-        size = path.stat().st_size
-    except OSError as err:
-        raise ArtifactError(f"{path}: cannot read the reference file ({err.strerror})") from None
-    if size > MAX_REFERENCE_BYTES:
-        raise ArtifactError(f"{path}: reference file of {size} bytes is over the {MAX_REFERENCE_BYTES} limit")
+    bounded_size(path, MAX_REFERENCE_BYTES, "reference file")
     try:
         arrays = _read_members(path, schema)
     except ArtifactError:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from edgelm.errors import ArtifactError, first_line
+from edgelm.paths import bounded_size
 
 PROBE_TEXT = "Hello, world! It's 2024: caf\u00e9 \u4f60\u597d \U0001f600\n\tend"
 MAX_TOKENIZER_BYTES = 1 << 30  # real tokenizer.json files are a few MB; parsing holds it all in memory
@@ -23,12 +24,7 @@ def load_tokenizer(path: Path, vocab_size: int | None = None):
     from tokenizers import Tokenizer
 
     path = Path(path)
-    try:
-        size = path.stat().st_size
-    except OSError as err:
-        raise ArtifactError(f"{path}: cannot read the tokenizer ({err.strerror or err})") from None
-    if size > MAX_TOKENIZER_BYTES:
-        raise ArtifactError(f"{path}: a tokenizer.json of {size} bytes is too large (at most {MAX_TOKENIZER_BYTES})")
+    bounded_size(path, MAX_TOKENIZER_BYTES, "tokenizer")
     try:
         tokenizer = Tokenizer.from_file(str(path))
         tokenizer.no_padding()
