@@ -51,3 +51,15 @@ def test_a_scaled_gemm_is_left_alone():
     model = gemm_model(2, 3, 4, 0, True, 0.5, 0)
     assert rewrite_gemms(model) == 0
     assert [node.op_type for node in model.graph.node] == ["Gemm"]
+
+
+def test_new_names_never_meet_the_graphs_own_and_the_matmul_keeps_the_gemms_name():
+    model = gemm_model(2, 3, 4, 1, True, 1.0, 0)
+    taken = helper.make_tensor_value_info("w_transposed", TensorProto.FLOAT, [2])  # a name the rewrite would pick
+    model.graph.value_info.append(taken)
+    x = np.ones((2, 3), np.float32)
+    expected = run(model, x)
+    assert rewrite_gemms(model) == 1
+    matmul = next(n for n in model.graph.node if n.op_type == "MatMul")
+    assert matmul.name == "g" and matmul.input[1] != "w_transposed"
+    np.testing.assert_allclose(run(model, x), expected, rtol=1e-5, atol=1e-5)

@@ -38,28 +38,46 @@ def rewrite_gemms(model: Any) -> int:
 
     graph = model.graph
     initializers = {t.name: t for t in graph.initializer}
-    nodes, replaced, transposed = [], 0, set()
+    taken = _names(graph)
+    nodes, replaced, made = [], 0, {}  # made: original weight -> its transposed copy's name
     for node in graph.node:
         if not _rewritable(node, initializers):
             nodes.append(node)
             continue
         weight = node.input[1]
         if _attributes(node).get("transB", 0):
-            transposed.add(node.input[1])
-            weight = f"{node.input[1]}_transposed"
-            if weight not in initializers:
-                initializers[weight] = _transposed_copy(initializers[node.input[1]], weight)
-                graph.initializer.append(initializers[weight])
+            if weight not in made:  # one copy for every Gemm that reads this weight (a tied head)
+                made[weight] = _fresh(f"{weight}_transposed", taken)
+                graph.initializer.append(_transposed_copy(initializers[weight], made[weight]))
+            weight = made[weight]
         has_bias = len(node.input) > 2 and node.input[2] != ""
-        product = f"{node.output[0]}_product" if has_bias else node.output[0]
-        nodes.append(helper.make_node("MatMul", [node.input[0], weight], [product], name=f"{node.name}_MatMul"))
+        product = _fresh(f"{node.output[0]}_product", taken) if has_bias else node.output[0]
+        # the MatMul keeps the Gemm's name, so nodes named for exclusion from quantization still match
+        nodes.append(helper.make_node("MatMul", [node.input[0], weight], [product], name=node.name))
         if has_bias:
-            nodes.append(helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=f"{node.name}_Add"))
+            nodes.append(helper.make_node("Add", [product, node.input[2]], [node.output[0]],
+                                          name=_fresh(f"{node.name}_bias", taken)))
         replaced += 1
     del graph.node[:]
     graph.node.extend(nodes)
-    _drop_unused_initializers(graph, transposed)
+    _drop_unused_initializers(graph, set(made))
     return replaced
+
+
+def _names(graph: Any) -> set[str]:
+    """Every tensor and node name the graph already uses: a new one must not meet any of them."""
+    names = {t.name for t in graph.initializer} | {v.name for v in (*graph.input, *graph.output, *graph.value_info)}
+    for node in graph.node:
+        names.update((node.name, *node.input, *node.output))
+    return names
+
+
+def _fresh(name: str, taken: set[str]) -> str:
+    candidate, n = name, 1
+    while candidate in taken:
+        candidate, n = f"{name}_{n}", n + 1
+    taken.add(candidate)
+    return candidate
 
 
 def _drop_unused_initializers(graph: Any, candidates: set[str]) -> None:
