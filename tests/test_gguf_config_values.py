@@ -65,3 +65,18 @@ def test_a_hashable_model_type_is_required():
     with pytest.raises(UnsupportedModelError, match="has no GGUF converter"):
         arch_for_config(SOURCE, {"model_type": ["gemma3_text"]})
     assert "bert" in MODEL_TYPES  # BERT reads the same guard (gguf_bert.py)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text", "gpt2"])
+@pytest.mark.parametrize("layers", [0, -1, 513, 10**9, 2.5, "7", True])
+def test_a_layer_count_outside_what_llama_cpp_holds_is_one_line(model_type, layers):
+    config = dict(VALID[model_type], model_type=model_type)
+    config["n_layer" if model_type == "gpt2" else "num_hidden_layers"] = layers
+    with pytest.raises(UnsupportedModelError, match="must be an integer in"):
+        convert_keys(config)
+
+
+@pytest.mark.parametrize("window", [0, -8])
+def test_a_sliding_window_of_no_tokens_is_refused(window):
+    with pytest.raises(UnsupportedModelError, match="sliding_window must be an integer"):
+        convert_keys(dict(VALID["gemma3_text"], model_type="gemma3_text", sliding_window=window))

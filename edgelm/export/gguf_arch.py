@@ -67,10 +67,23 @@ def config_values(source: Path, arch: str) -> Iterator[None]:
                                     f"({first_line(err)})") from None
 
 
+MAX_CONFIG_INT = (1 << 31) - 1  # llama.cpp keeps sizes and positions in int32
+MAX_LAYERS = 512  # llama.cpp's LLAMA_MAX_LAYERS
+LAYER_KEYS = ("num_hidden_layers", "n_layer")
+
+
 def _int(config: dict, *keys: str, default: int | None = None) -> int:
+    """A count from config.json: a positive integer (not a string, float or bool) within what
+    llama.cpp holds; a layer count at most MAX_LAYERS, so nothing loops or allocates per layer
+    for a billion of them."""
     for key in keys:
-        if config.get(key) is not None:
-            return int(config[key])
+        value = config.get(key)
+        if value is None:
+            continue
+        most = MAX_LAYERS if key in LAYER_KEYS else MAX_CONFIG_INT
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+            raise UnsupportedModelError(f"config.json {key} must be an integer in [1, {most}], got {value!r:.40}")
+        return value
     if default is None:
         raise UnsupportedModelError(f"config.json lacks {keys[0]}")
     return default
@@ -293,7 +306,7 @@ def gemma3_sliding_layers(config: dict) -> list[bool]:
     types = config.get("layer_types")
     if isinstance(types, list) and len(types) == layers:
         return [t == "sliding_attention" for t in types]
-    pattern = int(config.get("sliding_window_pattern") or config.get("_sliding_window_pattern") or 6)
+    pattern = _int(config, "sliding_window_pattern", "_sliding_window_pattern", default=6)
     return [(i + 1) % pattern != 0 for i in range(layers)]
 
 
@@ -311,6 +324,8 @@ def _check_gemma3(source: Path, config: dict) -> None:
     if _rope_kind(config) not in (None, "linear"):
         raise UnsupportedModelError(f"{source}: rope scaling {_rope_kind(config)!r} is not converted for Gemma 3 "
                                     "(linear is)")
+    if config.get("sliding_window") is not None:
+        _int(config, "sliding_window")  # a window of zero or fewer tokens is no window llama.cpp can run
     types = config.get("layer_types")
     if isinstance(types, list) and set(types) - {"sliding_attention", "full_attention"}:
         raise UnsupportedModelError(f"{source}: layer_types other than sliding_attention/full_attention")
@@ -323,7 +338,7 @@ def _gemma3_keys(writer, config: dict, shape: Shape) -> None:
     _head_dim_keys(writer, shape)
     sliding = gemma3_sliding_layers(config)
     if any(sliding):  # llama.cpp: a window on the layers marked true, local rope base there
-        writer.add_sliding_window(int(config["sliding_window"]))
+        writer.add_sliding_window(_int(config, "sliding_window"))
         writer.add_sliding_window_pattern(sliding)
         writer.add_rope_freq_base_swa(float(config.get("rope_local_base_freq", 10000.0)))
     if config.get("final_logit_softcapping"):
